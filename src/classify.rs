@@ -1,0 +1,828 @@
+//! Event classification: a pure function from one event plus room facts to a verdict.
+//!
+//! No I/O happens here; the webhook looks up the facts (is the room direct, does the message
+//! reply to the bot) and acts on the verdict.
+
+use percent_encoding::percent_decode_str;
+use regex::Regex;
+use serde_json::Value;
+
+/// One timeline event, parsed just far enough to classify it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    pub origin_server_ts: i64,
+    pub unsigned: Value,
+}
+
+impl Event {
+    /// Parses an event; an error names what is missing (the event is then skipped alone).
+    pub fn parse(value: &Value) -> Result<Self, String> {
+        let obj = value.as_object().ok_or("event is not a JSON object")?;
+        let text = |key: &str| -> Result<String, String> {
+            obj.get(key)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| format!("event has no string `{key}`"))
+        };
+        let content = obj.get("content").cloned().unwrap_or(Value::Null);
+        if !content.is_object() {
+            return Err("event has no object `content`".into());
+        }
+        Ok(Self {
+            event_id: text("event_id")?,
+            room_id: text("room_id")?,
+            sender: text("sender")?,
+            kind: text("type")?,
+            state_key: obj
+                .get("state_key")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            content,
+            origin_server_ts: obj
+                .get("origin_server_ts")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
+            unsigned: obj.get("unsigned").cloned().unwrap_or(Value::Null),
+        })
+    }
+
+    /// The event this one replies to (`m.relates_to.m.in_reply_to.event_id`), if any.
+    pub fn in_reply_to(&self) -> Option<&str> {
+        self.content
+            .pointer("/m.relates_to/m.in_reply_to/event_id")
+            .and_then(Value::as_str)
+    }
+
+    /// A membership change of a user other than the bot: `(user, joined now)`. Used to keep the
+    /// joined-member count of rooms the bot is in.
+    pub fn membership(&self) -> Option<(&str, bool)> {
+        if self.kind != "m.room.member" {
+            return None;
+        }
+        let user = self.state_key.as_deref()?;
+        let membership = self.content.get("membership")?.as_str()?;
+        Some((user, membership == "join"))
+    }
+}
+
+/// Who the bot is and whom it serves.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Full user id, `@grok:example.org`.
+    pub user_id: String,
+    pub localpart: String,
+    pub display_name: String,
+    /// The appservice's user namespaces: senders inside them are bots of this service.
+    pub namespaces: Vec<Regex>,
+    /// Servers whose users may invite and address the bot.
+    pub allowed_servers: Vec<String>,
+}
+
+impl Identity {
+    fn is_allowed_user(&self, user_id: &str) -> bool {
+        server_of(user_id).is_some_and(|s| self.allowed_servers.iter().any(|a| a == s))
+    }
+}
+
+/// What the webhook knows about the event's room and its reply target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The invite was `is_direct`, or the room has exactly two joined members.
+    pub direct_room: bool,
+    /// The event replies to a message the bot sent.
+    pub replies_to_bot: bool,
+}
+
+/// Why an addressed event cannot be served (the stable `degraded` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    EncryptedRoom,
+    Media,
+    ForeignRoom,
+}
+
+impl SkipReason {
+    /// The token stored in `request_log.degraded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::EncryptedRoom => "encrypted_room",
+            SkipReason::Media => "media",
+            SkipReason::ForeignRoom => "foreign_room",
+        }
+    }
+}
+
+/// Why an event is ignored (a metrics label; nothing is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoreReason {
+    NotAddressed,
+    OwnEcho,
+    Namespace,
+    Notice,
+    Edit,
+    Redaction,
+    State,
+    UnknownType,
+}
+
+impl IgnoreReason {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoreReason::NotAddressed => "not_addressed",
+            IgnoreReason::OwnEcho => "own_echo",
+            IgnoreReason::Namespace => "namespace",
+            IgnoreReason::Notice => "notice",
+            IgnoreReason::Edit => "edit",
+            IgnoreReason::Redaction => "redaction",
+            IgnoreReason::State => "state",
+            IgnoreReason::UnknownType => "unknown_type",
+        }
+    }
+}
+
+/// An addressed message, ready for the answer worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The user's text with the mention, reply fallback and whitespace removed.
+    pub text: String,
+    /// The thread root when the message was in a thread.
+    pub thread_root: Option<String>,
+}
+
+/// The verdict for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ignore(IgnoreReason),
+    /// An invite of the bot: join if `accept`, else leave (foreign inviter).
+    Invite {
+        accept: bool,
+        is_direct: bool,
+    },
+    Skip(SkipReason),
+    Addressed(Request),
+}
+
+impl Verdict {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Ignore(_) => "ignore",
+            Verdict::Invite { .. } => "invite",
+            Verdict::Skip(_) => "skip",
+            Verdict::Addressed(_) => "addressed",
+        }
+    }
+}
+
+/// The server name of a user id (`@user:server` -> `server`). Never use it on a room id:
+/// room version 12 ids have no server part.
+pub fn server_of(user_id: &str) -> Option<&str> {
+    user_id
+        .strip_prefix('@')
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, server)| server)
+}
+
+const MEDIA_MSGTYPES: [&str; 4] = ["m.image", "m.file", "m.audio", "m.video"];
+
+/// Classifies one event.
+pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
+    if event.sender == me.user_id {
+        return Verdict::Ignore(IgnoreReason::OwnEcho);
+    }
+    if event.state_key.is_some() {
+        return classify_state(event, me);
+    }
+    if me.namespaces.iter().any(|re| re.is_match(&event.sender)) {
+        return Verdict::Ignore(IgnoreReason::Namespace);
+    }
+    match event.kind.as_str() {
+        "m.room.redaction" => Verdict::Ignore(IgnoreReason::Redaction),
+        // Encrypted content is unreadable here; in a direct chat the user is clearly talking to
+        // the bot, so tell them. In a group it may not concern the bot at all.
+        "m.room.encrypted" if facts.direct_room => Verdict::Skip(SkipReason::EncryptedRoom),
+        "m.room.encrypted" => Verdict::Ignore(IgnoreReason::NotAddressed),
+        "m.sticker" => addressed_or(event, me, facts, |_| Verdict::Skip(SkipReason::Media)),
+        "m.room.message" => classify_message(event, me, facts),
+        _ => Verdict::Ignore(IgnoreReason::UnknownType),
+    }
+}
+
+fn classify_state(event: &Event, me: &Identity) -> Verdict {
+    let is_bot_invite = event.kind == "m.room.member"
+        && event.state_key.as_deref() == Some(me.user_id.as_str())
+        && event.content.get("membership").and_then(Value::as_str) == Some("invite");
+    if !is_bot_invite {
+        return Verdict::Ignore(IgnoreReason::State);
+    }
+    Verdict::Invite {
+        accept: me.is_allowed_user(&event.sender),
+        is_direct: event.content.get("is_direct").and_then(Value::as_bool) == Some(true),
+    }
+}
+
+fn classify_message(event: &Event, me: &Identity, facts: Facts) -> Verdict {
+    let content = &event.content;
+    if content
+        .pointer("/m.relates_to/rel_type")
+        .and_then(Value::as_str)
+        == Some("m.replace")
+    {
+        return Verdict::Ignore(IgnoreReason::Edit);
+    }
+    let msgtype = content.get("msgtype").and_then(Value::as_str).unwrap_or("");
+    match msgtype {
+        "m.notice" => Verdict::Ignore(IgnoreReason::Notice),
+        "m.text" | "m.emote" => addressed_or(event, me, facts, |e| {
+            Verdict::Addressed(Request {
+                text: prompt_text(e, me),
+                thread_root: thread_root(e),
+            })
+        }),
+        t if MEDIA_MSGTYPES.contains(&t) => {
+            addressed_or(event, me, facts, |_| Verdict::Skip(SkipReason::Media))
+        }
+        _ => Verdict::Ignore(IgnoreReason::UnknownType),
+    }
+}
+
+/// Applies the addressing rules and the sender's server check, then `then` for a served event.
+fn addressed_or(
+    event: &Event,
+    me: &Identity,
+    facts: Facts,
+    then: impl FnOnce(&Event) -> Verdict,
+) -> Verdict {
+    if !is_addressed(event, me, facts) {
+        return Verdict::Ignore(IgnoreReason::NotAddressed);
+    }
+    if !me.is_allowed_user(&event.sender) {
+        return Verdict::Skip(SkipReason::ForeignRoom);
+    }
+    then(event)
+}
+
+fn is_addressed(event: &Event, me: &Identity, facts: Facts) -> bool {
+    facts.direct_room
+        || facts.replies_to_bot
+        || mentions_me(&event.content, me)
+        || pill_to_me(&event.content, me)
+        || strip_name_prefix(body(&event.content), me).is_some()
+}
+
+fn body(content: &Value) -> &str {
+    content.get("body").and_then(Value::as_str).unwrap_or("")
+}
+
+fn mentions_me(content: &Value, me: &Identity) -> bool {
+    content
+        .pointer("/m.mentions/user_ids")
+        .and_then(Value::as_array)
+        .is_some_and(|ids| {
+            ids.iter()
+                .any(|id| id.as_str() == Some(me.user_id.as_str()))
+        })
+}
+
+fn pill_to_me(content: &Value, me: &Identity) -> bool {
+    let Some(html) = content.get("formatted_body").and_then(Value::as_str) else {
+        return false;
+    };
+    let decoded = percent_decode_str(html).decode_utf8_lossy();
+    let uri_form = format!("matrix:u/{}", me.user_id.trim_start_matches('@'));
+    decoded.contains(&format!("matrix.to/#/{}", me.user_id)) || decoded.contains(&uri_form)
+}
+
+/// If `text` starts with the bot's name (localpart, display name or full id, optionally with
+/// `@`) followed by `:` or `,`, returns the rest.
+fn strip_name_prefix<'a>(text: &'a str, me: &Identity) -> Option<&'a str> {
+    let trimmed = text.trim_start();
+    let unsigiled = trimmed.strip_prefix('@').unwrap_or(trimmed);
+    let full = me.user_id.trim_start_matches('@');
+    [full, me.localpart.as_str(), me.display_name.as_str()]
+        .into_iter()
+        .filter(|name| !name.is_empty())
+        .find_map(|name| {
+            let head = unsigiled.get(..name.len())?;
+            if !head.eq_ignore_ascii_case(name) {
+                return None;
+            }
+            let rest = &unsigiled[name.len()..];
+            rest.strip_prefix(':')
+                .or_else(|| rest.strip_prefix(','))
+                .map(str::trim_start)
+        })
+}
+
+fn thread_root(event: &Event) -> Option<String> {
+    let rel = event.content.get("m.relates_to")?;
+    if rel.get("rel_type").and_then(Value::as_str) != Some("m.thread") {
+        return None;
+    }
+    rel.get("event_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// The text the model sees: reply fallback and leading mention removed.
+fn prompt_text(event: &Event, me: &Identity) -> String {
+    let mut text = body(&event.content);
+    // Clients before spec v1.13 quote the replied-to message as "> " lines, then a blank line.
+    if event.in_reply_to().is_some() && text.starts_with("> ") {
+        if let Some(end) = text.find("\n\n") {
+            text = &text[end + 2..];
+        }
+    }
+    let text = strip_name_prefix(text, me).unwrap_or(text).trim();
+    if text.is_empty() {
+        body(&event.content).trim().to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BOT: &str = "@grok:example.org";
+
+    fn me() -> Identity {
+        Identity {
+            user_id: BOT.into(),
+            localpart: "grok".into(),
+            display_name: "Grok Bot".into(),
+            namespaces: vec![Regex::new(r"^@grok:example\.org$").unwrap()],
+            allowed_servers: vec!["example.org".into(), "friends.org".into()],
+        }
+    }
+
+    fn msg(sender: &str, content: Value) -> Event {
+        Event::parse(&json!({
+            "event_id": "$e", "room_id": "!r", "sender": sender,
+            "type": "m.room.message", "origin_server_ts": 1, "content": content,
+        }))
+        .unwrap()
+    }
+
+    fn text(body: &str) -> Value {
+        json!({"msgtype": "m.text", "body": body})
+    }
+
+    fn event(kind: &str, sender: &str, state_key: Option<&str>, content: Value) -> Event {
+        let mut v = json!({"event_id": "$e", "room_id": "!r", "sender": sender, "type": kind,
+                           "content": content});
+        if let Some(k) = state_key {
+            v["state_key"] = json!(k);
+        }
+        Event::parse(&v).unwrap()
+    }
+
+    fn ask(t: &str) -> Verdict {
+        Verdict::Addressed(Request {
+            text: t.into(),
+            thread_root: None,
+        })
+    }
+
+    const GROUP: Facts = Facts {
+        direct_room: false,
+        replies_to_bot: false,
+    };
+    const DIRECT: Facts = Facts {
+        direct_room: true,
+        replies_to_bot: false,
+    };
+    const REPLY: Facts = Facts {
+        direct_room: false,
+        replies_to_bot: true,
+    };
+    const IGNORE_NA: Verdict = Verdict::Ignore(IgnoreReason::NotAddressed);
+
+    #[test]
+    fn classification_table() {
+        let alice = "@alice:example.org";
+        let mallory = "@mallory:evil.net";
+        let cases: Vec<(&str, Event, Facts, Verdict)> = vec![
+            (
+                "plain chatter in a group",
+                msg(alice, text("lunch at noon?")),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "any text in a direct room",
+                msg(alice, text("what is rust?")),
+                DIRECT,
+                ask("what is rust?"),
+            ),
+            (
+                "m.mentions holds the bot",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "hey there",
+                               "m.mentions": {"user_ids": [BOT]}}),
+                ),
+                GROUP,
+                ask("hey there"),
+            ),
+            (
+                "m.mentions of someone else",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "hey",
+                               "m.mentions": {"user_ids": ["@bob:example.org"]}}),
+                ),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "matrix.to pill, URL-encoded",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "Grok Bot: why?",
+                               "formatted_body": "<a href=\"https://matrix.to/#/%40grok%3Aexample.org\">Grok Bot</a>: why?"}),
+                ),
+                GROUP,
+                ask("why?"),
+            ),
+            (
+                "matrix: URI pill",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "look",
+                               "formatted_body": "<a href=\"matrix:u/grok:example.org\">g</a> look"}),
+                ),
+                GROUP,
+                ask("look"),
+            ),
+            (
+                "pill to another user",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "bob: hi",
+                "formatted_body": "<a href=\"https://matrix.to/#/@bob:example.org\">bob</a>: hi"}),
+                ),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "localpart prefix with colon",
+                msg(alice, text("grok: what is 2+2?")),
+                GROUP,
+                ask("what is 2+2?"),
+            ),
+            (
+                "localpart prefix with comma, any case",
+                msg(alice, text("Grok, explain tides")),
+                GROUP,
+                ask("explain tides"),
+            ),
+            (
+                "display name prefix",
+                msg(alice, text("grok bot: hello")),
+                GROUP,
+                ask("hello"),
+            ),
+            (
+                "full user id prefix",
+                msg(alice, text("@grok:example.org: ping")),
+                GROUP,
+                ask("ping"),
+            ),
+            (
+                "name not followed by : or ,",
+                msg(alice, text("grok is great")),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "name inside a word",
+                msg(alice, text("groking: deep")),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "reply to the bot",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "and then?",
+                "m.relates_to": {"m.in_reply_to": {"event_id": "$bot"}}}),
+                ),
+                REPLY,
+                ask("and then?"),
+            ),
+            (
+                "reply fallback stripped",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text",
+                "body": "> <@grok:example.org> earlier answer\n\nfollow-up",
+                "m.relates_to": {"m.in_reply_to": {"event_id": "$bot"}}}),
+                ),
+                REPLY,
+                ask("follow-up"),
+            ),
+            (
+                "emote in a direct room",
+                msg(alice, json!({"msgtype": "m.emote", "body": "waves"})),
+                DIRECT,
+                ask("waves"),
+            ),
+            (
+                "thread message keeps its root",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "grok: in thread",
+                "m.relates_to": {"rel_type": "m.thread", "event_id": "$root",
+                                 "m.in_reply_to": {"event_id": "$x"}, "is_falling_back": true}}),
+                ),
+                GROUP,
+                Verdict::Addressed(Request {
+                    text: "in thread".into(),
+                    thread_root: Some("$root".into()),
+                }),
+            ),
+            (
+                "notice is never answered",
+                msg(alice, json!({"msgtype": "m.notice", "body": "grok: hi"})),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::Notice),
+            ),
+            (
+                "edit is not a new prompt",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.text", "body": "* grok: fixed",
+                "m.new_content": {"msgtype": "m.text", "body": "grok: fixed"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": "$old"}}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::Edit),
+            ),
+            (
+                "own echo",
+                msg(BOT, text("my answer")),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::OwnEcho),
+            ),
+            (
+                "redaction",
+                event("m.room.redaction", alice, None, json!({"redacts": "$x"})),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::Redaction),
+            ),
+            (
+                "unknown event type",
+                event(
+                    "com.example.custom",
+                    alice,
+                    None,
+                    json!({"body": "grok: x"}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::UnknownType),
+            ),
+            (
+                "unknown msgtype",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.location", "body": "here", "geo_uri": "geo:1,2"}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::UnknownType),
+            ),
+            (
+                "state event",
+                event(
+                    "m.room.name",
+                    alice,
+                    Some(""),
+                    json!({"name": "grok: room"}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::State),
+            ),
+            (
+                "someone else's membership",
+                event(
+                    "m.room.member",
+                    alice,
+                    Some("@bob:example.org"),
+                    json!({"membership": "invite"}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::State),
+            ),
+            (
+                "bot's own join",
+                event(
+                    "m.room.member",
+                    BOT,
+                    Some(BOT),
+                    json!({"membership": "join"}),
+                ),
+                DIRECT,
+                Verdict::Ignore(IgnoreReason::OwnEcho),
+            ),
+            (
+                "invite from the bot's server, direct",
+                event(
+                    "m.room.member",
+                    alice,
+                    Some(BOT),
+                    json!({"membership": "invite", "is_direct": true}),
+                ),
+                GROUP,
+                Verdict::Invite {
+                    accept: true,
+                    is_direct: true,
+                },
+            ),
+            (
+                "invite from an allowed friend server",
+                event(
+                    "m.room.member",
+                    "@f:friends.org",
+                    Some(BOT),
+                    json!({"membership": "invite"}),
+                ),
+                GROUP,
+                Verdict::Invite {
+                    accept: true,
+                    is_direct: false,
+                },
+            ),
+            (
+                "invite from a foreign server",
+                event(
+                    "m.room.member",
+                    mallory,
+                    Some(BOT),
+                    json!({"membership": "invite", "is_direct": true}),
+                ),
+                GROUP,
+                Verdict::Invite {
+                    accept: false,
+                    is_direct: true,
+                },
+            ),
+            (
+                "foreign sender addressing the bot",
+                msg(mallory, text("grok: spend money")),
+                GROUP,
+                Verdict::Skip(SkipReason::ForeignRoom),
+            ),
+            (
+                "foreign sender chatting",
+                msg(mallory, text("hello all")),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "encrypted in a direct room",
+                event(
+                    "m.room.encrypted",
+                    alice,
+                    None,
+                    json!({"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "..."}),
+                ),
+                DIRECT,
+                Verdict::Skip(SkipReason::EncryptedRoom),
+            ),
+            (
+                "encrypted in a group",
+                event(
+                    "m.room.encrypted",
+                    alice,
+                    None,
+                    json!({"algorithm": "m.megolm.v1.aes-sha2"}),
+                ),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "image in a direct room",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.image", "body": "cat.png", "url": "mxc://x/y"}),
+                ),
+                DIRECT,
+                Verdict::Skip(SkipReason::Media),
+            ),
+            (
+                "file mentioning the bot",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.file", "body": "a.pdf",
+                "m.mentions": {"user_ids": [BOT]}}),
+                ),
+                GROUP,
+                Verdict::Skip(SkipReason::Media),
+            ),
+            (
+                "audio not addressed",
+                msg(alice, json!({"msgtype": "m.audio", "body": "a.ogg"})),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "video replying to the bot",
+                msg(alice, json!({"msgtype": "m.video", "body": "v.mp4"})),
+                REPLY,
+                Verdict::Skip(SkipReason::Media),
+            ),
+            (
+                "sticker in a direct room",
+                event(
+                    "m.sticker",
+                    alice,
+                    None,
+                    json!({"body": "sticker", "url": "mxc://x/s"}),
+                ),
+                DIRECT,
+                Verdict::Skip(SkipReason::Media),
+            ),
+            (
+                "room v12 id without a server part",
+                {
+                    let mut e = msg(alice, text("grok: hi"));
+                    e.room_id = "!abcdefghijklmnop".into();
+                    e
+                },
+                GROUP,
+                ask("hi"),
+            ),
+        ];
+        assert!(cases.len() >= 30);
+        for (name, event, facts, want) in cases {
+            assert_eq!(classify(&event, &me(), facts), want, "case: {name}");
+        }
+    }
+
+    #[test]
+    fn another_namespace_user_is_ignored() {
+        let mut me = me();
+        me.namespaces
+            .push(Regex::new(r"^@_grok_.*:example\.org$").unwrap());
+        let e = msg("@_grok_helper:example.org", text("grok: loop?"));
+        assert_eq!(
+            classify(&e, &me, DIRECT),
+            Verdict::Ignore(IgnoreReason::Namespace)
+        );
+    }
+
+    #[test]
+    fn malformed_events_are_rejected_one_by_one() {
+        assert!(Event::parse(&json!("nope")).is_err());
+        assert!(Event::parse(
+            &json!({"room_id": "!r", "sender": "@a:b", "type": "m.room.message",
+                                     "content": {}})
+        )
+        .unwrap_err()
+        .contains("event_id"));
+        assert!(
+            Event::parse(&json!({"event_id": "$e", "room_id": "!r", "sender": "@a:b",
+                                     "type": "m.room.message", "content": "x"}))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn server_part_comes_from_user_ids_only() {
+        assert_eq!(server_of("@alice:example.org"), Some("example.org"));
+        assert_eq!(
+            server_of("@alice:example.org:8448"),
+            Some("example.org:8448")
+        );
+        assert_eq!(server_of("!roomv12opaque"), None);
+    }
+
+    #[test]
+    fn membership_changes_are_reported() {
+        let join = event(
+            "m.room.member",
+            "@b:example.org",
+            Some("@b:example.org"),
+            json!({"membership": "join"}),
+        );
+        assert_eq!(join.membership(), Some(("@b:example.org", true)));
+        let leave = event(
+            "m.room.member",
+            "@b:example.org",
+            Some("@b:example.org"),
+            json!({"membership": "leave"}),
+        );
+        assert_eq!(leave.membership(), Some(("@b:example.org", false)));
+        assert_eq!(msg("@a:example.org", text("x")).membership(), None);
+    }
+}

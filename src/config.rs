@@ -1,0 +1,669 @@
+//! The YAML config, environment overrides and start-up validation.
+//!
+//! Everything is validated once in [`Config::load`]; every error names the offending key so an
+//! operator can fix the file without reading code.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One USD in xAI's billing unit (`cost_in_usd_ticks`).
+pub const TICKS_PER_USD: i64 = 10_000_000_000;
+
+/// A config error; the message always names the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub homeserver: HomeserverConfig,
+    #[serde(default)]
+    pub appservice: AppserviceConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub provider: ProviderConfig,
+    #[serde(default)]
+    pub models: ModelsConfig,
+    /// Prices per model id, used only when a response lacks `cost_in_usd_ticks`.
+    #[serde(default = "default_prices")]
+    pub prices: BTreeMap<String, PriceConfig>,
+    #[serde(default)]
+    pub rooms: RoomsConfig,
+    #[serde(default)]
+    pub bot: BotConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `homeserver.*`: where the client-server API is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeserverConfig {
+    pub url: String,
+    pub server_name: String,
+}
+
+/// `appservice.*`: the registration file and the address the webhook listens on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppserviceConfig {
+    #[serde(default = "default_registration")]
+    pub registration: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            registration: default_registration(),
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `database.*`: SQLite (`sqlite://path`) or PostgreSQL (`postgres://...`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default = "default_database_url")]
+    pub url: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+            pool_size: default_pool_size(),
+        }
+    }
+}
+
+/// `provider.*`: the xAI endpoint. The API key comes only from env `XAI_API_KEY`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    #[serde(default = "default_provider_url")]
+    pub base_url: String,
+    /// Per-call timeout in seconds (reasoning models can be slow).
+    #[serde(default = "default_provider_timeout")]
+    pub timeout_secs: u64,
+    /// Retries of a retryable failure before giving up (jittered backoff).
+    #[serde(default = "default_provider_retries")]
+    pub max_retries: u32,
+    /// Never read from the file: filled from env `XAI_API_KEY`.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    // Hand-written so the API key can never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("base_url", &self.base_url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("max_retries", &self.max_retries)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            base_url: default_provider_url(),
+            timeout_secs: default_provider_timeout(),
+            max_retries: default_provider_retries(),
+            api_key: None,
+        }
+    }
+}
+
+/// `models.*`: model ids per role; nothing about a model is hard-coded elsewhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    #[serde(rename = "final", default = "default_final_model")]
+    pub final_model: String,
+    #[serde(default = "default_cheap_model")]
+    pub trivial: String,
+    #[serde(default = "default_reason_model")]
+    pub reason: String,
+    #[serde(default = "default_cheap_model")]
+    pub router: String,
+    /// Tried once when the final model fails with a retryable error; none by default.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Output cap of the final answer, in tokens.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            final_model: default_final_model(),
+            trivial: default_cheap_model(),
+            reason: default_reason_model(),
+            router: default_cheap_model(),
+            fallback: None,
+            max_output_tokens: default_max_output_tokens(),
+        }
+    }
+}
+
+/// `prices.<model>`: USD per 1M tokens; converted to integer ticks per token at load.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    pub input_per_m: f64,
+    pub cached_input_per_m: f64,
+    pub output_per_m: f64,
+    /// USD per successful web-search call.
+    #[serde(default)]
+    pub web_search_call: f64,
+}
+
+/// `rooms.*`: which servers may invite the bot and talk to it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Empty in the file means "the bot's own server" (filled in by validation).
+    #[serde(default)]
+    pub allowed_servers: Vec<String>,
+}
+
+/// The msgtype of the bot's replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyMsgtype {
+    /// `m.notice`: other bots never answer it, so no reply loops.
+    Notice,
+    /// `m.text`: notifies like a person's message.
+    Text,
+}
+
+/// `bot.*`: how the bot presents itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotConfig {
+    /// Display name; a message starting with it followed by `:` or `,` addresses the bot.
+    #[serde(default = "default_display_name")]
+    pub display_name: String,
+    #[serde(default = "default_msgtype")]
+    pub reply_msgtype: ReplyMsgtype,
+    #[serde(default = "default_system_prompt")]
+    pub system_prompt: String,
+}
+
+impl Default for BotConfig {
+    fn default() -> Self {
+        Self {
+            display_name: default_display_name(),
+            reply_msgtype: default_msgtype(),
+            system_prompt: default_system_prompt(),
+        }
+    }
+}
+
+/// `limits.*`: spend ceilings (USD) and request caps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_daily_ceiling")]
+    pub daily_ceiling_usd: f64,
+    #[serde(default = "default_per_user_daily")]
+    pub per_user_daily_usd: f64,
+    #[serde(default = "default_per_user_hourly")]
+    pub per_user_requests_per_hour: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            daily_ceiling_usd: default_daily_ceiling(),
+            per_user_daily_usd: default_per_user_daily(),
+            per_user_requests_per_hour: default_per_user_hourly(),
+        }
+    }
+}
+
+/// `telemetry.*`: the `request_log` analytics table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub store_text: bool,
+    /// How long rows are kept, e.g. `30d`, `12h`; `0` keeps them forever.
+    #[serde(default = "default_retention", deserialize_with = "de_duration")]
+    pub retention: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store_text: false,
+            retention: default_retention(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `log.*`: format and default filter (`RUST_LOG` overrides the filter).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_registration() -> PathBuf {
+    PathBuf::from("registration.yaml")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9000))
+}
+fn default_database_url() -> String {
+    "sqlite://grok-appservice.db".into()
+}
+fn default_pool_size() -> u32 {
+    8
+}
+fn default_provider_url() -> String {
+    "https://api.x.ai/v1".into()
+}
+fn default_provider_timeout() -> u64 {
+    300
+}
+fn default_provider_retries() -> u32 {
+    2
+}
+fn default_final_model() -> String {
+    "grok-4.3".into()
+}
+fn default_cheap_model() -> String {
+    "grok-4.20-non-reasoning".into()
+}
+fn default_reason_model() -> String {
+    "grok-4.5".into()
+}
+fn default_max_output_tokens() -> u32 {
+    2048
+}
+fn default_display_name() -> String {
+    "Grok".into()
+}
+fn default_msgtype() -> ReplyMsgtype {
+    ReplyMsgtype::Notice
+}
+fn default_system_prompt() -> String {
+    "You are Grok, a helpful assistant in a Matrix chat room. Answer concisely and accurately; \
+     use Markdown only where it helps (lists, code blocks). If you do not know, say so."
+        .into()
+}
+fn default_daily_ceiling() -> f64 {
+    10.0
+}
+fn default_per_user_daily() -> f64 {
+    1.0
+}
+fn default_per_user_hourly() -> u32 {
+    30
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// xAI's published prices (docs.x.ai pricing, late 2026); override under `prices:`.
+fn default_prices() -> BTreeMap<String, PriceConfig> {
+    let p = |i, c, o| PriceConfig {
+        input_per_m: i,
+        cached_input_per_m: c,
+        output_per_m: o,
+        web_search_call: 0.005,
+    };
+    BTreeMap::from([
+        ("grok-4.3".to_string(), p(1.25, 0.20, 2.50)),
+        ("grok-4.20-non-reasoning".to_string(), p(1.25, 0.20, 2.50)),
+        ("grok-4.5".to_string(), p(2.00, 0.30, 6.00)),
+    ])
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(Duration::from_secs(n)),
+        Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses `30d`, `12h`, `15m`, `90s` or a bare number of seconds; `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30d, 12h, 15m or 90s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3_600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Converts a USD amount from the config into ticks (config is the only place floats appear).
+pub fn usd_to_ticks(usd: f64) -> i64 {
+    (usd * TICKS_PER_USD as f64).round() as i64
+}
+
+fn parse_bool(key: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(invalid(key, format!("`{other}` is not a boolean"))),
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies environment overrides from the process env and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, |k| std::env::var(k).ok())
+    }
+
+    /// Like [`Config::load`] with an injectable environment, for tests.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        config.apply_env(env)?;
+        // Relative paths in the file are relative to the file, not the working directory.
+        if config.appservice.registration.is_relative() {
+            if let Some(dir) = path.parent() {
+                config.appservice.registration = dir.join(&config.appservice.registration);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text without env overrides or validation.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `DATABASE_URL`, `XAI_API_KEY` and the `TELEMETRY_*` overrides.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(url) = env("DATABASE_URL").filter(|v| !v.is_empty()) {
+            self.database.url = url;
+        }
+        self.provider.api_key = env("XAI_API_KEY").filter(|v| !v.is_empty());
+        if let Some(v) = env("TELEMETRY_ENABLED") {
+            self.telemetry.enabled = parse_bool("TELEMETRY_ENABLED", &v)?;
+        }
+        if let Some(v) = env("TELEMETRY_STORE_TEXT") {
+            self.telemetry.store_text = parse_bool("TELEMETRY_STORE_TEXT", &v)?;
+        }
+        if let Some(v) = env("TELEMETRY_RETENTION") {
+            self.telemetry.retention =
+                parse_duration(&v).map_err(|m| invalid("TELEMETRY_RETENTION", m))?;
+        }
+        Ok(())
+    }
+
+    /// Checks every value once; fills `rooms.allowed_servers` with the bot's server if empty.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        check_http_url("homeserver.url", &self.homeserver.url)?;
+        self.homeserver.url = self.homeserver.url.trim_end_matches('/').to_string();
+        if ruma::ServerName::parse(&self.homeserver.server_name).is_err() {
+            return Err(invalid(
+                "homeserver.server_name",
+                format!("`{}` is not a server name", self.homeserver.server_name),
+            ));
+        }
+        check_http_url("provider.base_url", &self.provider.base_url)?;
+        self.provider.base_url = self.provider.base_url.trim_end_matches('/').to_string();
+        if self.provider.timeout_secs == 0 {
+            return Err(invalid("provider.timeout_secs", "must be at least 1"));
+        }
+        crate::store::DatabaseKind::from_url(&self.database.url)
+            .map_err(|e| invalid("database.url", e.to_string()))?;
+        if self.database.pool_size == 0 {
+            return Err(invalid("database.pool_size", "must be at least 1"));
+        }
+        for (key, model) in [
+            ("models.final", &self.models.final_model),
+            ("models.trivial", &self.models.trivial),
+            ("models.reason", &self.models.reason),
+            ("models.router", &self.models.router),
+        ] {
+            if model.trim().is_empty() {
+                return Err(invalid(key, "must name a model"));
+            }
+        }
+        if self.models.max_output_tokens == 0 {
+            return Err(invalid("models.max_output_tokens", "must be at least 1"));
+        }
+        for price in self.prices.values() {
+            let all = [
+                price.input_per_m,
+                price.cached_input_per_m,
+                price.output_per_m,
+                price.web_search_call,
+            ];
+            if all.iter().any(|p| !p.is_finite() || *p < 0.0) {
+                return Err(invalid("prices", "prices must be non-negative numbers"));
+            }
+        }
+        if self.rooms.allowed_servers.is_empty() {
+            self.rooms.allowed_servers = vec![self.homeserver.server_name.clone()];
+        }
+        for (key, usd) in [
+            ("limits.daily_ceiling_usd", self.limits.daily_ceiling_usd),
+            ("limits.per_user_daily_usd", self.limits.per_user_daily_usd),
+        ] {
+            if !usd.is_finite() || usd < 0.0 {
+                return Err(invalid(key, "must be a non-negative amount in USD"));
+            }
+        }
+        if self.bot.display_name.trim().is_empty() {
+            return Err(invalid("bot.display_name", "must not be empty"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a log filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_http_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let ok = (url.starts_with("http://") || url.starts_with("https://"))
+        && reqwest::Url::parse(url).is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("`{url}` is not an http(s) URL")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n\
+                           appservice: {listen: '127.0.0.1:9000'}\n";
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut c = Config::parse(text)?;
+        c.apply_env(|k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn key_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { key, .. } => key.to_string(),
+            other => panic!("expected an Invalid error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.database.url, "sqlite://grok-appservice.db");
+        assert_eq!(c.models.final_model, "grok-4.3");
+        assert_eq!(c.rooms.allowed_servers, vec!["example.org"]);
+        assert_eq!(c.bot.reply_msgtype, ReplyMsgtype::Notice);
+        assert!(c.telemetry.enabled && !c.telemetry.store_text);
+        assert_eq!(c.telemetry.retention, Duration::from_secs(30 * 86_400));
+        assert!(c.provider.api_key.is_none());
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("DATABASE_URL", "postgres://u@h/db"),
+                ("XAI_API_KEY", "xai-secret"),
+                ("TELEMETRY_ENABLED", "false"),
+                ("TELEMETRY_STORE_TEXT", "1"),
+                ("TELEMETRY_RETENTION", "7d"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.url, "postgres://u@h/db");
+        assert_eq!(c.provider.api_key.as_deref(), Some("xai-secret"));
+        assert!(!c.telemetry.enabled && c.telemetry.store_text);
+        assert_eq!(c.telemetry.retention, Duration::from_secs(7 * 86_400));
+        assert!(
+            !format!("{c:?}").contains("xai-secret"),
+            "the key must not reach Debug output"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad_db = format!("{MINIMAL}database: {{url: 'mysql://x'}}\n");
+        assert_eq!(key_of(load(&bad_db, &[]).unwrap_err()), "database.url");
+        let bad_hs = "homeserver: {url: 'ftp://x', server_name: example.org}\n";
+        assert_eq!(key_of(load(bad_hs, &[]).unwrap_err()), "homeserver.url");
+        assert_eq!(
+            key_of(load(MINIMAL, &[("TELEMETRY_ENABLED", "maybe")]).unwrap_err()),
+            "TELEMETRY_ENABLED"
+        );
+        let bad_limit = format!("{MINIMAL}limits: {{daily_ceiling_usd: -1}}\n");
+        assert_eq!(
+            key_of(load(&bad_limit, &[]).unwrap_err()),
+            "limits.daily_ceiling_usd"
+        );
+        let unknown = format!("{MINIMAL}homeservr: {{}}\n");
+        let err = load(&unknown, &[]).unwrap_err().to_string();
+        assert!(err.contains("homeservr"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn usd_converts_to_integer_ticks() {
+        assert_eq!(usd_to_ticks(1.0), TICKS_PER_USD);
+        assert_eq!(usd_to_ticks(0.005), 50_000_000);
+        // $1.25 per million tokens is exactly 12,500 ticks per token.
+        assert_eq!(usd_to_ticks(1.25) / 1_000_000, 12_500);
+    }
+}

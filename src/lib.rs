@@ -1,0 +1,15 @@
+//! grok-appservice: a Matrix application service that answers addressed messages with xAI Grok
+//! models. The binary in `main.rs` is a thin shell over this library so integration tests drive
+//! the same code the operator runs.
+
+pub mod bot;
+pub mod cascade;
+pub mod classify;
+pub mod config;
+pub mod matrix;
+pub mod provider;
+pub mod registration;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod webhook;

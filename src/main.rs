@@ -1,0 +1,237 @@
+//! The `grok-appservice` binary: CLI parsing, start-up and graceful shutdown only.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use grok_appservice::cascade::{self, Ask};
+use grok_appservice::config::{Config, LogFormat};
+use grok_appservice::state::{AppState, Timings};
+use grok_appservice::store::{redact_url, Store};
+use grok_appservice::{bot, registration, webhook};
+
+#[derive(Parser)]
+#[command(
+    name = "grok-appservice",
+    version,
+    about = "A Matrix appservice that answers with xAI Grok"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a registration with fresh tokens for the homeserver to load.
+    GenerateRegistration {
+        /// The homeserver's server name (the part after `:` in user ids).
+        #[arg(long)]
+        server_name: String,
+        /// The URL the homeserver uses to reach this appservice.
+        #[arg(long)]
+        url: String,
+        /// The bot user's localpart.
+        #[arg(long, default_value = registration::DEFAULT_LOCALPART)]
+        localpart: String,
+        /// Where to write it.
+        #[arg(short, long, default_value = "registration.yaml")]
+        output: PathBuf,
+    },
+    /// Run the appservice (migrations first).
+    Serve {
+        #[arg(
+            short,
+            long,
+            env = "GROK_APPSERVICE_CONFIG",
+            default_value = "config.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Run the database migrations and exit.
+    Migrate {
+        #[arg(
+            short,
+            long,
+            env = "GROK_APPSERVICE_CONFIG",
+            default_value = "config.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Answer one message through the cascade and print the answer, route, cost and latency.
+    Ask {
+        /// The message.
+        text: String,
+        #[arg(
+            short,
+            long,
+            env = "GROK_APPSERVICE_CONFIG",
+            default_value = "config.yaml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::GenerateRegistration {
+            server_name,
+            url,
+            localpart,
+            output,
+        } => {
+            ruma::ServerName::parse(&server_name)
+                .with_context(|| format!("`{server_name}` is not a server name"))?;
+            let reg = registration::generate(&server_name, &url, &localpart);
+            registration::write(&reg, &output)?;
+            println!(
+                "wrote {} for @{localpart}:{server_name}; add it to app_service_config_files in homeserver.yaml",
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            init_logging(&config);
+            let store = Store::connect(&config.database.url, config.database.pool_size)?;
+            let applied = store.migrate().await?;
+            println!(
+                "{applied} migration(s) applied to {}",
+                redact_url(&config.database.url)
+            );
+            Ok(())
+        }
+        Command::Serve { config } => serve(Config::load(&config)?).await,
+        Command::Ask { text, config } => {
+            let config = Config::load(&config)?;
+            init_logging(&config);
+            let provider =
+                grok_appservice::provider::Provider::new(&config.provider, &config.prices);
+            let ask = Ask {
+                text: &text,
+                system_prompt: &config.bot.system_prompt,
+                cache_key: None,
+                user: None,
+            };
+            let outcome = cascade::run(&provider, &config.models, &ask).await;
+            if let Some(e) = &outcome.error {
+                anyhow::bail!("the cascade failed: {e}");
+            }
+            println!("{}\n", outcome.text);
+            println!(
+                "route:   {} ({})",
+                outcome.route.as_str(),
+                outcome.router_source.as_str()
+            );
+            println!("models:  {:?}", outcome.models);
+            println!(
+                "cost:    ${:.6} ({})",
+                outcome.cost_final_ticks as f64 / grok_appservice::config::TICKS_PER_USD as f64,
+                outcome.cost_source.map(|s| s.as_str()).unwrap_or("unknown")
+            );
+            println!("latency: {:?} ms by stage", outcome.stage_ms);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let registration = registration::load(&config.appservice.registration)?;
+    let store = Store::connect(&config.database.url, config.database.pool_size)?;
+    let applied = store.migrate().await.context("running migrations")?;
+    tracing::info!(applied, backend = store.backend_name(), "database ready");
+    if config.provider.api_key.is_none() {
+        tracing::warn!("XAI_API_KEY is not set: every answer will be an apology");
+    }
+    let listen = config.appservice.listen;
+    let state = AppState::new(config, registration, store, Timings::default())?;
+
+    tokio::spawn(announce(state.clone()));
+    tokio::spawn(bot::recovery_loop(state.clone()));
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, bot = %state.identity.user_id, "serving the appservice API");
+    let shutdown_state = state.clone();
+    axum::serve(listener, webhook::router(state.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // /ready fails from now on, so a load balancer stops sending transactions here.
+            shutdown_state.accepting.store(false, Ordering::SeqCst);
+            tracing::info!("shutting down: finishing in-flight answers");
+        })
+        .await?;
+    state.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(30), state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight answers did not finish in 30 s; their claims will be recovered");
+    }
+    Ok(())
+}
+
+/// Registers the bot user and pings the homeserver, retrying while it starts up.
+async fn announce(state: std::sync::Arc<AppState>) {
+    let localpart = state.registration.sender_localpart.clone();
+    for attempt in 1..=10 {
+        match state.matrix.register(&localpart).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "registering the bot user failed");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    }
+    if let Err(e) = state
+        .matrix
+        .set_display_name(&state.config.bot.display_name)
+        .await
+    {
+        tracing::warn!(error = %e, "setting the display name failed");
+    }
+    for attempt in 1..=6 {
+        match state.matrix.ping(&state.registration.id).await {
+            Ok(ms) => {
+                tracing::info!(duration_ms = ms, "homeserver can reach the appservice");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "homeserver ping failed");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,277 @@
+//! Client-server API calls as the bot: register, ping, join/leave, send, typing, members,
+//! fetch an event. A homeserver 429 is waited out (`Retry-After`) a bounded number of times.
+
+use std::time::Duration;
+
+use base64::Engine;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// A failed client-server call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MatrixError {
+    /// The homeserver answered with an error.
+    #[error("homeserver answered {status} {errcode}: {error}")]
+    Http {
+        status: u16,
+        errcode: String,
+        error: String,
+    },
+    /// The homeserver could not be reached or its answer could not be read.
+    #[error("homeserver unreachable: {0}")]
+    Transport(String),
+}
+
+impl MatrixError {
+    /// The Matrix errcode, if the homeserver sent one.
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            MatrixError::Http { errcode, .. } => Some(errcode),
+            MatrixError::Transport(_) => None,
+        }
+    }
+}
+
+/// The deterministic send txnId for a reply to `source_event_id`: Synapse's send-txnId cache
+/// ignores the user, so the id must be unique across users, and a re-run after a crash must
+/// reuse it so the homeserver deduplicates the send.
+pub fn reply_txn_id(source_event_id: &str, purpose: &str) -> String {
+    let digest = Sha256::digest(format!("{purpose}|{source_event_id}").as_bytes());
+    format!(
+        "grok.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..24])
+    )
+}
+
+fn enc(segment: &str) -> String {
+    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+}
+
+/// How many times a 429 is waited out before giving up.
+const MAX_RATE_LIMIT_WAITS: u32 = 5;
+
+/// The client-server API as the appservice bot.
+#[derive(Clone)]
+pub struct MatrixClient {
+    http: reqwest::Client,
+    base_url: String,
+    as_token: String,
+    /// The bot's full user id.
+    pub user_id: String,
+}
+
+impl MatrixClient {
+    /// A client for `base_url` (no trailing slash) authenticating with the `as_token`.
+    pub fn new(base_url: &str, as_token: &str, user_id: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("the TLS backend initialises");
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            as_token: as_token.to_string(),
+            user_id: user_id.to_string(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, MatrixError> {
+        let url = format!("{}{}", self.base_url, path);
+        let mut waits = 0;
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.as_token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let response = req
+                .send()
+                .await
+                .map_err(|e| MatrixError::Transport(e.without_url().to_string()))?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| MatrixError::Transport(e.without_url().to_string()))?;
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if (200..300).contains(&status) {
+                return Ok(value);
+            }
+            let errcode = value["errcode"].as_str().unwrap_or("").to_string();
+            if status == 429 && waits < MAX_RATE_LIMIT_WAITS {
+                waits += 1;
+                let wait = retry_after
+                    .or_else(|| value["retry_after_ms"].as_u64().map(Duration::from_millis))
+                    .unwrap_or(Duration::from_secs(2))
+                    .min(Duration::from_secs(60));
+                tracing::warn!(path, ?wait, "homeserver rate limit, waiting");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return Err(MatrixError::Http {
+                status,
+                errcode,
+                error: value["error"].as_str().unwrap_or("").to_string(),
+            });
+        }
+    }
+
+    /// Registers the bot user; an existing user is success.
+    pub async fn register(&self, localpart: &str) -> Result<(), MatrixError> {
+        let body = json!({"type": "m.login.application_service", "username": localpart,
+                          "inhibit_login": true});
+        match self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/register",
+                Some(&body),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the bot's display name.
+    pub async fn set_display_name(&self, name: &str) -> Result<(), MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(&self.user_id)
+        );
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&json!({"displayname": name})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Asks the homeserver to ping the appservice; returns the round trip in ms. A success
+    /// also makes Synapse resend transactions it queued while the appservice was down.
+    pub async fn ping(&self, appservice_id: &str) -> Result<u64, MatrixError> {
+        let path = format!("/_matrix/client/v1/appservice/{}/ping", enc(appservice_id));
+        let v = self
+            .call(reqwest::Method::POST, &path, Some(&json!({})))
+            .await?;
+        Ok(v["duration_ms"].as_u64().unwrap_or(0))
+    }
+
+    /// Joins a room.
+    pub async fn join(&self, room_id: &str) -> Result<(), MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/join", enc(room_id));
+        self.call(reqwest::Method::POST, &path, Some(&json!({})))
+            .await
+            .map(|_| ())
+    }
+
+    /// Leaves a room (also declines an invite).
+    pub async fn leave(&self, room_id: &str) -> Result<(), MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(room_id));
+        self.call(reqwest::Method::POST, &path, Some(&json!({})))
+            .await
+            .map(|_| ())
+    }
+
+    /// The user ids joined to a room.
+    pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>, MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room_id));
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(v["joined"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// Sends an `m.room.message`; the txnId makes a repeated send a no-op at the homeserver.
+    pub async fn send_message(
+        &self,
+        room_id: &str,
+        txn_id: &str,
+        content: &Value,
+    ) -> Result<String, MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+            enc(room_id),
+            enc(txn_id)
+        );
+        let v = self
+            .call(reqwest::Method::PUT, &path, Some(content))
+            .await?;
+        v["event_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| MatrixError::Transport("send answered without an event_id".into()))
+    }
+
+    /// Turns the bot's typing notification on (for `timeout`) or off.
+    pub async fn typing(
+        &self,
+        room_id: &str,
+        on: bool,
+        timeout: Duration,
+    ) -> Result<(), MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/typing/{}",
+            enc(room_id),
+            enc(&self.user_id)
+        );
+        let body = if on {
+            json!({"typing": true, "timeout": timeout.as_millis() as u64})
+        } else {
+            json!({"typing": false})
+        };
+        self.call(reqwest::Method::PUT, &path, Some(&body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Fetches one event (used when recovering a claim whose worker died).
+    pub async fn event(&self, room_id: &str, event_id: &str) -> Result<Value, MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(room_id),
+            enc(event_id)
+        );
+        self.call(reqwest::Method::GET, &path, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_txn_ids_are_deterministic_and_distinct() {
+        let a = reply_txn_id("$abc:example.org", "reply");
+        assert_eq!(a, reply_txn_id("$abc:example.org", "reply"));
+        assert_ne!(a, reply_txn_id("$abd:example.org", "reply"));
+        assert_ne!(a, reply_txn_id("$abc:example.org", "notice"));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(enc("!r:example.org"), "%21r%3Aexample%2Eorg");
+        assert_eq!(enc("$ev/ent"), "%24ev%2Fent");
+    }
+}

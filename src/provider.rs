@@ -1,0 +1,515 @@
+//! The xAI client: the Responses API (`POST {base_url}/responses`), typed errors, retries,
+//! usage and cost in integer ticks.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
+
+/// A provider failure; callers branch on [`ProviderError::is_retryable`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth trying again: a rate limit that is not about money, a 5xx, a timeout, a dropped
+    /// connection.
+    #[error("provider temporarily failed ({status:?}): {message}")]
+    Retryable {
+        status: Option<u16>,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Trying again cannot help: bad request, auth, unknown model, gone, exhausted credits.
+    #[error("provider rejected the request ({status:?}): {message}")]
+    Fatal {
+        status: Option<u16>,
+        message: String,
+    },
+}
+
+impl ProviderError {
+    /// Whether a retry (or a fallback model) could succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProviderError::Retryable { .. })
+    }
+
+    /// The HTTP status, when the provider answered at all.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ProviderError::Retryable { status, .. } | ProviderError::Fatal { status, .. } => {
+                *status
+            }
+        }
+    }
+}
+
+/// Maps an HTTP error answer to a typed error. A 429 that says the credits or the spending
+/// limit ran out is fatal: retrying only burns time.
+pub fn classify_http_error(
+    status: u16,
+    body: &str,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    let message = error_message(body);
+    let lowered = message.to_ascii_lowercase();
+    let out_of_money = ["credit", "spending limit", "billing", "quota"]
+        .iter()
+        .any(|w| lowered.contains(w));
+    match status {
+        429 if out_of_money => ProviderError::Fatal {
+            status: Some(status),
+            message,
+        },
+        408 | 409 | 429 | 500..=599 => ProviderError::Retryable {
+            status: Some(status),
+            message,
+            retry_after,
+        },
+        _ => ProviderError::Fatal {
+            status: Some(status),
+            message,
+        },
+    }
+}
+
+/// The provider's error text, from `{"error": "..."}`, `{"error": {"message": ...}}` or the raw
+/// body, cut short so nothing large reaches a log.
+fn error_message(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let text = parsed
+        .as_ref()
+        .and_then(|v| {
+            v.get("error")
+                .and_then(|e| {
+                    e.as_str()
+                        .map(str::to_string)
+                        .or_else(|| e.get("message").and_then(Value::as_str).map(str::to_string))
+                })
+                .or_else(|| v.get("message").and_then(Value::as_str).map(str::to_string))
+        })
+        .unwrap_or_else(|| body.to_string());
+    text.chars().take(300).collect()
+}
+
+/// Token counts and cost of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub cached_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub web_search_calls: i64,
+    /// `usage.cost_in_usd_ticks`, when the provider reported it.
+    pub reported_cost_ticks: Option<i64>,
+}
+
+/// Where a cost figure came from (`request_log.cost_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostSource {
+    /// `cost_in_usd_ticks` from the response.
+    Reported,
+    /// Computed from the configured price table.
+    Computed,
+    /// Neither: no price is configured for the model.
+    Unknown,
+}
+
+impl CostSource {
+    /// The stored token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostSource::Reported => "reported",
+            CostSource::Computed => "computed",
+            CostSource::Unknown => "unknown",
+        }
+    }
+}
+
+/// A model's price in integer ticks per token (and per web-search call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input: i64,
+    pub cached_input: i64,
+    pub output: i64,
+    pub web_search_call: i64,
+}
+
+impl From<&PriceConfig> for Price {
+    fn from(p: &PriceConfig) -> Self {
+        let per_token = |usd_per_m: f64| usd_to_ticks(usd_per_m) / 1_000_000;
+        Price {
+            input: per_token(p.input_per_m),
+            cached_input: per_token(p.cached_input_per_m),
+            output: per_token(p.output_per_m),
+            web_search_call: usd_to_ticks(p.web_search_call),
+        }
+    }
+}
+
+/// Cost of a call from the price table. Cached tokens are a subset of the input tokens;
+/// reasoning tokens are billed at the output price and, on the Responses API, are already
+/// part of `output_tokens`.
+pub fn compute_cost_ticks(usage: &Usage, price: &Price) -> i64 {
+    let uncached = (usage.input_tokens - usage.cached_tokens).max(0);
+    uncached * price.input
+        + usage.cached_tokens.min(usage.input_tokens) * price.cached_input
+        + usage.output_tokens * price.output
+        + usage.web_search_calls * price.web_search_call
+}
+
+/// The settled cost: the reported figure when present, else computed from the price table.
+pub fn settle_cost(usage: &Usage, price: Option<&Price>) -> (i64, CostSource) {
+    match (usage.reported_cost_ticks, price) {
+        (Some(ticks), _) => (ticks, CostSource::Reported),
+        (None, Some(p)) => (compute_cost_ticks(usage, p), CostSource::Computed),
+        (None, None) => (0, CostSource::Unknown),
+    }
+}
+
+/// One request to the model.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub instructions: String,
+    pub input: String,
+    pub max_output_tokens: u32,
+    /// Keeps a room's calls on one provider cache (`prompt_cache_key`).
+    pub cache_key: Option<String>,
+    /// An opaque, hashed end-user id (`user`).
+    pub user: Option<String>,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub model: String,
+    /// `status` of the response: `completed`, or `incomplete` when cut short.
+    pub status: String,
+    /// `incomplete_details.reason`, e.g. `max_output_tokens`.
+    pub incomplete_reason: Option<String>,
+    pub usage: Usage,
+    /// The response `id` (on xAI's billing records).
+    pub response_id: String,
+    /// The `x-request-id` header, for support requests.
+    pub request_id: Option<String>,
+    pub latency: Duration,
+}
+
+#[derive(Deserialize)]
+struct ResponseBody {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    incomplete_details: Option<Value>,
+    #[serde(default)]
+    output: Vec<Value>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+fn parse_usage(u: &Value) -> Usage {
+    let int = |ptr: &str| u.pointer(ptr).and_then(Value::as_i64).unwrap_or(0);
+    Usage {
+        input_tokens: int("/input_tokens"),
+        cached_tokens: int("/input_tokens_details/cached_tokens"),
+        output_tokens: int("/output_tokens"),
+        reasoning_tokens: int("/output_tokens_details/reasoning_tokens"),
+        web_search_calls: int("/server_side_tool_usage_details/web_search_calls"),
+        reported_cost_ticks: u.get("cost_in_usd_ticks").and_then(Value::as_i64),
+    }
+}
+
+/// Concatenates the `output_text` parts of the assistant's message items.
+fn output_text(output: &[Value]) -> String {
+    let mut text = String::new();
+    for item in output.iter().filter(|i| i["type"] == "message") {
+        for part in item["content"].as_array().into_iter().flatten() {
+            if part["type"] == "output_text" {
+                if let Some(t) = part["text"].as_str() {
+                    text.push_str(t);
+                }
+            }
+        }
+    }
+    text
+}
+
+/// The parts of a Responses API body the bot uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedResponse {
+    pub text: String,
+    pub id: String,
+    pub status: String,
+    pub incomplete_reason: Option<String>,
+    pub usage: Usage,
+}
+
+/// Parses a Responses API body. A `failed` status is a retryable error.
+pub fn parse_response(body: &[u8]) -> Result<ParsedResponse, ProviderError> {
+    let parsed: ResponseBody =
+        serde_json::from_slice(body).map_err(|e| ProviderError::Retryable {
+            status: None,
+            message: format!("unreadable response body: {e}"),
+            retry_after: None,
+        })?;
+    if parsed.status == "failed" {
+        return Err(ProviderError::Retryable {
+            status: None,
+            message: "response status failed".into(),
+            retry_after: None,
+        });
+    }
+    Ok(ParsedResponse {
+        text: output_text(&parsed.output),
+        id: parsed.id,
+        status: parsed.status,
+        incomplete_reason: parsed
+            .incomplete_details
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        usage: parsed.usage.as_ref().map(parse_usage).unwrap_or_default(),
+    })
+}
+
+/// The xAI client.
+#[derive(Clone)]
+pub struct Provider {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    max_retries: u32,
+    prices: BTreeMap<String, Price>,
+}
+
+impl Provider {
+    /// Builds the client from the validated config.
+    pub fn new(config: &ProviderConfig, prices: &BTreeMap<String, PriceConfig>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.timeout_secs))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("the TLS backend initialises");
+        Self {
+            http,
+            base_url: config.base_url.clone(),
+            api_key: config.api_key.clone(),
+            max_retries: config.max_retries,
+            prices: prices
+                .iter()
+                .map(|(m, p)| (m.clone(), Price::from(p)))
+                .collect(),
+        }
+    }
+
+    /// The price of a model, if configured.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model)
+    }
+
+    /// Calls the model, retrying retryable failures with jittered exponential backoff.
+    pub async fn complete(&self, req: &CompletionRequest) -> Result<Completion, ProviderError> {
+        let mut attempt = 0;
+        loop {
+            match self.complete_once(req).await {
+                Ok(c) => return Ok(c),
+                Err(ProviderError::Retryable {
+                    retry_after,
+                    status,
+                    message,
+                }) if attempt < self.max_retries => {
+                    attempt += 1;
+                    let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let wait = retry_after
+                        .unwrap_or(backoff.mul_f64(jitter))
+                        .min(Duration::from_secs(30));
+                    tracing::warn!(model = %req.model, ?status, %message, attempt, ?wait,
+                        "provider call failed, retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One call, no retries.
+    pub async fn complete_once(
+        &self,
+        req: &CompletionRequest,
+    ) -> Result<Completion, ProviderError> {
+        let Some(key) = &self.api_key else {
+            return Err(ProviderError::Fatal {
+                status: None,
+                message: "XAI_API_KEY is not set".into(),
+            });
+        };
+        let mut body = json!({
+            "model": req.model,
+            "instructions": req.instructions,
+            "input": [{"role": "user", "content": req.input}],
+            "max_output_tokens": req.max_output_tokens,
+            "store": false,
+        });
+        if let Some(k) = &req.cache_key {
+            body["prompt_cache_key"] = json!(k);
+        }
+        if let Some(u) = &req.user {
+            body["user"] = json!(u);
+        }
+        let started = Instant::now();
+        let response = self
+            .http
+            .post(format!("{}/responses", self.base_url))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Retryable {
+                status: None,
+                message: transport_message(e),
+                retry_after: None,
+            })?;
+        let status = response.status().as_u16();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Retryable {
+                status: Some(status),
+                message: transport_message(e),
+                retry_after: None,
+            })?;
+        if !(200..300).contains(&status) {
+            return Err(classify_http_error(
+                status,
+                &String::from_utf8_lossy(&bytes),
+                retry_after,
+            ));
+        }
+        let parsed = parse_response(&bytes)?;
+        Ok(Completion {
+            text: parsed.text,
+            model: req.model.clone(),
+            status: parsed.status,
+            incomplete_reason: parsed.incomplete_reason,
+            usage: parsed.usage,
+            response_id: parsed.id,
+            request_id,
+            latency: started.elapsed(),
+        })
+    }
+}
+
+fn transport_message(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else {
+        // Without the URL: it is ours and adds nothing.
+        e.without_url().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_errors_are_typed() {
+        let retry = |s, b: &str| classify_http_error(s, b, None).is_retryable();
+        assert!(retry(
+            429,
+            r#"{"error": "Too many tokens for team: Tokens per Minute 65605/16000"}"#
+        ));
+        assert!(!retry(
+            429,
+            r#"{"error": "Your team has either used all available credits or reached its monthly spending limit"}"#
+        ));
+        for s in [500, 502, 503, 504, 408] {
+            assert!(retry(s, "oops"), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 415, 422] {
+            assert!(!retry(s, "{}"), "{s}");
+        }
+        let e = classify_http_error(401, r#"{"code": "x", "error": "Incorrect API key"}"#, None);
+        assert!(e.to_string().contains("Incorrect API key"));
+    }
+
+    #[test]
+    fn reported_cost_wins_and_computed_is_exact() {
+        let price = Price::from(&PriceConfig {
+            input_per_m: 1.25,
+            cached_input_per_m: 0.20,
+            output_per_m: 2.50,
+            web_search_call: 0.005,
+        });
+        let mut usage = Usage {
+            input_tokens: 1000,
+            cached_tokens: 200,
+            output_tokens: 500,
+            reasoning_tokens: 100,
+            web_search_calls: 2,
+            reported_cost_ticks: None,
+        };
+        // 800*12500 + 200*2000 + 500*25000 + 2*50_000_000
+        assert_eq!(
+            settle_cost(&usage, Some(&price)),
+            (
+                10_000_000 + 400_000 + 12_500_000 + 100_000_000,
+                CostSource::Computed
+            )
+        );
+        usage.reported_cost_ticks = Some(37_756_000);
+        assert_eq!(
+            settle_cost(&usage, Some(&price)),
+            (37_756_000, CostSource::Reported)
+        );
+        usage.reported_cost_ticks = None;
+        assert_eq!(settle_cost(&usage, None), (0, CostSource::Unknown));
+    }
+
+    #[test]
+    fn responses_body_is_read() {
+        let body =
+            br#"{"id": "resp_1", "object": "response", "model": "grok-4.3", "status": "incomplete",
+            "incomplete_details": {"reason": "max_output_tokens"},
+            "output": [{"type": "reasoning", "summary": []},
+                       {"type": "message", "role": "assistant", "content": [
+                          {"type": "output_text", "text": "Hello ", "annotations": []},
+                          {"type": "output_text", "text": "world", "annotations": []}]}],
+            "usage": {"input_tokens": 7583, "input_tokens_details": {"cached_tokens": 3072},
+                      "output_tokens": 3192, "output_tokens_details": {"reasoning_tokens": 10},
+                      "total_tokens": 10775, "cost_in_usd_ticks": 292331500,
+                      "server_side_tool_usage_details": {"web_search_calls": 1}}}"#;
+        let r = parse_response(body).unwrap();
+        let usage = r.usage;
+        assert_eq!(r.text, "Hello world");
+        assert_eq!(r.id, "resp_1");
+        assert_eq!(r.status, "incomplete");
+        assert_eq!(r.incomplete_reason.as_deref(), Some("max_output_tokens"));
+        assert_eq!(usage.input_tokens, 7583);
+        assert_eq!(usage.cached_tokens, 3072);
+        assert_eq!(usage.output_tokens, 3192);
+        assert_eq!(usage.reasoning_tokens, 10);
+        assert_eq!(usage.web_search_calls, 1);
+        assert_eq!(usage.reported_cost_ticks, Some(292331500));
+    }
+}

@@ -1,0 +1,158 @@
+//! Reading and generating the appservice `registration.yaml` (ruma's `Registration`).
+
+use std::path::Path;
+
+use base64::Engine;
+use rand::RngCore;
+use ruma::api::appservice::{Namespace, Namespaces, Registration, RegistrationInit};
+
+/// Default localpart of the bot user (`@grok:<server>`).
+pub const DEFAULT_LOCALPART: &str = "grok";
+
+/// A registration error; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error("cannot read registration {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("registration {path} is not valid: {message}")]
+    Invalid { path: String, message: String },
+    #[error("cannot write registration {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A fresh token: 32 random bytes from the OS RNG, URL-safe base64 (43 characters).
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The exclusive user-namespace regex that covers exactly the bot user.
+pub fn bot_user_regex(localpart: &str, server_name: &str) -> String {
+    format!(
+        "^{}$",
+        regex::escape(&format!("@{localpart}:{server_name}"))
+    )
+}
+
+/// Builds a registration with fresh tokens and an exclusive namespace for the bot user.
+pub fn generate(server_name: &str, url: &str, localpart: &str) -> Registration {
+    let mut namespaces = Namespaces::new();
+    namespaces
+        .users
+        .push(Namespace::new(true, bot_user_regex(localpart, server_name)));
+    let mut registration: Registration = RegistrationInit {
+        id: localpart.to_string(),
+        url: Some(url.trim_end_matches('/').to_string()),
+        as_token: random_token(),
+        hs_token: random_token(),
+        sender_localpart: localpart.to_string(),
+        namespaces,
+        rate_limited: Some(false),
+        protocols: None,
+    }
+    .into();
+    registration.receive_ephemeral = false;
+    registration
+}
+
+/// Serialises a registration to YAML.
+pub fn to_yaml(registration: &Registration) -> String {
+    serde_norway::to_string(registration).expect("a registration always serialises")
+}
+
+/// Writes the registration readable by its owner only: it holds both tokens.
+pub fn write(registration: &Registration, path: &Path) -> Result<(), RegistrationError> {
+    let write_err = |source| RegistrationError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(write_err)?;
+    std::io::Write::write_all(&mut file, to_yaml(registration).as_bytes()).map_err(write_err)
+}
+
+/// Reads and checks a registration file.
+pub fn load(path: &Path) -> Result<Registration, RegistrationError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RegistrationError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|message| RegistrationError::Invalid {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// Parses registration YAML and rejects the values that would make the bot insecure or broken.
+pub fn parse(text: &str) -> Result<Registration, String> {
+    let registration: Registration = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+    for (key, token) in [
+        ("as_token", &registration.as_token),
+        ("hs_token", &registration.hs_token),
+    ] {
+        if token.len() < 32 {
+            return Err(format!(
+                "`{key}` is shorter than 32 characters; run generate-registration for fresh tokens"
+            ));
+        }
+    }
+    if registration.as_token == registration.hs_token {
+        return Err("`as_token` and `hs_token` must differ".into());
+    }
+    if registration.sender_localpart.is_empty() {
+        return Err("`sender_localpart` is empty".into());
+    }
+    for ns in &registration.namespaces.users {
+        regex::Regex::new(&ns.regex)
+            .map_err(|e| format!("namespaces.users regex `{}`: {e}", ns.regex))?;
+    }
+    Ok(registration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_registration_round_trips_and_is_exclusive() {
+        let reg = generate("example.org", "http://127.0.0.1:9000/", "grok");
+        let back = parse(&to_yaml(&reg)).unwrap();
+        assert_eq!(back.id, "grok");
+        assert_eq!(back.sender_localpart, "grok");
+        assert_eq!(back.url.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(back.rate_limited, Some(false));
+        let ns = &back.namespaces.users[0];
+        assert!(ns.exclusive);
+        let re = regex::Regex::new(&ns.regex).unwrap();
+        assert!(re.is_match("@grok:example.org"));
+        assert!(!re.is_match("@grok:exampleXorg"));
+        assert!(!re.is_match("@grokker:example.org"));
+    }
+
+    #[test]
+    fn tokens_are_fresh_and_long() {
+        let a = generate("example.org", "http://x", "grok");
+        let b = generate("example.org", "http://x", "grok");
+        assert_ne!(a.as_token, b.as_token);
+        assert_ne!(a.as_token, a.hs_token);
+        // 32 bytes in unpadded base64 are 43 characters.
+        assert_eq!(a.hs_token.len(), 43);
+    }
+
+    #[test]
+    fn weak_tokens_are_rejected() {
+        let text = "id: grok\nurl: null\nas_token: short\nhs_token: alsoshort\n\
+                    sender_localpart: grok\nnamespaces: {users: []}\n";
+        assert!(parse(text).unwrap_err().contains("as_token"));
+    }
+}

@@ -1,0 +1,108 @@
+//! `AppState`: everything a request handler or worker needs, built once at start-up and
+//! passed explicitly (no global mutable state).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+use ruma::api::appservice::Registration;
+use tokio_util::task::TaskTracker;
+
+use crate::classify::Identity;
+use crate::config::Config;
+use crate::matrix::MatrixClient;
+use crate::provider::Provider;
+use crate::store::Store;
+use crate::telemetry::{Metrics, Telemetry};
+
+/// Timings that tests shorten; production uses [`Timings::default`].
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// How long a claim is leased to the replica that took it before another may recover it.
+    pub claim_lease: Duration,
+    /// How often the recovery sweeper looks for expired claims.
+    pub recovery_interval: Duration,
+    /// A message older than this when (re)handled is not answered any more.
+    pub max_message_age: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            claim_lease: Duration::from_secs(300),
+            recovery_interval: Duration::from_secs(30),
+            max_message_age: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// The shared state of one process.
+pub struct AppState {
+    pub config: Config,
+    pub registration: Registration,
+    pub identity: Identity,
+    pub store: Store,
+    pub matrix: MatrixClient,
+    pub provider: Provider,
+    pub telemetry: Telemetry,
+    pub metrics: Arc<Metrics>,
+    /// This replica's name in claim leases.
+    pub instance_id: String,
+    pub timings: Timings,
+    /// Answer workers in flight, awaited on shutdown.
+    pub tasks: TaskTracker,
+    /// Cleared when shutdown starts, so `/ready` takes the replica out of the load balancer.
+    pub accepting: AtomicBool,
+}
+
+impl AppState {
+    /// Builds the state from a validated config, a loaded registration and an open store.
+    pub fn new(
+        config: Config,
+        registration: Registration,
+        store: Store,
+        timings: Timings,
+    ) -> Result<Arc<Self>, regex::Error> {
+        let user_id = format!(
+            "@{}:{}",
+            registration.sender_localpart, config.homeserver.server_name
+        );
+        let namespaces = registration
+            .namespaces
+            .users
+            .iter()
+            .map(|ns| Regex::new(&ns.regex))
+            .collect::<Result<Vec<_>, _>>()?;
+        let identity = Identity {
+            user_id: user_id.clone(),
+            localpart: registration.sender_localpart.clone(),
+            display_name: config.bot.display_name.clone(),
+            namespaces,
+            allowed_servers: config.rooms.allowed_servers.clone(),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);
+        let provider = Provider::new(&config.provider, &config.prices);
+        let telemetry = Telemetry::new(store.clone(), config.telemetry.clone(), metrics.clone());
+        let instance_id = format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "grok".into()),
+            crate::registration::random_token().get(..8).unwrap_or("x")
+        );
+        Ok(Arc::new(Self {
+            config,
+            registration,
+            identity,
+            store,
+            matrix,
+            provider,
+            telemetry,
+            metrics,
+            instance_id,
+            timings,
+            tasks: TaskTracker::new(),
+            accepting: AtomicBool::new(true),
+        }))
+    }
+}

@@ -1,0 +1,784 @@
+//! The database: SQLite (embedded default) or PostgreSQL (replicas), chosen by URL at run time.
+//!
+//! This is the only module that touches Diesel. Every public method is async and runs its
+//! Diesel work on tokio's blocking pool, so a slow query never stalls an async worker thread.
+//! Queries are written once against the shared schema and compiled for both backends by the
+//! [`db!`] and [`db_tx!`] macros.
+
+pub mod schema;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use schema::*;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+/// Advisory-lock key that serialises migrations of replicas starting together.
+const MIGRATION_LOCK_KEY: i64 = 0x6772_6f6b_6d69_6772; // "grokmigr"
+
+/// A store error that callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (pool timeout, connection refused or lost).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness conflict the caller did not expect.
+    #[error("database conflict: {0}")]
+    Conflict(String),
+    /// Any other query failure.
+    #[error("database query failed: {0}")]
+    Query(String),
+    /// Migrations could not be applied.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The database URL is not one this build understands.
+    #[error("{0}")]
+    BadUrl(String),
+    /// The blocking task running the query panicked.
+    #[error("database task panicked")]
+    Panicked,
+}
+
+impl From<DieselError> for StoreError {
+    fn from(e: DieselError) -> Self {
+        match e {
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                StoreError::Conflict(info.message().to_string())
+            }
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                info,
+            ) => StoreError::Unavailable(info.message().to_string()),
+            DieselError::BrokenTransactionManager => {
+                StoreError::Unavailable("broken transaction manager".into())
+            }
+            other => StoreError::Query(other.to_string()),
+        }
+    }
+}
+
+impl From<diesel::r2d2::PoolError> for StoreError {
+    fn from(e: diesel::r2d2::PoolError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Which backend a database URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// `sqlite://path` (relative or absolute path to the file).
+    Sqlite(String),
+    /// `postgres://...` or `postgresql://...`, passed to libpq as is.
+    Postgres(String),
+}
+
+impl DatabaseKind {
+    /// Parses a database URL; an unknown scheme is an error, never a silently created file.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() || path == ":memory:" {
+                return Err(StoreError::BadUrl(format!(
+                    "`{url}`: give the SQLite database a file path, e.g. sqlite://grok-appservice.db"
+                )));
+            }
+            Ok(Self::Sqlite(path.to_string()))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(url.to_string()))
+        } else {
+            Err(StoreError::BadUrl(format!(
+                "unsupported database URL scheme in `{}`: use sqlite://PATH or postgres://...",
+                redact_url(url)
+            )))
+        }
+    }
+}
+
+/// Hides a password in a URL before it is shown anywhere.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        // WAL lets readers run beside the writer; busy_timeout waits for the write lock
+        // instead of failing at once.
+        conn.batch_execute(
+            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    Postgres(Pool<ConnectionManager<PgConnection>>),
+}
+
+/// A checked-out connection of either backend.
+enum Conn {
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+    Postgres(PooledConnection<ConnectionManager<PgConnection>>),
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection of either backend.
+macro_rules! db {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            Conn::Sqlite(pooled) => {
+                let $c: &mut SqliteConnection = &mut *pooled;
+                $body
+            }
+            Conn::Postgres(pooled) => {
+                let $c: &mut PgConnection = &mut *pooled;
+                $body
+            }
+        }
+    };
+}
+
+/// Like [`db!`] inside a transaction; SQLite takes the write lock up front (`BEGIN IMMEDIATE`)
+/// so two writers never deadlock on a lock upgrade.
+macro_rules! db_tx {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            Conn::Sqlite(pooled) => pooled.immediate_transaction(|$c| $body),
+            Conn::Postgres(pooled) => pooled.transaction(|$c| $body),
+        }
+    };
+}
+
+/// The handle every other module uses; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+/// What kind of event a claim dedupes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// A message the bot will answer.
+    Addressed,
+    /// An addressed message the bot cannot serve (notice only).
+    Skip,
+    /// An invite of the bot.
+    Invite,
+}
+
+impl ClaimKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ClaimKind::Addressed => "addressed",
+            ClaimKind::Skip => "skip",
+            ClaimKind::Invite => "invite",
+        }
+    }
+}
+
+/// Where a claim is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimState {
+    /// Claimed, not yet being sent.
+    Claimed,
+    /// The reply is being sent (a re-run must check the room before sending again).
+    Sending,
+    /// The reply was sent; `reply_event_id` holds it.
+    Answered,
+    /// Handled without a reply of its own (invite, skip).
+    Done,
+    /// Given up on.
+    Failed,
+}
+
+impl ClaimState {
+    /// The stored string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimState::Claimed => "claimed",
+            ClaimState::Sending => "sending",
+            ClaimState::Answered => "answered",
+            ClaimState::Done => "done",
+            ClaimState::Failed => "failed",
+        }
+    }
+}
+
+/// A claim to write with a transaction.
+#[derive(Debug, Clone)]
+pub struct NewClaim {
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub kind: ClaimKind,
+    pub origin_ts: NaiveDateTime,
+}
+
+/// A change of room membership seen in a transaction.
+#[derive(Debug, Clone)]
+pub struct MemberChange {
+    pub room_id: String,
+    pub user_id: String,
+    pub joined: bool,
+}
+
+/// Everything one appservice transaction writes, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct TxnWrite {
+    pub txn_id: String,
+    pub event_count: i32,
+    pub claims: Vec<NewClaim>,
+    /// `(event_id, room_id)` of the bot's own echoed events.
+    pub bot_events: Vec<(String, String)>,
+    pub member_changes: Vec<MemberChange>,
+}
+
+/// Facts about rooms that classification needs.
+#[derive(Debug, Clone, Default)]
+pub struct RoomFacts {
+    /// `room_id -> (is_direct, joined member count)` for rooms the store knows.
+    pub rooms: HashMap<String, (bool, i64)>,
+    /// Which of the asked event ids the bot sent.
+    pub bot_events: HashSet<String>,
+}
+
+/// A claim row as read back (recovery).
+#[derive(Debug, Clone, Queryable)]
+#[diesel(table_name = processed_events)]
+pub struct ClaimRow {
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub kind: String,
+    pub state: String,
+    pub lease_owner: String,
+    pub lease_expires_at: NaiveDateTime,
+    pub attempts: i32,
+    pub reply_event_id: Option<String>,
+    pub origin_ts: NaiveDateTime,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+/// One `request_log` row (DESIGN section 5); zero values mean "did not apply".
+#[derive(Debug, Clone, Default, PartialEq, Insertable, Queryable, AsChangeset)]
+#[diesel(table_name = request_log)]
+pub struct RequestLogRow {
+    pub id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub route: String,
+    pub router_source: String,
+    pub router_confidence: f64,
+    pub models: String,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_router_ticks: i64,
+    pub cost_web_ticks: i64,
+    pub cost_reason_ticks: i64,
+    pub cost_final_ticks: i64,
+    pub cost_total_ticks: i64,
+    pub cost_source: String,
+    pub latency_ms: i64,
+    pub stage_ms: String,
+    pub escalated: bool,
+    pub fallback_fired: bool,
+    pub cache_hit: bool,
+    pub ceiling_hit: bool,
+    pub per_user_cap_hit: bool,
+    pub prompt_version: String,
+    pub provider_request_id: String,
+    pub degraded: String,
+    pub err: String,
+    pub ok: bool,
+    pub query_text: String,
+    pub created_at: NaiveDateTime,
+}
+
+/// The current time as stored (UTC, no zone).
+pub fn now() -> NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Store {
+    /// Opens a pool for the URL (`sqlite://path` or `postgres://...`). Does not migrate.
+    pub fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let backend = match DatabaseKind::from_url(url)? {
+            DatabaseKind::Sqlite(path) => {
+                let pool = Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(Duration::from_secs(10))
+                    .connection_customizer(Box::new(SqlitePragmas))
+                    .build(ConnectionManager::<SqliteConnection>::new(path))?;
+                Backend::Sqlite(pool)
+            }
+            DatabaseKind::Postgres(url) => {
+                // build_unchecked: a replica may start while the database is still coming up;
+                // /ready reports it until then.
+                let pool = Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(Duration::from_secs(5))
+                    .test_on_check_out(true)
+                    .build_unchecked(ConnectionManager::<PgConnection>::new(url));
+                Backend::Postgres(pool)
+            }
+        };
+        Ok(Self { backend })
+    }
+
+    /// Which backend this store uses: `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Runs `f` with a pooled connection on the blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
+    {
+        let backend = self.backend.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut conn = match &backend {
+                Backend::Sqlite(pool) => Conn::Sqlite(pool.get()?),
+                Backend::Postgres(pool) => Conn::Postgres(pool.get()?),
+            };
+            f(&mut conn)
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(StoreError::Panicked),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Applies pending migrations (PostgreSQL: under an advisory lock, so replicas that start
+    /// together take turns).
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        self.run(|conn| match conn {
+            Conn::Sqlite(c) => {
+                let done = c
+                    .run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map_err(|e| StoreError::Migration(e.to_string()))?;
+                Ok(done.len())
+            }
+            Conn::Postgres(c) => {
+                diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+                    .execute(&mut **c)?;
+                let result = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|done| done.len())
+                    .map_err(|e| StoreError::Migration(e.to_string()));
+                diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+                    .execute(&mut **c)?;
+                result
+            }
+        })
+        .await
+    }
+
+    /// Checks that the database answers (for `/ready`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|conn| {
+            db!(conn, |c| diesel::sql_query("SELECT 1").execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether a transaction id was already handled.
+    pub async fn txn_seen(&self, txn_id: String) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let found: Option<String> = db!(conn, |c| appservice_transactions::table
+                .find(&txn_id)
+                .select(appservice_transactions::txn_id)
+                .first(c)
+                .optional())?;
+            Ok(found.is_some())
+        })
+        .await
+    }
+
+    /// Facts for classification: known rooms (direct flag, member count) and which of
+    /// `reply_targets` the bot sent.
+    pub async fn room_facts(
+        &self,
+        room_ids: Vec<String>,
+        reply_targets: Vec<String>,
+    ) -> Result<RoomFacts, StoreError> {
+        self.run(move |conn| {
+            db!(conn, |c| {
+                let direct: Vec<(String, bool)> = rooms::table
+                    .filter(rooms::room_id.eq_any(&room_ids))
+                    .select((rooms::room_id, rooms::is_direct))
+                    .load(c)?;
+                let counts: Vec<(String, i64)> = room_members::table
+                    .filter(room_members::room_id.eq_any(&room_ids))
+                    .group_by(room_members::room_id)
+                    .select((room_members::room_id, diesel::dsl::count_star()))
+                    .load(c)?;
+                let counts: HashMap<String, i64> = counts.into_iter().collect();
+                let bot: Vec<String> = if reply_targets.is_empty() {
+                    Vec::new()
+                } else {
+                    bot_events::table
+                        .filter(bot_events::event_id.eq_any(&reply_targets))
+                        .select(bot_events::event_id)
+                        .load(c)?
+                };
+                let rooms = direct
+                    .into_iter()
+                    .map(|(id, d)| {
+                        let n = counts.get(&id).copied().unwrap_or(0);
+                        (id, (d, n))
+                    })
+                    .collect();
+                Ok(RoomFacts {
+                    rooms,
+                    bot_events: bot.into_iter().collect(),
+                })
+            })
+        })
+        .await
+    }
+
+    /// Commits one transaction: its id, the claims, echoes and membership changes, atomically.
+    /// Returns `None` when the txnId was already handled (nothing is written), otherwise the
+    /// event ids newly claimed by this call (an event claimed before is left out).
+    pub async fn commit_transaction(
+        &self,
+        write: TxnWrite,
+        lease_owner: String,
+        lease: Duration,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            let expires = now + chrono_dur(lease);
+            db_tx!(conn, |c| {
+                let inserted = diesel::insert_into(appservice_transactions::table)
+                    .values((
+                        appservice_transactions::txn_id.eq(&write.txn_id),
+                        appservice_transactions::event_count.eq(write.event_count),
+                        appservice_transactions::received_at.eq(now),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+                if inserted == 0 {
+                    return Ok::<_, StoreError>(None);
+                }
+                let mut claimed = Vec::new();
+                for claim in &write.claims {
+                    let n = diesel::insert_into(processed_events::table)
+                        .values((
+                            processed_events::event_id.eq(&claim.event_id),
+                            processed_events::room_id.eq(&claim.room_id),
+                            processed_events::sender.eq(&claim.sender),
+                            processed_events::kind.eq(claim.kind.as_str()),
+                            processed_events::state.eq(ClaimState::Claimed.as_str()),
+                            processed_events::lease_owner.eq(&lease_owner),
+                            processed_events::lease_expires_at.eq(expires),
+                            processed_events::attempts.eq(1),
+                            processed_events::origin_ts.eq(claim.origin_ts),
+                            processed_events::created_at.eq(now),
+                            processed_events::updated_at.eq(now),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(c)?;
+                    if n == 1 {
+                        claimed.push(claim.event_id.clone());
+                    }
+                }
+                for (event_id, room_id) in &write.bot_events {
+                    diesel::insert_into(bot_events::table)
+                        .values((
+                            bot_events::event_id.eq(event_id),
+                            bot_events::room_id.eq(room_id),
+                            bot_events::created_at.eq(now),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(c)?;
+                }
+                for change in &write.member_changes {
+                    if change.joined {
+                        diesel::insert_into(room_members::table)
+                            .values((
+                                room_members::room_id.eq(&change.room_id),
+                                room_members::user_id.eq(&change.user_id),
+                            ))
+                            .on_conflict_do_nothing()
+                            .execute(c)?;
+                    } else {
+                        diesel::delete(
+                            room_members::table
+                                .filter(room_members::room_id.eq(&change.room_id))
+                                .filter(room_members::user_id.eq(&change.user_id)),
+                        )
+                        .execute(c)?;
+                    }
+                }
+                Ok(Some(claimed))
+            })
+        })
+        .await
+    }
+
+    /// Records a room the bot joined with its current members (replacing what was known).
+    pub async fn set_room(
+        &self,
+        room_id: String,
+        is_direct: bool,
+        members: Vec<String>,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            db_tx!(conn, |c| {
+                diesel::insert_into(rooms::table)
+                    .values((
+                        rooms::room_id.eq(&room_id),
+                        rooms::is_direct.eq(is_direct),
+                        rooms::updated_at.eq(now),
+                    ))
+                    .on_conflict(rooms::room_id)
+                    .do_update()
+                    .set((rooms::is_direct.eq(is_direct), rooms::updated_at.eq(now)))
+                    .execute(c)?;
+                diesel::delete(room_members::table.filter(room_members::room_id.eq(&room_id)))
+                    .execute(c)?;
+                for user in &members {
+                    diesel::insert_into(room_members::table)
+                        .values((
+                            room_members::room_id.eq(&room_id),
+                            room_members::user_id.eq(user),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(c)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+    }
+
+    /// Forgets a room the bot left or was removed from.
+    pub async fn forget_room(&self, room_id: String) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db_tx!(conn, |c| {
+                diesel::delete(rooms::table.find(&room_id)).execute(c)?;
+                diesel::delete(room_members::table.filter(room_members::room_id.eq(&room_id)))
+                    .execute(c)?;
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+    }
+
+    /// Takes the right to post a `reason` notice in a room if none was posted within `window`.
+    pub async fn take_notice_slot(
+        &self,
+        room_id: String,
+        reason: String,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            let cutoff = now - chrono_dur(window);
+            db_tx!(conn, |c| {
+                let inserted = diesel::insert_into(room_notices::table)
+                    .values((
+                        room_notices::room_id.eq(&room_id),
+                        room_notices::reason.eq(&reason),
+                        room_notices::last_sent_at.eq(now),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+                if inserted == 1 {
+                    return Ok::<_, StoreError>(true);
+                }
+                let updated = diesel::update(
+                    room_notices::table
+                        .filter(room_notices::room_id.eq(&room_id))
+                        .filter(room_notices::reason.eq(&reason))
+                        .filter(room_notices::last_sent_at.lt(cutoff)),
+                )
+                .set(room_notices::last_sent_at.eq(now))
+                .execute(c)?;
+                Ok(updated == 1)
+            })
+        })
+        .await
+    }
+
+    /// Moves a claim to `state`, storing the reply event id when given.
+    pub async fn set_claim_state(
+        &self,
+        event_id: String,
+        state: ClaimState,
+        reply_event_id: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            db!(conn, |c| {
+                diesel::update(processed_events::table.find(&event_id))
+                    .set((
+                        processed_events::state.eq(state.as_str()),
+                        processed_events::updated_at.eq(now),
+                    ))
+                    .execute(c)?;
+                if let Some(reply) = &reply_event_id {
+                    diesel::update(processed_events::table.find(&event_id))
+                        .set(processed_events::reply_event_id.eq(reply))
+                        .execute(c)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Reads one claim.
+    pub async fn claim(&self, event_id: String) -> Result<Option<ClaimRow>, StoreError> {
+        self.run(move |conn| {
+            Ok(db!(conn, |c| processed_events::table
+                .find(&event_id)
+                .first::<ClaimRow>(c)
+                .optional())?)
+        })
+        .await
+    }
+
+    /// Takes over up to `limit` unfinished claims whose lease expired (a worker died): each is
+    /// leased to `owner` for `lease` and its attempt count raised. Safe to run on every replica
+    /// at once: the conditional update lets exactly one of them win each claim.
+    pub async fn take_expired_claims(
+        &self,
+        owner: String,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<ClaimRow>, StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            let expires = now + chrono_dur(lease);
+            db!(conn, |c| {
+                let candidates: Vec<ClaimRow> = processed_events::table
+                    .filter(
+                        processed_events::state
+                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str()]),
+                    )
+                    .filter(processed_events::lease_expires_at.lt(now))
+                    .order(processed_events::lease_expires_at)
+                    .limit(limit)
+                    .load(c)?;
+                let mut taken = Vec::new();
+                for mut row in candidates {
+                    let won = diesel::update(
+                        processed_events::table
+                            .filter(processed_events::event_id.eq(&row.event_id))
+                            .filter(processed_events::lease_owner.eq(&row.lease_owner))
+                            .filter(processed_events::lease_expires_at.eq(row.lease_expires_at)),
+                    )
+                    .set((
+                        processed_events::lease_owner.eq(&owner),
+                        processed_events::lease_expires_at.eq(expires),
+                        processed_events::attempts.eq(row.attempts + 1),
+                        processed_events::updated_at.eq(now),
+                    ))
+                    .execute(c)?;
+                    if won == 1 {
+                        row.lease_owner = owner.clone();
+                        row.lease_expires_at = expires;
+                        row.attempts += 1;
+                        taken.push(row);
+                    }
+                }
+                Ok(taken)
+            })
+        })
+        .await
+    }
+
+    /// Remembers an event the bot sent, so replies to it address the bot.
+    pub async fn record_bot_event(
+        &self,
+        event_id: String,
+        room_id: String,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db!(conn, |c| diesel::insert_into(bot_events::table)
+                .values((
+                    bot_events::event_id.eq(&event_id),
+                    bot_events::room_id.eq(&room_id),
+                    bot_events::created_at.eq(now()),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes a `request_log` row; a second write for the same event replaces the first, so
+    /// a retried request leaves one row with its final outcome.
+    pub async fn upsert_request_log(&self, row: RequestLogRow) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db!(conn, |c| diesel::insert_into(request_log::table)
+                .values(&row)
+                .on_conflict(request_log::id)
+                .do_update()
+                .set(&row)
+                .execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads one `request_log` row.
+    pub async fn request_log(&self, id: String) -> Result<Option<RequestLogRow>, StoreError> {
+        self.run(move |conn| {
+            Ok(db!(conn, |c| request_log::table
+                .find(&id)
+                .first::<RequestLogRow>(c)
+                .optional())?)
+        })
+        .await
+    }
+
+    /// Deletes `request_log` rows created before `cutoff`; returns how many.
+    pub async fn trim_request_log(&self, cutoff: NaiveDateTime) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            Ok(db!(conn, |c| diesel::delete(
+                request_log::table.filter(request_log::created_at.lt(cutoff))
+            )
+            .execute(c))?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,103 @@
+//! Diesel table definitions shared by the SQLite and PostgreSQL backends.
+
+diesel::table! {
+    appservice_transactions (txn_id) {
+        txn_id -> Text,
+        event_count -> Integer,
+        received_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    processed_events (event_id) {
+        event_id -> Text,
+        room_id -> Text,
+        sender -> Text,
+        kind -> Text,
+        state -> Text,
+        lease_owner -> Text,
+        lease_expires_at -> Timestamp,
+        attempts -> Integer,
+        reply_event_id -> Nullable<Text>,
+        origin_ts -> Timestamp,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    bot_events (event_id) {
+        event_id -> Text,
+        room_id -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    rooms (room_id) {
+        room_id -> Text,
+        is_direct -> Bool,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    room_members (room_id, user_id) {
+        room_id -> Text,
+        user_id -> Text,
+    }
+}
+
+diesel::table! {
+    room_notices (room_id, reason) {
+        room_id -> Text,
+        reason -> Text,
+        last_sent_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    request_log (id) {
+        id -> Text,
+        room_id -> Text,
+        sender -> Text,
+        route -> Text,
+        router_source -> Text,
+        router_confidence -> Double,
+        models -> Text,
+        prompt_tokens -> BigInt,
+        cached_tokens -> BigInt,
+        completion_tokens -> BigInt,
+        reasoning_tokens -> BigInt,
+        cost_router_ticks -> BigInt,
+        cost_web_ticks -> BigInt,
+        cost_reason_ticks -> BigInt,
+        cost_final_ticks -> BigInt,
+        cost_total_ticks -> BigInt,
+        cost_source -> Text,
+        latency_ms -> BigInt,
+        stage_ms -> Text,
+        escalated -> Bool,
+        fallback_fired -> Bool,
+        cache_hit -> Bool,
+        ceiling_hit -> Bool,
+        per_user_cap_hit -> Bool,
+        prompt_version -> Text,
+        provider_request_id -> Text,
+        degraded -> Text,
+        err -> Text,
+        ok -> Bool,
+        query_text -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    appservice_transactions,
+    processed_events,
+    bot_events,
+    rooms,
+    room_members,
+    room_notices,
+    request_log,
+);

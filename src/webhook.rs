@@ -1,0 +1,374 @@
+//! The HTTP side: the appservice API Synapse calls (`/_matrix/app/v1/*`), hs_token auth,
+//! Matrix error JSON, and `/health`, `/ready`, `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::bot;
+use crate::classify::{classify, Event, Facts, Verdict};
+use crate::state::AppState;
+use crate::store::{ClaimKind, MemberChange, NewClaim, TxnWrite};
+
+/// Largest transaction body accepted: 100 events of up to 64 KiB each fit with room to spare.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// A Matrix-facing error: `{"errcode": ..., "error": ...}` with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatrixApiError {
+    MissingToken,
+    Forbidden,
+    NotJson(String),
+    BadJson(String),
+    TooLarge,
+    NotFound,
+    Unrecognized,
+    MethodNotAllowed,
+    /// The database is down: Synapse must retry the transaction later.
+    Unavailable,
+}
+
+impl MatrixApiError {
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                "M_MISSING_TOKEN",
+                "Missing access token".into(),
+            ),
+            Self::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "Invalid homeserver token".into(),
+            ),
+            Self::NotJson(m) => (StatusCode::BAD_REQUEST, "M_NOT_JSON", m.clone()),
+            Self::BadJson(m) => (StatusCode::BAD_REQUEST, "M_BAD_JSON", m.clone()),
+            Self::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                "Request body too large".into(),
+            ),
+            Self::NotFound => (StatusCode::NOT_FOUND, "M_NOT_FOUND", "Not found".into()),
+            Self::Unrecognized => (
+                StatusCode::NOT_FOUND,
+                "M_UNRECOGNIZED",
+                "Unrecognized request".into(),
+            ),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+                "Method not allowed".into(),
+            ),
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                "Storage unavailable, retry later".into(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for MatrixApiError {
+    fn into_response(self) -> Response {
+        let (status, errcode, error) = self.parts();
+        (status, Json(json!({"errcode": errcode, "error": error}))).into_response()
+    }
+}
+
+/// The appservice router with all routes and layers, ready to serve.
+pub fn router(state: Arc<AppState>) -> Router {
+    let appservice = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction))
+        .route("/_matrix/app/v1/users/{user_id}", get(query_user))
+        .route("/_matrix/app/v1/rooms/{alias}", get(query_room))
+        .route("/_matrix/app/v1/ping", post(ping))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_hs_token,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
+        .merge(appservice)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { MatrixApiError::Unrecognized })
+        .method_not_allowed_fallback(|| async { MatrixApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares in constant time (over fixed-length digests, so the length does not leak either).
+fn token_matches(given: &str, expected: &str) -> bool {
+    digest(given).ct_eq(&digest(expected)).into()
+}
+
+/// Checks `hs_token` from `Authorization: Bearer` or the legacy `access_token` query
+/// parameter; when both are present, both must match.
+async fn require_hs_token(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, MatrixApiError> {
+    let header_token = match request.headers().get(header::AUTHORIZATION) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or(MatrixApiError::Forbidden)?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let query_token = query.get("access_token").cloned();
+    if header_token.is_none() && query_token.is_none() {
+        return Err(MatrixApiError::MissingToken);
+    }
+    let expected = &state.registration.hs_token;
+    let all_match = [header_token, query_token]
+        .iter()
+        .flatten()
+        .all(|t| token_matches(t, expected));
+    if !all_match {
+        return Err(MatrixApiError::Forbidden);
+    }
+    Ok(next.run(request).await)
+}
+
+#[derive(Deserialize)]
+struct TransactionBody {
+    events: Vec<Value>,
+}
+
+async fn transaction(
+    State(state): State<Arc<AppState>>,
+    Path(txn_id): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, MatrixApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            MatrixApiError::TooLarge
+        } else {
+            MatrixApiError::BadJson(e.body_text())
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| MatrixApiError::NotJson(format!("body is not JSON: {e}")))?;
+    let parsed: TransactionBody = serde_json::from_value(value)
+        .map_err(|e| MatrixApiError::BadJson(format!("body is not a transaction: {e}")))?;
+
+    let store_down = |e: crate::store::StoreError| {
+        tracing::error!(txn_id = %txn_id, error = %e, "cannot record the transaction; Synapse will retry");
+        MatrixApiError::Unavailable
+    };
+    if state
+        .store
+        .txn_seen(txn_id.clone())
+        .await
+        .map_err(store_down)?
+    {
+        state.metrics.inc("transactions_total", "duplicate");
+        return Ok(Json(json!({})));
+    }
+    let planned = plan(&state, &txn_id, &parsed.events)
+        .await
+        .map_err(store_down)?;
+    let claimed = state
+        .store
+        .commit_transaction(
+            planned.write,
+            state.instance_id.clone(),
+            state.timings.claim_lease,
+        )
+        .await
+        .map_err(store_down)?;
+    let Some(claimed) = claimed else {
+        state.metrics.inc("transactions_total", "duplicate");
+        return Ok(Json(json!({})));
+    };
+    state.metrics.inc("transactions_total", "new");
+    for (event, verdict) in planned.actions {
+        if claimed.contains(&event.event_id) {
+            bot::dispatch(&state, event, verdict);
+        } else {
+            tracing::debug!(event_id = %event.event_id, "event already claimed, skipping");
+        }
+    }
+    for room in planned.left_rooms {
+        if let Err(e) = state.store.forget_room(room).await {
+            tracing::warn!(error = %e, "could not forget a room the bot left");
+        }
+    }
+    Ok(Json(json!({})))
+}
+
+/// What a transaction will write and do.
+struct Plan {
+    write: TxnWrite,
+    actions: Vec<(Event, Verdict)>,
+    left_rooms: Vec<String>,
+}
+
+/// Parses and classifies every event of a transaction, each on its own: a malformed event is
+/// logged, counted and skipped so it can never block the transaction.
+async fn plan(
+    state: &AppState,
+    txn_id: &str,
+    raw_events: &[Value],
+) -> Result<Plan, crate::store::StoreError> {
+    let mut events = Vec::with_capacity(raw_events.len());
+    for (i, raw) in raw_events.iter().enumerate() {
+        match Event::parse(raw) {
+            Ok(e) => events.push(e),
+            Err(why) => {
+                state.metrics.inc("events_total", "malformed");
+                tracing::warn!(txn_id, index = i, %why, "skipping a malformed event");
+            }
+        }
+    }
+    let room_ids: Vec<String> = events.iter().map(|e| e.room_id.clone()).collect();
+    let reply_targets: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.in_reply_to().map(str::to_string))
+        .collect();
+    let facts = state.store.room_facts(room_ids, reply_targets).await?;
+    let mut rooms = facts.rooms;
+    let me = &state.identity;
+
+    let mut plan = Plan {
+        write: TxnWrite {
+            txn_id: txn_id.to_string(),
+            event_count: raw_events.len() as i32,
+            ..TxnWrite::default()
+        },
+        actions: Vec::new(),
+        left_rooms: Vec::new(),
+    };
+    for event in events {
+        // Membership changes apply in order, so a later message in the same transaction sees
+        // the room as it is after them.
+        if let Some((user, joined)) = event.membership() {
+            if user == me.user_id && !joined && event.content["membership"] != "invite" {
+                plan.left_rooms.push(event.room_id.clone());
+            }
+            let was_joined =
+                event.unsigned.pointer("/prev_content/membership") == Some(&Value::from("join"));
+            if let Some((_, count)) = rooms.get_mut(&event.room_id) {
+                match (was_joined, joined) {
+                    (false, true) => *count += 1,
+                    (true, false) => *count -= 1,
+                    _ => {}
+                }
+            }
+            plan.write.member_changes.push(MemberChange {
+                room_id: event.room_id.clone(),
+                user_id: user.to_string(),
+                joined,
+            });
+        }
+        let room = rooms.get(&event.room_id);
+        let facts = Facts {
+            direct_room: room.is_some_and(|(direct, count)| *direct || *count == 2),
+            replies_to_bot: event
+                .in_reply_to()
+                .is_some_and(|id| facts.bot_events.contains(id)),
+        };
+        let verdict = classify(&event, me, facts);
+        state.metrics.inc("events_total", verdict.label());
+        let kind = match &verdict {
+            Verdict::Ignore(crate::classify::IgnoreReason::OwnEcho) => {
+                plan.write
+                    .bot_events
+                    .push((event.event_id.clone(), event.room_id.clone()));
+                continue;
+            }
+            Verdict::Ignore(_) => continue,
+            Verdict::Invite { .. } => ClaimKind::Invite,
+            Verdict::Skip(_) => ClaimKind::Skip,
+            Verdict::Addressed(_) => ClaimKind::Addressed,
+        };
+        tracing::debug!(event_id = %event.event_id, verdict = verdict.label(), "classified");
+        plan.write.claims.push(NewClaim {
+            event_id: event.event_id.clone(),
+            room_id: event.room_id.clone(),
+            sender: event.sender.clone(),
+            kind,
+            origin_ts: chrono::DateTime::from_timestamp_millis(event.origin_server_ts)
+                .map(|t| t.naive_utc())
+                .unwrap_or_else(crate::store::now),
+        });
+        plan.actions.push((event, verdict));
+    }
+    Ok(plan)
+}
+
+async fn query_user(
+    State(state): State<Arc<AppState>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<Value>, MatrixApiError> {
+    if user_id == state.identity.user_id {
+        Ok(Json(json!({})))
+    } else {
+        Err(MatrixApiError::NotFound)
+    }
+}
+
+/// The bot owns no room aliases.
+async fn query_room(Path(_alias): Path<String>) -> MatrixApiError {
+    MatrixApiError::NotFound
+}
+
+async fn ping() -> Json<Value> {
+    Json(json!({}))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if !state.accepting.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "shutting down"})),
+        )
+            .into_response();
+    }
+    match state.store.ping().await {
+        Ok(()) => Json(json!({"ready": true})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"ready": false, "reason": "database unreachable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
