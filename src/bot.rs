@@ -137,8 +137,9 @@ fn outcome_row(job: &Job, outcome: &Outcome, latency: Duration) -> RequestLog {
     row
 }
 
-/// Keeps the typing notification alive until dropped.
+/// Keeps the typing notification alive until stopped.
 struct Typing {
+    stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -146,20 +147,29 @@ impl Typing {
     fn start(state: &Arc<AppState>, room_id: &str) -> Self {
         let state = state.clone();
         let room = room_id.to_string();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             loop {
                 if let Err(e) = state.matrix.typing(&room, true, TYPING_TIMEOUT).await {
                     tracing::debug!(error = %e, "typing notification failed");
                 }
-                tokio::time::sleep(TYPING_TIMEOUT - Duration::from_secs(5)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(TYPING_TIMEOUT - Duration::from_secs(5)) => {}
+                    _ = &mut stopped => return,
+                }
             }
         });
-        Self { task }
+        Self { stop, task }
     }
 
+    /// Stops the renewals, lets an in-flight "typing" request finish (so it cannot land after
+    /// the "stopped typing" one), then clears the notification.
     async fn stop(self, state: &AppState, room_id: &str) {
-        self.task.abort();
-        let _ = state.matrix.typing(room_id, false, TYPING_TIMEOUT).await;
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        if let Err(e) = state.matrix.typing(room_id, false, TYPING_TIMEOUT).await {
+            tracing::debug!(error = %e, "clearing the typing notification failed");
+        }
     }
 }
 

@@ -100,6 +100,11 @@ pub fn parse(text: &str) -> Result<Registration, String> {
         ("as_token", &registration.as_token),
         ("hs_token", &registration.hs_token),
     ] {
+        if token.starts_with("CHANGE_ME") {
+            return Err(format!(
+                "`{key}` is the example placeholder; run generate-registration for fresh tokens"
+            ));
+        }
         if token.len() < 32 {
             return Err(format!(
                 "`{key}` is shorter than 32 characters; run generate-registration for fresh tokens"
@@ -147,6 +152,12 @@ mod tests {
         assert_ne!(a.as_token, a.hs_token);
         // 32 bytes in unpadded base64 are 43 characters.
         assert_eq!(a.hs_token.len(), 43);
+    }
+
+    #[test]
+    fn the_shipped_example_is_refused() {
+        let example = include_str!("../registration.yaml");
+        assert!(parse(example).unwrap_err().contains("placeholder"));
     }
 
     #[test]
