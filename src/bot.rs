@@ -8,7 +8,7 @@ use pulldown_cmark::{html, Event as MdEvent, Options, Parser};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::cascade::{self, Ask, Outcome, Route, RouterSource};
+use crate::cascade::{Ask, Outcome, Route, RouterSource};
 use crate::classify::{self, Event, Facts, Request, SkipReason, Verdict};
 use crate::config::ReplyMsgtype;
 use crate::matrix::reply_txn_id;
@@ -106,19 +106,32 @@ fn base_row(event_id: &str, room_id: &str, sender: &str) -> RequestLog {
     }
 }
 
-fn outcome_row(job: &Job, outcome: &Outcome, latency: Duration) -> RequestLog {
+fn outcome_row(
+    job: &Job,
+    outcome: &Outcome,
+    prompt_version: &str,
+    latency: Duration,
+) -> RequestLog {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.route = outcome.route.as_str().into();
     row.router_source = outcome.router_source.as_str().into();
     row.router_confidence = outcome.router_confidence;
     row.models = serde_json::to_string(&outcome.models).unwrap_or_else(|_| "{}".into());
     row.stage_ms = serde_json::to_string(&outcome.stage_ms).unwrap_or_else(|_| "{}".into());
+    row.prompt_version = prompt_version.to_string();
     row.prompt_tokens = outcome.prompt_tokens;
     row.cached_tokens = outcome.cached_tokens;
     row.completion_tokens = outcome.completion_tokens;
     row.reasoning_tokens = outcome.reasoning_tokens;
-    row.cost_final_ticks = outcome.cost_final_ticks;
-    row.cost_total_ticks = outcome.cost_final_ticks;
+    let stage = |name| outcome.stage_cost.get(name).copied().unwrap_or(0);
+    row.cost_router_ticks = stage("router");
+    row.cost_trivial_ticks = stage("trivial");
+    row.cost_web_ticks = stage("web");
+    row.cost_reason_ticks = stage("reason");
+    row.cost_final_ticks = stage("final");
+    row.cost_total_ticks = outcome.cost_total();
+    row.escalated = outcome.escalated;
+    row.cache_hit = outcome.cache_hit;
     row.cost_source = outcome
         .cost_source
         .map(|s| s.as_str().to_string())
@@ -190,21 +203,20 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     let hashed = hashed_user(&job.sender);
     let ask = Ask {
         text: &job.request.text,
-        system_prompt: &state.config.bot.system_prompt,
-        cache_key: Some(&job.room_id),
+        room_id: Some(&job.room_id),
         user: Some(&hashed),
     };
-    let mut outcome = cascade::run(&state.provider, &state.config.models, &ask).await;
+    let mut outcome = state.cascade.run(&ask).await;
     typing.stop(&state, &job.room_id).await;
-    if let Some(ms) = outcome.stage_ms.get("final") {
+    for (stage, ms) in &outcome.stage_ms {
         state.metrics.observe_provider(Duration::from_millis(*ms));
-    }
-    if let Some(model) = outcome.models.get("final") {
-        state.metrics.add(
-            "spend_ticks_total",
-            model,
-            outcome.cost_final_ticks.max(0) as u64,
-        );
+        if let (Some(model), Some(cost)) =
+            (outcome.models.get(stage), outcome.stage_cost.get(stage))
+        {
+            state
+                .metrics
+                .add("spend_ticks_total", model, (*cost).max(0) as u64);
+        }
     }
 
     let text = if outcome.ok() {
@@ -251,7 +263,12 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
             }
         }
     }
-    let mut row = outcome_row(&job, &outcome, started.elapsed());
+    let mut row = outcome_row(
+        &job,
+        &outcome,
+        state.cascade.prompt_version(),
+        started.elapsed(),
+    );
     if outcome.degraded == Some("send_failed") {
         row.ok = false;
         row.err = "sending the reply failed".into();

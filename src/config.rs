@@ -51,6 +51,10 @@ pub struct Config {
     #[serde(default = "default_prices")]
     pub prices: BTreeMap<String, PriceConfig>,
     #[serde(default)]
+    pub cascade: CascadeConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub rooms: RoomsConfig,
     #[serde(default)]
     pub bot: BotConfig,
@@ -191,6 +195,78 @@ pub struct PriceConfig {
     /// USD per successful web-search call.
     #[serde(default)]
     pub web_search_call: f64,
+}
+
+/// `cascade.*`: how the router and the routes behave.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// Ask the router model when the heuristic is ambiguous.
+    #[serde(default)]
+    pub classifier: bool,
+    #[serde(default = "default_classifier_timeout")]
+    pub classifier_timeout_ms: u64,
+    /// A year at or after this one in a message is a cue for fresh facts (the model's cutoff).
+    #[serde(default = "default_cutoff_year")]
+    pub cutoff_year: i32,
+    /// Messages longer than this many characters count as hard (reasoning).
+    #[serde(default = "default_long_input")]
+    pub long_input_chars: usize,
+    #[serde(default = "default_trivial_tokens")]
+    pub trivial_max_output_tokens: u32,
+    /// Cap on tool turns (web searches) of one web stage.
+    #[serde(default = "default_web_turns")]
+    pub web_max_turns: u32,
+    /// Web-search calls allowed per UTC day across all replicas; over it, web questions go
+    /// to `grok_direct`.
+    #[serde(default = "default_grounding_cap")]
+    pub grounding_cap_per_day: i64,
+    /// `reasoning.effort` of the reasoning stage (`low`, `medium`, `high`).
+    #[serde(default = "default_reason_effort")]
+    pub reason_effort: String,
+    #[serde(default = "default_reason_tokens")]
+    pub reason_max_output_tokens: u32,
+    /// Room id -> route token, forcing every message of that room onto one route.
+    #[serde(default)]
+    pub room_routes: BTreeMap<String, String>,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            classifier: false,
+            classifier_timeout_ms: default_classifier_timeout(),
+            cutoff_year: default_cutoff_year(),
+            long_input_chars: default_long_input(),
+            trivial_max_output_tokens: default_trivial_tokens(),
+            web_max_turns: default_web_turns(),
+            grounding_cap_per_day: default_grounding_cap(),
+            reason_effort: default_reason_effort(),
+            reason_max_output_tokens: default_reason_tokens(),
+            room_routes: BTreeMap::new(),
+        }
+    }
+}
+
+/// `cache.*`: the shared response cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Route token -> time to live; a route without an entry is not cached (the web route
+    /// never is).
+    #[serde(default = "default_cache_ttl", deserialize_with = "de_duration_map")]
+    pub ttl: BTreeMap<String, Duration>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: default_cache_ttl(),
+        }
+    }
 }
 
 /// `rooms.*`: which servers may invite the bot and talk to it.
@@ -355,6 +431,40 @@ fn default_system_prompt() -> String {
      use Markdown only where it helps (lists, code blocks). If you do not know, say so."
         .into()
 }
+fn default_classifier_timeout() -> u64 {
+    2000
+}
+fn default_cutoff_year() -> i32 {
+    2025
+}
+fn default_long_input() -> usize {
+    800
+}
+fn default_trivial_tokens() -> u32 {
+    256
+}
+fn default_web_turns() -> u32 {
+    2
+}
+fn default_grounding_cap() -> i64 {
+    1000
+}
+fn default_reason_effort() -> String {
+    "medium".into()
+}
+fn default_reason_tokens() -> u32 {
+    8192
+}
+fn default_cache_ttl() -> BTreeMap<String, Duration> {
+    BTreeMap::from([
+        ("trivial_direct".to_string(), Duration::from_secs(24 * 3600)),
+        ("grok_direct".to_string(), Duration::from_secs(3600)),
+        (
+            "reason_then_grok".to_string(),
+            Duration::from_secs(6 * 3600),
+        ),
+    ])
+}
 fn default_daily_ceiling() -> f64 {
     10.0
 }
@@ -397,6 +507,19 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
         Raw::Num(n) => Ok(Duration::from_secs(n)),
         Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
+}
+
+fn de_duration_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Duration>, D::Error> {
+    let raw: BTreeMap<String, String> = BTreeMap::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            parse_duration(&v)
+                .map(|d| (k, d))
+                .map_err(serde::de::Error::custom)
+        })
+        .collect()
 }
 
 /// Parses `30d`, `12h`, `15m`, `90s` or a bare number of seconds; `0` is zero.
@@ -536,6 +659,46 @@ impl Config {
                 return Err(invalid("prices", "prices must be non-negative numbers"));
             }
         }
+        const ROUTES: [&str; 4] = [
+            "grok_direct",
+            "trivial_direct",
+            "web_then_grok",
+            "reason_then_grok",
+        ];
+        for route in self.cascade.room_routes.values() {
+            if !ROUTES.contains(&route.as_str()) {
+                return Err(invalid(
+                    "cascade.room_routes",
+                    format!("`{route}` is not a route ({})", ROUTES.join(", ")),
+                ));
+            }
+        }
+        for route in self.cache.ttl.keys() {
+            if route == "web_then_grok" {
+                return Err(invalid(
+                    "cache.ttl",
+                    "web answers go stale: web_then_grok is never cached",
+                ));
+            }
+            if !ROUTES.contains(&route.as_str()) {
+                return Err(invalid("cache.ttl", format!("`{route}` is not a route")));
+            }
+        }
+        if !["low", "medium", "high"].contains(&self.cascade.reason_effort.as_str()) {
+            return Err(invalid(
+                "cascade.reason_effort",
+                "must be low, medium or high",
+            ));
+        }
+        if self.cascade.web_max_turns == 0 {
+            return Err(invalid("cascade.web_max_turns", "must be at least 1"));
+        }
+        if self.cascade.grounding_cap_per_day < 0 {
+            return Err(invalid(
+                "cascade.grounding_cap_per_day",
+                "must not be negative",
+            ));
+        }
         if self.rooms.allowed_servers.is_empty() {
             self.rooms.allowed_servers = vec![self.homeserver.server_name.clone()];
         }
@@ -645,6 +808,13 @@ mod tests {
             key_of(load(&bad_limit, &[]).unwrap_err()),
             "limits.daily_ceiling_usd"
         );
+        let bad_route = format!("{MINIMAL}cascade: {{room_routes: {{'!r:x': fast}}}}\n");
+        assert_eq!(
+            key_of(load(&bad_route, &[]).unwrap_err()),
+            "cascade.room_routes"
+        );
+        let web_cache = format!("{MINIMAL}cache: {{ttl: {{web_then_grok: 1h}}}}\n");
+        assert_eq!(key_of(load(&web_cache, &[]).unwrap_err()), "cache.ttl");
         let unknown = format!("{MINIMAL}homeservr: {{}}\n");
         let err = load(&unknown, &[]).unwrap_err().to_string();
         assert!(err.contains("homeservr"), "{err}");

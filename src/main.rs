@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use grok_appservice::cascade::{self, Ask};
-use grok_appservice::config::{Config, LogFormat};
+use grok_appservice::cascade::{router, Ask, Cascade};
+use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
+use grok_appservice::provider::Provider;
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
 use grok_appservice::{bot, registration, webhook};
@@ -53,6 +54,25 @@ enum Command {
     },
     /// Run the database migrations and exit.
     Migrate {
+        #[arg(
+            short,
+            long,
+            env = "GROK_APPSERVICE_CONFIG",
+            default_value = "config.yaml"
+        )]
+        config: PathBuf,
+    },
+    /// Print the router's decision for a message; no model is called.
+    Route {
+        /// The message.
+        text: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Apply this room's override from the config.
+        #[arg(long)]
+        room: Option<String>,
+        /// Read router settings from this config file when it exists.
         #[arg(
             short,
             long,
@@ -119,34 +139,83 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(Config::load(&config)?).await,
+        Command::Route {
+            text,
+            json,
+            room,
+            config,
+        } => {
+            let decision = if config.exists() {
+                let config = Config::load(&config)?;
+                let store = Store::connect(&config.database.url, 1)?;
+                let provider = Provider::new(&config.provider, &config.prices);
+                Cascade::new(&config, provider, store).decide(&text, room.as_deref())
+            } else if room.is_some() {
+                anyhow::bail!(
+                    "--room needs the config file ({} not found)",
+                    config.display()
+                );
+            } else {
+                router::decide(&text, &router::RouterOptions::default())
+            };
+            if json {
+                let out = serde_json::json!({
+                    "route": decision.route.as_str(),
+                    "source": decision.source.as_str(),
+                    "confidence": decision.confidence,
+                    "rules": decision.rules,
+                    "ambiguous": decision.ambiguous,
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "{} ({}, confidence {:.2}) rules: {}",
+                    decision.route.as_str(),
+                    decision.source.as_str(),
+                    decision.confidence,
+                    decision.rules.join(", ")
+                );
+            }
+            Ok(())
+        }
         Command::Ask { text, config } => {
             let config = Config::load(&config)?;
             init_logging(&config);
-            let provider =
-                grok_appservice::provider::Provider::new(&config.provider, &config.prices);
-            let ask = Ask {
-                text: &text,
-                system_prompt: &config.bot.system_prompt,
-                cache_key: None,
-                user: None,
-            };
-            let outcome = cascade::run(&provider, &config.models, &ask).await;
+            let store = Store::connect(&config.database.url, 2)?;
+            store.migrate().await.context("running migrations")?;
+            let provider = Provider::new(&config.provider, &config.prices);
+            let cascade = Cascade::new(&config, provider, store);
+            let outcome = cascade
+                .run(&Ask {
+                    text: &text,
+                    ..Ask::default()
+                })
+                .await;
             if let Some(e) = &outcome.error {
                 anyhow::bail!("the cascade failed: {e}");
             }
             println!("{}\n", outcome.text);
             println!(
-                "route:   {} ({})",
+                "route:    {} ({}, confidence {:.2}; rules: {})",
                 outcome.route.as_str(),
-                outcome.router_source.as_str()
+                outcome.router_source.as_str(),
+                outcome.router_confidence,
+                outcome.rules.join(", ")
             );
-            println!("models:  {:?}", outcome.models);
+            if let Some(d) = outcome.degraded {
+                println!("degraded: {d}");
+            }
+            println!("models:   {:?}", outcome.models);
             println!(
-                "cost:    ${:.6} ({})",
-                outcome.cost_final_ticks as f64 / grok_appservice::config::TICKS_PER_USD as f64,
-                outcome.cost_source.map(|s| s.as_str()).unwrap_or("unknown")
+                "cost:     ${:.6} ({}) by stage in ticks: {:?}",
+                outcome.cost_total() as f64 / TICKS_PER_USD as f64,
+                outcome.cost_source.map(|s| s.as_str()).unwrap_or("none"),
+                outcome.stage_cost
             );
-            println!("latency: {:?} ms by stage", outcome.stage_ms);
+            println!("latency:  {:?} ms by stage", outcome.stage_ms);
+            if outcome.cache_hit {
+                println!("cache:    hit");
+            }
             Ok(())
         }
     }

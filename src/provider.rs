@@ -179,6 +179,51 @@ pub struct CompletionRequest {
     pub cache_key: Option<String>,
     /// An opaque, hashed end-user id (`user`).
     pub user: Option<String>,
+    /// `reasoning.effort`, only for models that accept it.
+    pub reasoning_effort: Option<String>,
+    /// Turn on the server-side `web_search` tool, bounded to this many tool turns.
+    pub web_search_turns: Option<u32>,
+}
+
+impl CompletionRequest {
+    /// A plain request: no reasoning effort, no tools.
+    pub fn new(model: &str, instructions: &str, input: &str, max_output_tokens: u32) -> Self {
+        Self {
+            model: model.to_string(),
+            instructions: instructions.to_string(),
+            input: input.to_string(),
+            max_output_tokens,
+            cache_key: None,
+            user: None,
+            reasoning_effort: None,
+            web_search_turns: None,
+        }
+    }
+
+    /// The JSON body for `POST /responses`.
+    pub fn body(&self) -> Value {
+        let mut body = json!({
+            "model": self.model,
+            "instructions": self.instructions,
+            "input": [{"role": "user", "content": self.input}],
+            "max_output_tokens": self.max_output_tokens,
+            "store": false,
+        });
+        if let Some(k) = &self.cache_key {
+            body["prompt_cache_key"] = json!(k);
+        }
+        if let Some(u) = &self.user {
+            body["user"] = json!(u);
+        }
+        if let Some(effort) = &self.reasoning_effort {
+            body["reasoning"] = json!({"effort": effort});
+        }
+        if let Some(turns) = self.web_search_turns {
+            body["tools"] = json!([{"type": "web_search"}]);
+            body["max_turns"] = json!(turns);
+        }
+        body
+    }
 }
 
 /// A successful answer.
@@ -191,6 +236,8 @@ pub struct Completion {
     /// `incomplete_details.reason`, e.g. `max_output_tokens`.
     pub incomplete_reason: Option<String>,
     pub usage: Usage,
+    /// Source URLs the answer used (web search), in order, without duplicates.
+    pub citations: Vec<String>,
     /// The response `id` (on xAI's billing records).
     pub response_id: String,
     /// The `x-request-id` header, for support requests.
@@ -210,6 +257,8 @@ struct ResponseBody {
     output: Vec<Value>,
     #[serde(default)]
     usage: Option<Value>,
+    #[serde(default)]
+    citations: Vec<Value>,
 }
 
 fn parse_usage(u: &Value) -> Usage {
@@ -247,6 +296,31 @@ pub struct ParsedResponse {
     pub status: String,
     pub incomplete_reason: Option<String>,
     pub usage: Usage,
+    pub citations: Vec<String>,
+}
+
+/// Source URLs: the response's `citations` plus `url_citation` annotations, deduplicated.
+fn citations(parsed: &ResponseBody) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    let annotated = parsed
+        .output
+        .iter()
+        .flat_map(|item| item["content"].as_array().into_iter().flatten())
+        .flat_map(|part| part["annotations"].as_array().into_iter().flatten())
+        .filter(|a| a["type"] == "url_citation")
+        .filter_map(|a| a["url"].as_str());
+    let listed = parsed
+        .citations
+        .iter()
+        .filter_map(|c| c.as_str().or_else(|| c["url"].as_str()));
+    for url in listed.chain(annotated) {
+        if (url.starts_with("https://") || url.starts_with("http://"))
+            && !urls.iter().any(|u| u == url)
+        {
+            urls.push(url.to_string());
+        }
+    }
+    urls
 }
 
 /// Parses a Responses API body. A `failed` status is a retryable error.
@@ -265,6 +339,7 @@ pub fn parse_response(body: &[u8]) -> Result<ParsedResponse, ProviderError> {
         });
     }
     Ok(ParsedResponse {
+        citations: citations(&parsed),
         text: output_text(&parsed.output),
         id: parsed.id,
         status: parsed.status,
@@ -350,19 +425,7 @@ impl Provider {
                 message: "XAI_API_KEY is not set".into(),
             });
         };
-        let mut body = json!({
-            "model": req.model,
-            "instructions": req.instructions,
-            "input": [{"role": "user", "content": req.input}],
-            "max_output_tokens": req.max_output_tokens,
-            "store": false,
-        });
-        if let Some(k) = &req.cache_key {
-            body["prompt_cache_key"] = json!(k);
-        }
-        if let Some(u) = &req.user {
-            body["user"] = json!(u);
-        }
+        let body = req.body();
         let started = Instant::now();
         let response = self
             .http
@@ -410,6 +473,7 @@ impl Provider {
             status: parsed.status,
             incomplete_reason: parsed.incomplete_reason,
             usage: parsed.usage,
+            citations: parsed.citations,
             response_id: parsed.id,
             request_id,
             latency: started.elapsed(),
@@ -484,6 +548,37 @@ mod tests {
         );
         usage.reported_cost_ticks = None;
         assert_eq!(settle_cost(&usage, None), (0, CostSource::Unknown));
+    }
+
+    #[test]
+    fn request_bodies_carry_tools_and_effort_only_when_asked() {
+        let mut req = CompletionRequest::new("grok-4.3", "be brief", "hi", 64);
+        let plain = req.body();
+        assert!(plain.get("tools").is_none() && plain.get("reasoning").is_none());
+        assert_eq!(plain["store"], false);
+        req.web_search_turns = Some(2);
+        req.reasoning_effort = Some("medium".into());
+        let b = req.body();
+        assert_eq!(b["tools"], json!([{"type": "web_search"}]));
+        assert_eq!(b["max_turns"], 2);
+        assert_eq!(b["reasoning"]["effort"], "medium");
+    }
+
+    #[test]
+    fn citations_are_collected_once() {
+        let body = br#"{"status": "completed", "citations": ["https://a.example/x", "https://b.example/y"],
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "t",
+              "annotations": [{"type": "url_citation", "url": "https://a.example/x"},
+                              {"type": "url_citation", "url": "https://c.example/z"}]}]}]}"#;
+        let r = parse_response(body).unwrap();
+        assert_eq!(
+            r.citations,
+            vec![
+                "https://a.example/x",
+                "https://b.example/y",
+                "https://c.example/z"
+            ]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use regex::Regex;
 use ruma::api::appservice::Registration;
 use tokio_util::task::TaskTracker;
 
+use crate::cascade::Cascade;
 use crate::classify::Identity;
 use crate::config::Config;
 use crate::matrix::MatrixClient;
@@ -44,7 +45,7 @@ pub struct AppState {
     pub identity: Identity,
     pub store: Store,
     pub matrix: MatrixClient,
-    pub provider: Provider,
+    pub cascade: Cascade,
     pub telemetry: Telemetry,
     pub metrics: Arc<Metrics>,
     /// This replica's name in claim leases.
@@ -84,6 +85,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::default());
         let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);
         let provider = Provider::new(&config.provider, &config.prices);
+        let cascade = Cascade::new(&config, provider, store.clone());
         let telemetry = Telemetry::new(store.clone(), config.telemetry.clone(), metrics.clone());
         let instance_id = format!(
             "{}-{}",
@@ -96,7 +98,7 @@ impl AppState {
             identity,
             store,
             matrix,
-            provider,
+            cascade,
             telemetry,
             metrics,
             instance_id,

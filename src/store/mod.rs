@@ -101,17 +101,35 @@ impl DatabaseKind {
     }
 }
 
-/// Hides a password in a URL before it is shown anywhere.
+/// Hides a password in a URL (in the user-info part or a `password=` query parameter) before
+/// it is shown anywhere.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
+            let creds = &base[s + 3..at];
             match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_string(),
+                Some(c) => format!("{}{}:***{}", &base[..s + 3], &creds[..c], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -315,6 +333,7 @@ pub struct RequestLogRow {
     pub ok: bool,
     pub query_text: String,
     pub created_at: NaiveDateTime,
+    pub cost_trivial_ticks: i64,
 }
 
 /// The current time as stored (UTC, no zone).
@@ -480,6 +499,14 @@ impl Store {
         lease_owner: String,
         lease: Duration,
     ) -> Result<Option<Vec<String>>, StoreError> {
+        // Rows are inserted in key order, so two transactions claiming overlapping events
+        // take their locks in the same order and cannot deadlock.
+        let mut write = write;
+        write.claims.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        write.bot_events.sort();
+        write
+            .member_changes
+            .sort_by(|a, b| (&a.room_id, &a.user_id).cmp(&(&b.room_id, &b.user_id)));
         self.run(move |conn| {
             let now = now();
             let expires = now + chrono_dur(lease);
@@ -646,20 +673,18 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.run(move |conn| {
             let now = now();
-            db!(conn, |c| {
-                diesel::update(processed_events::table.find(&event_id))
-                    .set((
-                        processed_events::state.eq(state.as_str()),
-                        processed_events::updated_at.eq(now),
-                    ))
-                    .execute(c)?;
-                if let Some(reply) = &reply_event_id {
-                    diesel::update(processed_events::table.find(&event_id))
-                        .set(processed_events::reply_event_id.eq(reply))
-                        .execute(c)?;
-                }
-                Ok(())
-            })
+            let target = processed_events::table.find(&event_id);
+            let set_state = (
+                processed_events::state.eq(state.as_str()),
+                processed_events::updated_at.eq(now),
+            );
+            db!(conn, |c| match &reply_event_id {
+                Some(reply) => diesel::update(target)
+                    .set((set_state, processed_events::reply_event_id.eq(reply)))
+                    .execute(c),
+                None => diesel::update(target).set(set_state).execute(c),
+            })?;
+            Ok(())
         })
         .await
     }
@@ -778,6 +803,103 @@ impl Store {
                 request_log::table.filter(request_log::created_at.lt(cutoff))
             )
             .execute(c))?)
+        })
+        .await
+    }
+
+    /// A cached answer that has not expired.
+    pub async fn cache_get(&self, key: String) -> Result<Option<String>, StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            Ok(db!(conn, |c| response_cache::table
+                .find(&key)
+                .filter(response_cache::expires_at.gt(now))
+                .select(response_cache::answer)
+                .first::<String>(c)
+                .optional())?)
+        })
+        .await
+    }
+
+    /// Stores (or refreshes) a cached answer for `ttl`.
+    pub async fn cache_put(
+        &self,
+        key: String,
+        route: String,
+        answer: String,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let now = now();
+            let expires = now + chrono_dur(ttl);
+            db!(conn, |c| diesel::insert_into(response_cache::table)
+                .values((
+                    response_cache::cache_key.eq(&key),
+                    response_cache::route.eq(&route),
+                    response_cache::answer.eq(&answer),
+                    response_cache::created_at.eq(now),
+                    response_cache::expires_at.eq(expires),
+                ))
+                .on_conflict(response_cache::cache_key)
+                .do_update()
+                .set((
+                    response_cache::answer.eq(&answer),
+                    response_cache::created_at.eq(now),
+                    response_cache::expires_at.eq(expires),
+                ))
+                .execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reserves `calls` web-search calls of `day` if the total stays within `cap`, in one
+    /// conditional update, so replicas racing for the last calls cannot overshoot.
+    pub async fn grounding_reserve(
+        &self,
+        day: String,
+        calls: i64,
+        cap: i64,
+    ) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            db_tx!(conn, |c| {
+                diesel::insert_into(grounding_usage::table)
+                    .values((grounding_usage::day.eq(&day), grounding_usage::calls.eq(0)))
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+                let n = diesel::update(
+                    grounding_usage::table
+                        .filter(grounding_usage::day.eq(&day))
+                        .filter(grounding_usage::calls.le(cap - calls)),
+                )
+                .set(grounding_usage::calls.eq(grounding_usage::calls + calls))
+                .execute(c)?;
+                Ok::<_, StoreError>(n == 1)
+            })
+        })
+        .await
+    }
+
+    /// Corrects a reservation by the difference between the calls made and those reserved.
+    pub async fn grounding_adjust(&self, day: String, delta: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db!(conn, |c| diesel::update(grounding_usage::table.find(&day))
+                .set(grounding_usage::calls.eq(grounding_usage::calls + delta))
+                .execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Web-search calls counted for `day`.
+    pub async fn grounding_used(&self, day: String) -> Result<i64, StoreError> {
+        self.run(move |conn| {
+            let n: Option<i64> = db!(conn, |c| grounding_usage::table
+                .find(&day)
+                .select(grounding_usage::calls)
+                .first(c)
+                .optional())?;
+            Ok(n.unwrap_or(0))
         })
         .await
     }

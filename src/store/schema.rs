@@ -89,6 +89,24 @@ diesel::table! {
         ok -> Bool,
         query_text -> Text,
         created_at -> Timestamp,
+        cost_trivial_ticks -> BigInt,
+    }
+}
+
+diesel::table! {
+    response_cache (cache_key) {
+        cache_key -> Text,
+        route -> Text,
+        answer -> Text,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    grounding_usage (day) {
+        day -> Text,
+        calls -> BigInt,
     }
 }
 
@@ -100,4 +118,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     room_members,
     room_notices,
     request_log,
+    response_cache,
+    grounding_usage,
 );

@@ -1,0 +1,660 @@
+//! The route cascade: the router picks a route, the route's stages call the provider, and
+//! failures escalate or fall back at most once. Every decision lands in [`Outcome`], which the
+//! bot turns into the reply and the `request_log` row.
+
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::{CacheConfig, CascadeConfig, Config, ModelsConfig};
+use crate::provider::{
+    settle_cost, Completion, CompletionRequest, CostSource, Provider, ProviderError,
+};
+use crate::store::Store;
+use router::{Decision, RouterOptions};
+
+/// A route (the stable `request_log.route` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    /// No model ran.
+    None,
+    GrokDirect,
+    TrivialDirect,
+    WebThenGrok,
+    ReasonThenGrok,
+}
+
+impl Route {
+    /// The stored token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::None => "none",
+            Route::GrokDirect => "grok_direct",
+            Route::TrivialDirect => "trivial_direct",
+            Route::WebThenGrok => "web_then_grok",
+            Route::ReasonThenGrok => "reason_then_grok",
+        }
+    }
+
+    /// Parses a stored token.
+    pub fn parse(token: &str) -> Option<Route> {
+        [
+            Route::None,
+            Route::GrokDirect,
+            Route::TrivialDirect,
+            Route::WebThenGrok,
+            Route::ReasonThenGrok,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == token)
+    }
+}
+
+/// Who chose the route (the stable `request_log.router_source` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterSource {
+    Heuristic,
+    Classifier,
+    Default,
+    Forced,
+    Degraded,
+}
+
+impl RouterSource {
+    /// The stored token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterSource::Heuristic => "heuristic",
+            RouterSource::Classifier => "classifier",
+            RouterSource::Default => "default",
+            RouterSource::Forced => "forced",
+            RouterSource::Degraded => "degraded",
+        }
+    }
+}
+
+/// Everything the cascade learned while answering.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The answer text (sources appended on the web route); empty when the cascade failed.
+    pub text: String,
+    pub route: Route,
+    pub router_source: RouterSource,
+    pub router_confidence: f64,
+    /// The router's matched rule ids.
+    pub rules: Vec<&'static str>,
+    /// Stage -> model id (`{"router": .., "final": ..}`).
+    pub models: BTreeMap<&'static str, String>,
+    /// Stage -> milliseconds.
+    pub stage_ms: BTreeMap<&'static str, u64>,
+    /// Stage -> cost in ticks.
+    pub stage_cost: BTreeMap<&'static str, i64>,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// `reported` when every stage reported its cost, `computed` when any was computed.
+    pub cost_source: Option<CostSource>,
+    pub escalated: bool,
+    pub fallback_fired: bool,
+    pub cache_hit: bool,
+    /// A degrade token (DESIGN section 5), if the answer is not the normal one.
+    pub degraded: Option<&'static str>,
+    pub provider_request_id: String,
+    /// The provider error that ended the cascade, if any.
+    pub error: Option<ProviderError>,
+}
+
+impl Outcome {
+    fn new(decision: &Decision) -> Self {
+        Self {
+            text: String::new(),
+            route: decision.route,
+            router_source: decision.source,
+            router_confidence: decision.confidence,
+            rules: decision.rules.clone(),
+            models: BTreeMap::new(),
+            stage_ms: BTreeMap::new(),
+            stage_cost: BTreeMap::new(),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            reasoning_tokens: 0,
+            cost_source: None,
+            escalated: false,
+            fallback_fired: false,
+            cache_hit: false,
+            degraded: None,
+            provider_request_id: String::new(),
+            error: None,
+        }
+    }
+
+    /// Whether the user got a real answer.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.degraded != Some("empty_completion")
+    }
+
+    /// The total cost in ticks over all stages.
+    pub fn cost_total(&self) -> i64 {
+        self.stage_cost.values().sum()
+    }
+
+    /// Adds one stage's usage, cost and timing.
+    fn absorb(&mut self, stage: &'static str, c: &Completion, provider: &Provider) {
+        let (ticks, source) = settle_cost(&c.usage, provider.price(&c.model));
+        *self.stage_cost.entry(stage).or_default() += ticks;
+        *self.stage_ms.entry(stage).or_default() += c.latency.as_millis() as u64;
+        self.models.insert(stage, c.model.clone());
+        self.prompt_tokens += c.usage.input_tokens;
+        self.cached_tokens += c.usage.cached_tokens;
+        self.completion_tokens += c.usage.output_tokens;
+        self.reasoning_tokens += c.usage.reasoning_tokens;
+        self.cost_source = Some(match (self.cost_source, source) {
+            (None | Some(CostSource::Reported), s) => s,
+            (Some(prev), CostSource::Reported) => prev,
+            (Some(CostSource::Unknown), s) | (Some(s), CostSource::Unknown) => {
+                if s == CostSource::Unknown {
+                    CostSource::Unknown
+                } else {
+                    CostSource::Computed
+                }
+            }
+            (Some(_), s) => s,
+        });
+        self.provider_request_id = c
+            .request_id
+            .clone()
+            .unwrap_or_else(|| c.response_id.clone());
+    }
+
+    /// Notes a failed stage's model and time.
+    fn failed(&mut self, stage: &'static str, model: &str, started: Instant) {
+        self.models.insert(stage, model.to_string());
+        *self.stage_ms.entry(stage).or_default() += started.elapsed().as_millis() as u64;
+    }
+}
+
+/// The inputs of one cascade run.
+#[derive(Debug, Clone, Default)]
+pub struct Ask<'a> {
+    pub text: &'a str,
+    /// The room id: per-room route overrides, and sent as `prompt_cache_key`.
+    pub room_id: Option<&'a str>,
+    /// A hashed user id, sent as `user`.
+    pub user: Option<&'a str>,
+}
+
+/// A model answer that declines or admits it cannot help: escalate off the cheap model.
+static REFUSAL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?i)\b(i can(no|')t (help|answer|assist|do that)|i('m| am) (unable|not able)|i don'?t (know|have (access|real-time))|as an ai\b)",
+    )
+    .expect("valid regex")
+});
+
+const REASON_INSTRUCTIONS: &str = "Work the problem carefully and check your result. Give the \
+     final result first, then the key steps. Another model will write the reply to the user.";
+
+const CLASSIFIER_INSTRUCTIONS: &str = "Route a chat message to the cheapest model that can answer \
+     it well. Reply with JSON only: {\"route\": R, \"confidence\": C}, R one of trivial_direct \
+     (greetings, thanks, small talk), web_then_grok (needs current facts or sources), \
+     reason_then_grok (math, code, multi-step reasoning), grok_direct (everything else); C in [0,1].";
+
+/// The cascade with its settings; cheap to share.
+#[derive(Clone)]
+pub struct Cascade {
+    provider: Provider,
+    store: Store,
+    models: ModelsConfig,
+    settings: CascadeConfig,
+    cache: CacheConfig,
+    system_prompt: String,
+    prompt_version: String,
+    router: RouterOptions,
+}
+
+/// A short hash of everything that shapes an answer besides the question: system prompts and
+/// model settings. Cached answers from another version are never served.
+pub fn prompt_version(config: &Config) -> String {
+    let m = &config.models;
+    let c = &config.cascade;
+    let material = format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        config.bot.system_prompt,
+        REASON_INSTRUCTIONS,
+        m.final_model,
+        m.trivial,
+        m.reason,
+        m.fallback.as_deref().unwrap_or(""),
+        m.max_output_tokens,
+        c.trivial_max_output_tokens,
+        c.reason_effort,
+        c.reason_max_output_tokens,
+        c.web_max_turns,
+    );
+    hex::encode(&Sha256::digest(material.as_bytes())[..6])
+}
+
+fn utc_day() -> String {
+    chrono::Utc::now().format("%Y-%m-%d").to_string()
+}
+
+impl Cascade {
+    /// Builds the cascade from the validated config.
+    pub fn new(config: &Config, provider: Provider, store: Store) -> Self {
+        Self {
+            provider,
+            store,
+            models: config.models.clone(),
+            settings: config.cascade.clone(),
+            cache: config.cache.clone(),
+            system_prompt: config.bot.system_prompt.clone(),
+            prompt_version: prompt_version(config),
+            router: RouterOptions {
+                cutoff_year: config.cascade.cutoff_year,
+                long_input_chars: config.cascade.long_input_chars,
+            },
+        }
+    }
+
+    /// The prompt version stored with each row.
+    pub fn prompt_version(&self) -> &str {
+        &self.prompt_version
+    }
+
+    /// The pure routing decision: a room override, else the heuristic router.
+    pub fn decide(&self, text: &str, room_id: Option<&str>) -> Decision {
+        let mut decision = router::decide(text, &self.router);
+        let forced_by_room = room_id
+            .and_then(|r| self.settings.room_routes.get(r))
+            .and_then(|t| Route::parse(t));
+        if let (Some(route), false) = (forced_by_room, decision.source == RouterSource::Forced) {
+            decision.route = route;
+            decision.source = RouterSource::Forced;
+            decision.confidence = 1.0;
+            decision.rules = vec!["forced:room"];
+            decision.ambiguous = false;
+        }
+        decision
+    }
+
+    /// Answers one message.
+    pub async fn run(&self, ask: &Ask<'_>) -> Outcome {
+        let decision = self.decide(ask.text, ask.room_id);
+        let mut out = Outcome::new(&decision);
+        let text = decision.text.clone();
+        if decision.ambiguous && self.settings.classifier && decision.source != RouterSource::Forced
+        {
+            self.classify(&text, &mut out).await;
+        }
+
+        let cache_key = self.cache_key(&text, out.route);
+        if let Some(key) = &cache_key {
+            match self.store.cache_get(key.clone()).await {
+                Ok(Some(answer)) => {
+                    out.text = answer;
+                    out.cache_hit = true;
+                    return out;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "response cache unavailable"),
+            }
+        }
+
+        match out.route {
+            Route::TrivialDirect => self.trivial(&text, ask, &mut out).await,
+            Route::WebThenGrok => self.web(&text, ask, &mut out).await,
+            Route::ReasonThenGrok => self.reason(&text, ask, &mut out).await,
+            Route::GrokDirect | Route::None => self.direct(&text, ask, &mut out).await,
+        }
+        out.text = out.text.trim().to_string();
+        if out.error.is_none() && out.text.is_empty() {
+            out.degraded = Some("empty_completion");
+        }
+
+        if let (Some(key), true, None) = (cache_key, out.ok(), out.degraded) {
+            let ttl = self.cache.ttl.get(out.route.as_str()).copied();
+            if let Some(ttl) = ttl {
+                let put = self
+                    .store
+                    .cache_put(key, out.route.as_str().into(), out.text.clone(), ttl)
+                    .await;
+                if let Err(e) = put {
+                    tracing::warn!(error = %e, "could not cache the answer");
+                }
+            }
+        }
+        out
+    }
+
+    /// The cache key for a question on a route, or `None` when the route is not cached.
+    fn cache_key(&self, text: &str, route: Route) -> Option<String> {
+        if !self.cache.enabled || !self.cache.ttl.contains_key(route.as_str()) {
+            return None;
+        }
+        let model = match route {
+            Route::TrivialDirect => self.models.trivial.clone(),
+            Route::ReasonThenGrok => format!("{}+{}", self.models.reason, self.models.final_model),
+            _ => self.models.final_model.clone(),
+        };
+        let material = format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}",
+            router::normalise(text),
+            route.as_str(),
+            model,
+            self.prompt_version
+        );
+        Some(hex::encode(Sha256::digest(material.as_bytes())))
+    }
+
+    fn request(
+        &self,
+        model: &str,
+        instructions: &str,
+        input: &str,
+        max: u32,
+        ask: &Ask<'_>,
+    ) -> CompletionRequest {
+        let mut req = CompletionRequest::new(model, instructions, input, max);
+        req.cache_key = ask.room_id.map(str::to_string);
+        req.user = ask.user.map(str::to_string);
+        req
+    }
+
+    /// Asks the router model; a failure or timeout degrades to the default route.
+    async fn classify(&self, text: &str, out: &mut Outcome) {
+        let req = CompletionRequest::new(&self.models.router, CLASSIFIER_INSTRUCTIONS, text, 64);
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.settings.classifier_timeout_ms);
+        let result = tokio::time::timeout(timeout, self.provider.complete_once(&req)).await;
+        let parsed = match result {
+            Ok(Ok(c)) => {
+                out.absorb("router", &c, &self.provider);
+                parse_classifier(&c.text)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "router classifier failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(?timeout, "router classifier timed out");
+                None
+            }
+        };
+        *out.stage_ms.entry("router").or_default() = started.elapsed().as_millis() as u64;
+        out.models.insert("router", self.models.router.clone());
+        match parsed {
+            Some((route, confidence)) => {
+                out.route = route;
+                out.router_source = RouterSource::Classifier;
+                out.router_confidence = confidence;
+            }
+            None => {
+                out.route = Route::GrokDirect;
+                out.router_source = RouterSource::Degraded;
+                out.degraded = Some("router_failed");
+            }
+        }
+    }
+
+    /// `grok_direct`: the final model, then the fallback model once on a retryable failure.
+    async fn direct(&self, text: &str, ask: &Ask<'_>, out: &mut Outcome) {
+        let mut req = self.request(
+            &self.models.final_model,
+            &self.system_prompt,
+            text,
+            self.models.max_output_tokens,
+            ask,
+        );
+        let started = Instant::now();
+        let mut result = self.provider.complete(&req).await;
+        if let (Err(e), Some(fallback)) = (&result, &self.models.fallback) {
+            if e.is_retryable() {
+                tracing::warn!(model = %req.model, %fallback, error = %e, "final model failed, trying the fallback");
+                req.model = fallback.clone();
+                out.fallback_fired = true;
+                result = self.provider.complete(&req).await;
+            }
+        }
+        match result {
+            Ok(c) => {
+                out.absorb("final", &c, &self.provider);
+                out.text = c.text;
+            }
+            Err(e) => {
+                out.failed("final", &req.model, started);
+                out.error = Some(e);
+            }
+        }
+    }
+
+    /// `trivial_direct`: the cheap model with a small output cap; an empty, refusing or
+    /// truncated answer escalates once to `grok_direct`.
+    async fn trivial(&self, text: &str, ask: &Ask<'_>, out: &mut Outcome) {
+        let req = self.request(
+            &self.models.trivial,
+            &self.system_prompt,
+            text,
+            self.settings.trivial_max_output_tokens,
+            ask,
+        );
+        let started = Instant::now();
+        match self.provider.complete(&req).await {
+            Ok(c) => {
+                out.absorb("trivial", &c, &self.provider);
+                let truncated = c.status == "incomplete" || c.incomplete_reason.is_some();
+                if !c.text.trim().is_empty() && !truncated && !REFUSAL.is_match(&c.text) {
+                    out.text = c.text;
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "trivial model failed, escalating");
+                out.failed("trivial", &req.model, started);
+            }
+        }
+        out.escalated = true;
+        out.degraded = Some("trivial_failed");
+        self.direct(text, ask, out).await;
+    }
+
+    /// `web_then_grok`: the final model with the server-side `web_search` tool (bounded tool
+    /// turns, within the daily grounding cap), sources appended as links. A failure falls back
+    /// to `grok_direct`.
+    async fn web(&self, text: &str, ask: &Ask<'_>, out: &mut Outcome) {
+        let day = utc_day();
+        let turns = i64::from(self.settings.web_max_turns);
+        let cap = self.settings.grounding_cap_per_day;
+        let reserved = match self.store.grounding_reserve(day.clone(), turns, cap).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "grounding cap unavailable; not searching");
+                false
+            }
+        };
+        if !reserved {
+            out.route = Route::GrokDirect;
+            out.degraded = Some("grounding_cap");
+            self.direct(text, ask, out).await;
+            return;
+        }
+        let mut req = self.request(
+            &self.models.final_model,
+            &self.system_prompt,
+            text,
+            self.models.max_output_tokens,
+            ask,
+        );
+        req.web_search_turns = Some(self.settings.web_max_turns);
+        let started = Instant::now();
+        let result = self.provider.complete(&req).await;
+        let used = result
+            .as_ref()
+            .map(|c| c.usage.web_search_calls)
+            .unwrap_or(0);
+        if let Err(e) = self.store.grounding_adjust(day, used - turns).await {
+            tracing::warn!(error = %e, "could not settle the grounding reservation");
+        }
+        match result {
+            Ok(c) => {
+                out.absorb("web", &c, &self.provider);
+                out.text = with_sources(&c.text, &c.citations);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "web stage failed, falling back to grok_direct");
+                out.failed("web", &req.model, started);
+                out.fallback_fired = true;
+                out.degraded = Some("web_failed");
+                self.direct(text, ask, out).await;
+            }
+        }
+    }
+
+    /// `reason_then_grok`: the reasoning model works the problem, the final model writes the
+    /// reply from its analysis. A reasoning failure falls back to `grok_direct`.
+    async fn reason(&self, text: &str, ask: &Ask<'_>, out: &mut Outcome) {
+        let mut req = self.request(
+            &self.models.reason,
+            REASON_INSTRUCTIONS,
+            text,
+            self.settings.reason_max_output_tokens,
+            ask,
+        );
+        req.reasoning_effort = Some(self.settings.reason_effort.clone());
+        let started = Instant::now();
+        let analysis = match self.provider.complete(&req).await {
+            Ok(c) if !c.text.trim().is_empty() => {
+                out.absorb("reason", &c, &self.provider);
+                c.text
+            }
+            other => {
+                match other {
+                    Ok(c) => out.absorb("reason", &c, &self.provider),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reasoning stage failed, falling back");
+                        out.failed("reason", &req.model, started);
+                    }
+                }
+                out.degraded = Some("reasoning_failed");
+                out.fallback_fired = true;
+                self.direct(text, ask, out).await;
+                return;
+            }
+        };
+        let input = format!(
+            "{text}\n\n---\nA reasoning model analysed this question:\n{analysis}\n---\n\
+             Write the reply to the user, relying on the analysis where it is right."
+        );
+        let final_req = self.request(
+            &self.models.final_model,
+            &self.system_prompt,
+            &input,
+            self.models.max_output_tokens,
+            ask,
+        );
+        let started = Instant::now();
+        match self.provider.complete(&final_req).await {
+            Ok(c) => {
+                out.absorb("final", &c, &self.provider);
+                out.text = c.text;
+            }
+            Err(e) => {
+                // The analysis already answers the question: send it rather than nothing.
+                tracing::warn!(error = %e, "final stage failed after reasoning; sending the analysis");
+                out.failed("final", &final_req.model, started);
+                out.fallback_fired = true;
+                out.text = analysis;
+            }
+        }
+    }
+}
+
+/// Parses the classifier's `{"route": .., "confidence": ..}` (tolerating text around it).
+fn parse_classifier(text: &str) -> Option<(Route, f64)> {
+    let start = text.find('{')?;
+    let end = text.rfind('}')?;
+    let v: Value = serde_json::from_str(text.get(start..=end)?).ok()?;
+    let route = Route::parse(v["route"].as_str()?).filter(|r| *r != Route::None)?;
+    let confidence = v["confidence"].as_f64().unwrap_or(0.5).clamp(0.0, 1.0);
+    Some((route, confidence))
+}
+
+/// Appends up to five sources as Markdown links.
+fn with_sources(text: &str, citations: &[String]) -> String {
+    if citations.is_empty() || text.trim().is_empty() {
+        return text.to_string();
+    }
+    let mut out = format!("{}\n\nSources:", text.trim_end());
+    for (i, url) in citations.iter().take(5).enumerate() {
+        out.push_str(&format!("\n{}. <{url}>", i + 1));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifier_answers_are_parsed_strictly() {
+        assert_eq!(
+            parse_classifier(r#"{"route": "web_then_grok", "confidence": 0.8}"#),
+            Some((Route::WebThenGrok, 0.8))
+        );
+        assert_eq!(
+            parse_classifier("Sure: {\"route\":\"trivial_direct\",\"confidence\":3}"),
+            Some((Route::TrivialDirect, 1.0))
+        );
+        assert_eq!(parse_classifier(r#"{"route": "none"}"#), None);
+        assert_eq!(parse_classifier(r#"{"route": "fast"}"#), None);
+        assert_eq!(parse_classifier("web please"), None);
+    }
+
+    #[test]
+    fn sources_are_appended_as_links() {
+        let urls: Vec<String> = (1..=7).map(|i| format!("https://s{i}.example/")).collect();
+        let text = with_sources("Answer.", &urls);
+        assert!(text.starts_with("Answer.\n\nSources:\n1. <https://s1.example/>"));
+        assert!(text.contains("5. <https://s5.example/>") && !text.contains("s6"));
+        assert_eq!(with_sources("Answer.", &[]), "Answer.");
+    }
+
+    #[test]
+    fn refusals_are_recognised() {
+        for t in [
+            "I can't help with that.",
+            "I'm unable to browse.",
+            "I don't have real-time data",
+            "As an AI, I",
+        ] {
+            assert!(REFUSAL.is_match(t), "{t}");
+        }
+        for t in [
+            "Hello! How can I help?",
+            "You're welcome!",
+            "I can help with that.",
+        ] {
+            assert!(!REFUSAL.is_match(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn route_tokens_round_trip() {
+        for r in [
+            Route::None,
+            Route::GrokDirect,
+            Route::TrivialDirect,
+            Route::WebThenGrok,
+            Route::ReasonThenGrok,
+        ] {
+            assert_eq!(Route::parse(r.as_str()), Some(r));
+        }
+    }
+}
