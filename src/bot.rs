@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::cascade::{Ask, Outcome, Route, RouterSource};
 use crate::classify::{self, Event, Facts, Request, SkipReason, Verdict};
 use crate::config::ReplyMsgtype;
+use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::matrix::reply_txn_id;
 use crate::state::AppState;
 use crate::store::{self, ClaimState};
@@ -110,7 +111,6 @@ fn outcome_row(
     job: &Job,
     outcome: &Outcome,
     prompt_version: &str,
-    latency: Duration,
 ) -> RequestLog {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.route = outcome.route.as_str().into();
@@ -136,7 +136,6 @@ fn outcome_row(
         .cost_source
         .map(|s| s.as_str().to_string())
         .unwrap_or_default();
-    row.latency_ms = latency.as_millis() as i64;
     row.fallback_fired = outcome.fallback_fired;
     row.provider_request_id = outcome.provider_request_id.clone();
     row.degraded = outcome.degraded.unwrap_or("").into();
@@ -200,33 +199,9 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     }
 
     let typing = Typing::start(&state, &job.room_id);
-    let hashed = hashed_user(&job.sender);
-    let ask = Ask {
-        text: &job.request.text,
-        room_id: Some(&job.room_id),
-        user: Some(&hashed),
-    };
-    let mut outcome = state.cascade.run(&ask).await;
+    let (text, mut row) = respond(&state, &job).await;
     typing.stop(&state, &job.room_id).await;
-    for (stage, ms) in &outcome.stage_ms {
-        state.metrics.observe_provider(Duration::from_millis(*ms));
-        if let (Some(model), Some(cost)) =
-            (outcome.models.get(stage), outcome.stage_cost.get(stage))
-        {
-            state
-                .metrics
-                .add("spend_ticks_total", model, (*cost).max(0) as u64);
-        }
-    }
 
-    let text = if outcome.ok() {
-        outcome.text.clone()
-    } else if outcome.error.is_some() {
-        tracing::warn!(event_id = %job.event_id, error = ?outcome.error, "cascade failed");
-        APOLOGY.to_string()
-    } else {
-        EMPTY_APOLOGY.to_string()
-    };
     let target = ReplyTarget {
         event_id: &job.event_id,
         sender: &job.sender,
@@ -235,11 +210,7 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     let content = reply_content(state.config.bot.reply_msgtype, &text, &target);
     finish_claim(&state, &job.event_id, ClaimState::Sending, None).await;
     let txn_id = reply_txn_id(&job.event_id, "reply");
-    match state
-        .matrix
-        .send_message(&job.room_id, &txn_id, &content)
-        .await
-    {
+    match state.matrix.send_message(&job.room_id, &txn_id, &content).await {
         Ok(reply_id) => {
             if let Err(e) = state
                 .store
@@ -254,25 +225,12 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
             // The claim stays in `sending`: once its lease expires the recovery sweeper retries
             // with the same txnId, so the homeserver still deduplicates a send that did land.
             tracing::warn!(event_id = %job.event_id, error = %e, "sending the reply failed");
-            outcome.degraded = Some("send_failed");
-            if outcome.error.is_none() {
-                outcome.error = Some(crate::provider::ProviderError::Fatal {
-                    status: None,
-                    message: String::new(),
-                });
-            }
+            row.ok = false;
+            row.degraded = "send_failed".into();
+            row.err = "sending the reply failed".into();
         }
     }
-    let mut row = outcome_row(
-        &job,
-        &outcome,
-        state.cascade.prompt_version(),
-        started.elapsed(),
-    );
-    if outcome.degraded == Some("send_failed") {
-        row.ok = false;
-        row.err = "sending the reply failed".into();
-    }
+    row.latency_ms = started.elapsed().as_millis() as i64;
     let label = if row.ok { "ok" } else { "failed" };
     state.metrics.inc("requests_total", label);
     if !row.degraded.is_empty() {
@@ -281,6 +239,99 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     tracing::info!(event_id = %job.event_id, route = %row.route, ok = row.ok,
         latency_ms = row.latency_ms, cost_ticks = row.cost_total_ticks, "answered");
     state.telemetry.record(row);
+}
+
+const UNAVAILABLE: &str = "Sorry, I'm temporarily unavailable. Please try again in a few minutes.";
+
+/// Decides what to answer: the `!usage` command, a refusal from the limiter, or the cascade's
+/// answer within a reservation. Returns the reply text and the request's row.
+async fn respond(state: &AppState, job: &Job) -> (String, RequestLog) {
+    let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
+    row.query_text = job.request.text.clone();
+    row.prompt_version = state.cascade.prompt_version().to_string();
+    let command = &state.config.limits.usage_command;
+    if job.request.text.trim().eq_ignore_ascii_case(command) {
+        return match state.limiter.usage(&job.sender).await {
+            Ok(u) => {
+                row.ok = true;
+                (crate::limiter::usage_text(&u), row)
+            }
+            Err(e) => {
+                row.degraded = "reserve_error".into();
+                row.err = e.to_string();
+                (UNAVAILABLE.to_string(), row)
+            }
+        };
+    }
+
+    let mut decision = state.cascade.decide(&job.request.text, Some(&job.room_id));
+    row.router_source = decision.source.as_str().into();
+    row.router_confidence = decision.confidence;
+    let plans = state
+        .limiter
+        .plans(decision.route, &decision.text, decision.ambiguous);
+    let (reservation, plan) = match state.limiter.reserve(&job.event_id, &job.sender, &plans).await {
+        Admission::Granted {
+            reservation_id,
+            plan,
+        } => (reservation_id, plan),
+        Admission::Refused(refusal) => {
+            row.ceiling_hit = matches!(refusal, Refusal::Ceiling { .. });
+            row.per_user_cap_hit = !row.ceiling_hit;
+            tracing::info!(event_id = %job.event_id, ceiling = row.ceiling_hit, "refused by the spend limits");
+            return (refusal_text(&refusal, state.limiter.now()), row);
+        }
+        Admission::Unavailable(e) => {
+            // Fail closed: without the budget store no model is called.
+            tracing::warn!(event_id = %job.event_id, error = %e, "budget store unavailable");
+            row.degraded = "reserve_error".into();
+            row.err = e.to_string();
+            return (UNAVAILABLE.to_string(), row);
+        }
+    };
+    if plan.shrunk {
+        decision.route = plan.route;
+        decision.source = RouterSource::Degraded;
+        decision.ambiguous = false;
+    }
+    if let Err(e) = state.limiter.dispatched(&reservation).await {
+        tracing::warn!(error = %e, "could not mark the reservation dispatched");
+    }
+    let hashed = hashed_user(&job.sender);
+    let ask = Ask {
+        text: &job.request.text,
+        room_id: Some(&job.room_id),
+        user: Some(&hashed),
+        output_cap: plan.output_cap,
+    };
+    let outcome = state.cascade.run_decided(decision, &ask).await;
+    let settled = if outcome.stage_cost.is_empty() {
+        // No provider call completed: a cache hit, or every call failed before billing.
+        state.limiter.release(&reservation).await
+    } else {
+        state.limiter.settle(&reservation, outcome.cost_total()).await
+    };
+    if let Err(e) = settled {
+        // The sweeper settles it at its estimate once it expires.
+        tracing::warn!(error = %e, "could not settle the reservation");
+    }
+    for (stage, ms) in &outcome.stage_ms {
+        state.metrics.observe_provider(Duration::from_millis(*ms));
+        if let (Some(model), Some(cost)) = (outcome.models.get(stage), outcome.stage_cost.get(stage)) {
+            state.metrics.add("spend_ticks_total", model, (*cost).max(0) as u64);
+        }
+    }
+    let text = if outcome.ok() {
+        outcome.text.clone()
+    } else if outcome.error.is_some() {
+        tracing::warn!(event_id = %job.event_id, error = ?outcome.error, "cascade failed");
+        APOLOGY.to_string()
+    } else {
+        EMPTY_APOLOGY.to_string()
+    };
+    let mut row = outcome_row(job, &outcome, state.cascade.prompt_version());
+    row.query_text = job.request.text.clone();
+    (text, row)
 }
 
 async fn finish_claim(state: &AppState, event_id: &str, to: ClaimState, reply: Option<String>) {
@@ -507,12 +558,18 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
     count
 }
 
-/// Runs [`recover_once`] every `recovery_interval` until the process stops accepting work.
+/// Runs [`recover_once`] and the budget sweeper every `recovery_interval` until the process
+/// stops accepting work.
 pub async fn recovery_loop(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(state.timings.recovery_interval);
     while state.accepting.load(std::sync::atomic::Ordering::SeqCst) {
         tick.tick().await;
         recover_once(&state).await;
+        match state.limiter.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(expired = n, "expired budget reservations of dead workers"),
+            Err(e) => tracing::warn!(error = %e, "budget sweep failed"),
+        }
     }
 }
 

@@ -315,12 +315,36 @@ impl Default for BotConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// All users together, per UTC day.
     #[serde(default = "default_daily_ceiling")]
     pub daily_ceiling_usd: f64,
     #[serde(default = "default_per_user_daily")]
     pub per_user_daily_usd: f64,
     #[serde(default = "default_per_user_hourly")]
     pub per_user_requests_per_hour: u32,
+    /// Users exempt from the per-user caps (not from the daily ceiling).
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Per-user caps that replace the defaults for the named users.
+    #[serde(default)]
+    pub per_user_overrides: BTreeMap<String, UserLimitConfig>,
+    /// Reservations are the estimate times this factor.
+    #[serde(default = "default_safety_factor")]
+    pub safety_factor: f64,
+    /// A reservation not settled within this time is expired by the sweeper.
+    #[serde(default = "default_reservation_ttl", deserialize_with = "de_duration")]
+    pub reservation_ttl: Duration,
+    /// The command that shows a user their spend.
+    #[serde(default = "default_usage_command")]
+    pub usage_command: String,
+}
+
+/// `limits.per_user_overrides.<user>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLimitConfig {
+    pub daily_usd: Option<f64>,
+    pub requests_per_hour: Option<u32>,
 }
 
 impl Default for LimitsConfig {
@@ -329,6 +353,11 @@ impl Default for LimitsConfig {
             daily_ceiling_usd: default_daily_ceiling(),
             per_user_daily_usd: default_per_user_daily(),
             per_user_requests_per_hour: default_per_user_hourly(),
+            admins: Vec::new(),
+            per_user_overrides: BTreeMap::new(),
+            safety_factor: default_safety_factor(),
+            reservation_ttl: default_reservation_ttl(),
+            usage_command: default_usage_command(),
         }
     }
 }
@@ -473,6 +502,15 @@ fn default_per_user_daily() -> f64 {
 }
 fn default_per_user_hourly() -> u32 {
     30
+}
+fn default_safety_factor() -> f64 {
+    1.25
+}
+fn default_reservation_ttl() -> Duration {
+    Duration::from_secs(20 * 60)
+}
+fn default_usage_command() -> String {
+    "!usage".into()
 }
 fn default_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
@@ -709,6 +747,23 @@ impl Config {
             if !usd.is_finite() || usd < 0.0 {
                 return Err(invalid(key, "must be a non-negative amount in USD"));
             }
+        }
+        for (user, o) in &self.limits.per_user_overrides {
+            if o.daily_usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+                return Err(invalid(
+                    "limits.per_user_overrides",
+                    format!("{user}: daily_usd must be a non-negative amount"),
+                ));
+            }
+        }
+        if !self.limits.safety_factor.is_finite() || self.limits.safety_factor < 1.0 {
+            return Err(invalid("limits.safety_factor", "must be at least 1.0"));
+        }
+        if self.limits.reservation_ttl < Duration::from_secs(60) {
+            return Err(invalid("limits.reservation_ttl", "must be at least 1m"));
+        }
+        if !self.limits.usage_command.starts_with('!') {
+            return Err(invalid("limits.usage_command", "must start with `!`"));
         }
         if self.bot.display_name.trim().is_empty() {
             return Err(invalid("bot.display_name", "must not be empty"));

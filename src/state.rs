@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::cascade::Cascade;
 use crate::classify::Identity;
 use crate::config::Config;
+use crate::limiter::{system_clock, Clock, Limiter};
 use crate::matrix::MatrixClient;
 use crate::provider::Provider;
 use crate::store::Store;
@@ -46,6 +47,7 @@ pub struct AppState {
     pub store: Store,
     pub matrix: MatrixClient,
     pub cascade: Cascade,
+    pub limiter: Limiter,
     pub telemetry: Telemetry,
     pub metrics: Arc<Metrics>,
     /// This replica's name in claim leases.
@@ -64,6 +66,17 @@ impl AppState {
         registration: Registration,
         store: Store,
         timings: Timings,
+    ) -> Result<Arc<Self>, regex::Error> {
+        Self::with_clock(config, registration, store, timings, system_clock())
+    }
+
+    /// Like [`AppState::new`] with the limiter's clock injected (tests of day rollover).
+    pub fn with_clock(
+        config: Config,
+        registration: Registration,
+        store: Store,
+        timings: Timings,
+        clock: Clock,
     ) -> Result<Arc<Self>, regex::Error> {
         let user_id = format!(
             "@{}:{}",
@@ -86,6 +99,7 @@ impl AppState {
         let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);
         let provider = Provider::new(&config.provider, &config.prices);
         let cascade = Cascade::new(&config, provider, store.clone());
+        let limiter = Limiter::new(&config, store.clone(), clock);
         let telemetry = Telemetry::new(store.clone(), config.telemetry.clone(), metrics.clone());
         let instance_id = format!(
             "{}-{}",
@@ -99,6 +113,7 @@ impl AppState {
             store,
             matrix,
             cascade,
+            limiter,
             telemetry,
             metrics,
             instance_id,

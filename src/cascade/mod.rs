@@ -189,6 +189,8 @@ pub struct Ask<'a> {
     pub room_id: Option<&'a str>,
     /// A hashed user id, sent as `user`.
     pub user: Option<&'a str>,
+    /// A lower cap on the answer's length than configured (the budget shrank the request).
+    pub output_cap: Option<u32>,
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -287,7 +289,11 @@ impl Cascade {
 
     /// Answers one message.
     pub async fn run(&self, ask: &Ask<'_>) -> Outcome {
-        let decision = self.decide(ask.text, ask.room_id);
+        self.run_decided(self.decide(ask.text, ask.room_id), ask).await
+    }
+
+    /// Answers one message on a route already decided (the limiter may have changed it).
+    pub async fn run_decided(&self, decision: Decision, ask: &Ask<'_>) -> Outcome {
         let mut out = Outcome::new(&decision);
         let text = decision.text.clone();
         if decision.ambiguous && self.settings.classifier && decision.source != RouterSource::Forced
@@ -354,6 +360,12 @@ impl Cascade {
         Some(hex::encode(Sha256::digest(material.as_bytes())))
     }
 
+    /// The output cap of a user-facing answer.
+    fn answer_cap(&self, ask: &Ask<'_>) -> u32 {
+        ask.output_cap
+            .map_or(self.models.max_output_tokens, |c| c.min(self.models.max_output_tokens))
+    }
+
     fn request(
         &self,
         model: &str,
@@ -410,7 +422,7 @@ impl Cascade {
             &self.models.final_model,
             &self.system_prompt,
             text,
-            self.models.max_output_tokens,
+            self.answer_cap(ask),
             ask,
         );
         let started = Instant::now();
@@ -489,7 +501,7 @@ impl Cascade {
             &self.models.final_model,
             &self.system_prompt,
             text,
-            self.models.max_output_tokens,
+            self.answer_cap(ask),
             ask,
         );
         req.web_search_turns = Some(self.settings.web_max_turns);
@@ -556,7 +568,7 @@ impl Cascade {
             &self.models.final_model,
             &self.system_prompt,
             &input,
-            self.models.max_output_tokens,
+            self.answer_cap(ask),
             ask,
         );
         let started = Instant::now();

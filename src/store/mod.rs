@@ -187,6 +187,8 @@ macro_rules! db_tx {
     };
 }
 
+pub mod budget;
+
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -110,6 +110,32 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    budget_counters (day, scope) {
+        day -> Text,
+        scope -> Text,
+        cap_ticks -> BigInt,
+        settled_ticks -> BigInt,
+        reserved_ticks -> BigInt,
+        requests -> BigInt,
+    }
+}
+
+diesel::table! {
+    budget_reservations (id) {
+        id -> Text,
+        day -> Text,
+        user_id -> Text,
+        amount_ticks -> BigInt,
+        state -> Text,
+        dispatched -> Bool,
+        actual_ticks -> BigInt,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+        finished_at -> Nullable<Timestamp>,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     appservice_transactions,
     processed_events,
@@ -120,4 +146,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     request_log,
     response_cache,
     grounding_usage,
+    budget_counters,
+    budget_reservations,
 );
