@@ -876,6 +876,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let mut c = Config::parse(include_str!("../config.example.yaml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.usage_command, "!usage");
+        assert_eq!(c.cache.ttl["grok_direct"], Duration::from_secs(3600));
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
