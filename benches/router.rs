@@ -61,19 +61,34 @@ fn large_inputs() -> Vec<(&'static str, String)> {
          outweigh the effort. In the end they agreed to ask for more detail before voting. ",
         KIB4,
     );
-    let mut code = String::from("why does this fail to build?\n```toml\n");
-    code.push_str(&fill(
-        "[dependencies]\nserde = { version = \"1\", features = [\"derive\"] }\n\
-         foo = { git = \"https://github.com/example/foo\", branch = \"main\" }\n",
-        KIB4 - 60,
-    ));
-    code.push_str("\n```\n");
-    let code = fill(&code, KIB4);
+    let head = "why does this fail to build?\n```toml\n";
+    let foot = "\n```\n";
+    let code = format!(
+        "{head}{}{foot}",
+        fill(
+            "[dependencies]\nserde = { version = \"1\", features = [\"derive\"] }\n\
+             foo = { git = \"https://github.com/example/foo\", branch = \"main\" }\n",
+            KIB4 - head.len() - foot.len(),
+        )
+    );
+    // Code pasted without a fence: every code pattern fires, so this is the slowest case.
+    let unfenced = fill(
+        "impl Router {\n    pub fn route(&self, text: &str) -> Result<Decision, Error> {\n        \
+         let norm = text.trim().to_lowercase();\n        if norm.is_empty() {\n            \
+         return Err(Error::Empty);\n        }\n        let hits = self.set.matches(norm.as_bytes());\n        \
+         println!(\"{} hits\", hits.len());\n        Ok(Decision::new(hits))\n    }\n}\n",
+        KIB4,
+    );
     let unicode = fill(
         "Привет! Сегодня 🌞 мы обсуждали проект, 数据 和 模型, and the café’s menu 🍰🍵. ",
         KIB4,
     );
-    vec![("prose", prose), ("code_fence", code), ("unicode", unicode)]
+    vec![
+        ("prose", prose),
+        ("code_fence", code),
+        ("code_unfenced", unfenced),
+        ("unicode", unicode),
+    ]
 }
 
 fn bench_group(c: &mut Criterion, name: &str, inputs: &[(&'static str, String)]) {

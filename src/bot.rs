@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use pulldown_cmark::{html, Event as MdEvent, Options, Parser};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::cascade::{Ask, Outcome, Route, RouterSource};
 use crate::classify::{self, Event, Facts, Request, SkipReason, Verdict};
@@ -107,11 +108,7 @@ fn base_row(event_id: &str, room_id: &str, sender: &str) -> RequestLog {
     }
 }
 
-fn outcome_row(
-    job: &Job,
-    outcome: &Outcome,
-    prompt_version: &str,
-) -> RequestLog {
+fn outcome_row(job: &Job, outcome: &Outcome, prompt_version: &str) -> RequestLog {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.route = outcome.route.as_str().into();
     row.router_source = outcome.router_source.as_str().into();
@@ -199,8 +196,10 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     }
 
     let typing = Typing::start(&state, &job.room_id);
+    let lease = keep_lease(&state, &job.event_id);
     let (text, mut row) = respond(&state, &job).await;
     typing.stop(&state, &job.room_id).await;
+    lease.abort();
 
     let target = ReplyTarget {
         event_id: &job.event_id,
@@ -210,7 +209,11 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
     let content = reply_content(state.config.bot.reply_msgtype, &text, &target);
     finish_claim(&state, &job.event_id, ClaimState::Sending, None).await;
     let txn_id = reply_txn_id(&job.event_id, "reply");
-    match state.matrix.send_message(&job.room_id, &txn_id, &content).await {
+    match state
+        .matrix
+        .send_message(&job.room_id, &txn_id, &content)
+        .await
+    {
         Ok(reply_id) => {
             if let Err(e) = state
                 .store
@@ -231,14 +234,42 @@ pub async fn answer(state: Arc<AppState>, job: Job) {
         }
     }
     row.latency_ms = started.elapsed().as_millis() as i64;
-    let label = if row.ok { "ok" } else { "failed" };
-    state.metrics.inc("requests_total", label);
+    let outcome = if row.ok { "ok" } else { "failed" };
+    state.metrics.inc(
+        "requests_total",
+        &[("route", &row.route), ("outcome", outcome)],
+    );
     if !row.degraded.is_empty() {
-        state.metrics.inc("degraded_total", &row.degraded);
+        state
+            .metrics
+            .inc("degraded_total", &[("reason", &row.degraded)]);
     }
     tracing::info!(event_id = %job.event_id, route = %row.route, ok = row.ok,
         latency_ms = row.latency_ms, cost_ticks = row.cost_total_ticks, "answered");
     state.telemetry.record(row);
+}
+
+/// Extends the claim's lease while a long answer runs, so no other replica takes it over.
+fn keep_lease(state: &Arc<AppState>, event_id: &str) -> tokio::task::JoinHandle<()> {
+    let state = state.clone();
+    let event_id = event_id.to_string();
+    tokio::spawn(async move {
+        let every = state.timings.claim_lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let extended = state
+                .store
+                .extend_lease(
+                    event_id.clone(),
+                    state.instance_id.clone(),
+                    state.timings.claim_lease,
+                )
+                .await;
+            if let Err(e) = extended {
+                tracing::warn!(error = %e, "could not extend the claim's lease");
+            }
+        }
+    })
 }
 
 const UNAVAILABLE: &str = "Sorry, I'm temporarily unavailable. Please try again in a few minutes.";
@@ -270,7 +301,11 @@ async fn respond(state: &AppState, job: &Job) -> (String, RequestLog) {
     let plans = state
         .limiter
         .plans(decision.route, &decision.text, decision.ambiguous);
-    let (reservation, plan) = match state.limiter.reserve(&job.event_id, &job.sender, &plans).await {
+    let (reservation, plan) = match state
+        .limiter
+        .reserve(&job.event_id, &job.sender, &plans)
+        .await
+    {
         Admission::Granted {
             reservation_id,
             plan,
@@ -309,16 +344,28 @@ async fn respond(state: &AppState, job: &Job) -> (String, RequestLog) {
         // No provider call completed: a cache hit, or every call failed before billing.
         state.limiter.release(&reservation).await
     } else {
-        state.limiter.settle(&reservation, outcome.cost_total()).await
+        state
+            .limiter
+            .settle(&reservation, outcome.cost_total())
+            .await
     };
     if let Err(e) = settled {
         // The sweeper settles it at its estimate once it expires.
         tracing::warn!(error = %e, "could not settle the reservation");
     }
     for (stage, ms) in &outcome.stage_ms {
-        state.metrics.observe_provider(Duration::from_millis(*ms));
-        if let (Some(model), Some(cost)) = (outcome.models.get(stage), outcome.stage_cost.get(stage)) {
-            state.metrics.add("spend_ticks_total", model, (*cost).max(0) as u64);
+        let Some(model) = outcome.models.get(stage) else {
+            continue;
+        };
+        state
+            .metrics
+            .observe_provider(model, Duration::from_millis(*ms));
+        if let Some(cost) = outcome.stage_cost.get(stage) {
+            state.metrics.add(
+                "spend_ticks_total",
+                &[("model", model)],
+                (*cost).max(0) as u64,
+            );
         }
     }
     let text = if outcome.ok() {
@@ -402,7 +449,9 @@ pub async fn skip(state: Arc<AppState>, event: Event, reason: SkipReason) {
         }
     }
     finish_claim(&state, &event.event_id, ClaimState::Done, None).await;
-    state.metrics.inc("degraded_total", reason.as_str());
+    state
+        .metrics
+        .inc("degraded_total", &[("reason", reason.as_str())]);
     state
         .telemetry
         .record(skip_row(&event.event_id, &room_id, &event.sender, reason));
@@ -424,9 +473,10 @@ pub async fn invite(state: Arc<AppState>, event: Event, accept: bool, is_direct:
             tracing::warn!(room_id = %room, error = %e, "declining the invite failed");
         }
         finish_claim(&state, &event.event_id, ClaimState::Done, None).await;
-        state
-            .metrics
-            .inc("degraded_total", SkipReason::ForeignRoom.as_str());
+        state.metrics.inc(
+            "degraded_total",
+            &[("reason", SkipReason::ForeignRoom.as_str())],
+        );
         state.telemetry.record(skip_row(
             &event.event_id,
             &room,
@@ -458,9 +508,11 @@ pub async fn invite(state: Arc<AppState>, event: Event, accept: bool, is_direct:
     }
 }
 
-/// Hands a verdict that needs work to a tracked task.
+/// Hands a verdict that needs work to a tracked task. Every log line of the task carries the
+/// source event id.
 pub fn dispatch(state: &Arc<AppState>, event: Event, verdict: Verdict) {
     let worker = state.clone();
+    let span = tracing::info_span!("request", event_id = %event.event_id);
     match verdict {
         Verdict::Addressed(request) => {
             let job = Job {
@@ -470,13 +522,17 @@ pub fn dispatch(state: &Arc<AppState>, event: Event, verdict: Verdict) {
                 request,
                 origin_ts: event.origin_server_ts,
             };
-            state.tasks.spawn(answer(worker, job));
+            state.tasks.spawn(answer(worker, job).instrument(span));
         }
         Verdict::Skip(reason) => {
-            state.tasks.spawn(skip(worker, event, reason));
+            state
+                .tasks
+                .spawn(skip(worker, event, reason).instrument(span));
         }
         Verdict::Invite { accept, is_direct } => {
-            state.tasks.spawn(invite(worker, event, accept, is_direct));
+            state
+                .tasks
+                .spawn(invite(worker, event, accept, is_direct).instrument(span));
         }
         Verdict::Ignore(_) => {}
     }

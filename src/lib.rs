@@ -11,6 +11,7 @@ pub mod matrix;
 pub mod provider;
 pub mod registration;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod webhook;

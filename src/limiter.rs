@@ -133,16 +133,27 @@ pub struct Plan {
 
 /// Builds the plans for a decided route: the normal one, then `grok_direct` with a quarter of
 /// the output cap (at least 256 tokens), so a nearly spent budget still gets short answers.
-pub fn plans(model: &CostModel, route: Route, text: &str, classifier: bool, safety: f64) -> Vec<Plan> {
+pub fn plans(
+    model: &CostModel,
+    route: Route,
+    text: &str,
+    classifier: bool,
+    safety: f64,
+) -> Vec<Plan> {
     let prompt = estimate_prompt_tokens(text);
     let scale = |ticks: i64| (ticks as f64 * safety).ceil() as i64;
     let normal = if classifier {
         // The classifier may pick any route: budget for the dearest.
-        [Route::GrokDirect, Route::TrivialDirect, Route::WebThenGrok, Route::ReasonThenGrok]
-            .into_iter()
-            .map(|r| model.worst_case(r, prompt, None))
-            .max()
-            .unwrap_or(0)
+        [
+            Route::GrokDirect,
+            Route::TrivialDirect,
+            Route::WebThenGrok,
+            Route::ReasonThenGrok,
+        ]
+        .into_iter()
+        .map(|r| model.worst_case(r, prompt, None))
+        .max()
+        .unwrap_or(0)
             + model.classifier(prompt)
     } else {
         model.worst_case(route, prompt, None)
@@ -185,7 +196,10 @@ pub enum Refusal {
 #[derive(Debug)]
 pub enum Admission {
     /// Go ahead with this plan; settle or release `reservation_id` afterwards.
-    Granted { reservation_id: String, plan: Plan },
+    Granted {
+        reservation_id: String,
+        plan: Plan,
+    },
     Refused(Refusal),
     /// The budget store cannot be reached: fail closed.
     Unavailable(StoreError),
@@ -233,7 +247,10 @@ pub fn refusal_text(refusal: &Refusal, now: DateTime<Utc>) -> String {
 /// The next UTC midnight after `now`.
 pub fn next_reset(now: DateTime<Utc>) -> DateTime<Utc> {
     let tomorrow = now.date_naive() + chrono::Days::new(1);
-    tomorrow.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+    tomorrow
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc()
 }
 
 fn utc_day(now: DateTime<Utc>) -> String {
@@ -308,7 +325,12 @@ impl Limiter {
             overrides: l
                 .per_user_overrides
                 .iter()
-                .map(|(u, o)| (u.clone(), (o.daily_usd.map(usd_to_ticks), o.requests_per_hour)))
+                .map(|(u, o)| {
+                    (
+                        u.clone(),
+                        (o.daily_usd.map(usd_to_ticks), o.requests_per_hour),
+                    )
+                })
                 .collect(),
             safety: l.safety_factor,
             ttl: l.reservation_ttl,
@@ -341,7 +363,13 @@ impl Limiter {
 
     /// The plans for a routed message, normal first.
     pub fn plans(&self, route: Route, text: &str, ambiguous: bool) -> Vec<Plan> {
-        plans(&self.model, route, text, self.classifier && ambiguous, self.safety)
+        plans(
+            &self.model,
+            route,
+            text,
+            self.classifier && ambiguous,
+            self.safety,
+        )
     }
 
     /// Reserves the first plan that fits; refuses with the limit that stopped the normal plan.
@@ -350,7 +378,10 @@ impl Limiter {
         let (user_cap, per_hour) = self.user_caps(user);
         let mut first_refusal = None;
         for plan in plans {
-            let reservation_id = format!("{request_id}#{}", crate::registration::random_token().get(..10).unwrap_or("0"));
+            let reservation_id = format!(
+                "{request_id}#{}",
+                crate::registration::random_token().get(..10).unwrap_or("0")
+            );
             let request = ReserveRequest {
                 id: reservation_id.clone(),
                 day: utc_day(now),
@@ -360,7 +391,8 @@ impl Limiter {
                 user_cap_ticks: user_cap,
                 requests_per_hour: per_hour,
                 now: now.naive_utc(),
-                expires_at: now.naive_utc() + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::hours(1)),
+                expires_at: now.naive_utc()
+                    + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::hours(1)),
             };
             let refusal = match self.store.budget_reserve(request).await {
                 Ok(ReserveResult::Granted) => {
@@ -412,20 +444,36 @@ impl Limiter {
 
     /// Marks the reservation's call as gone out.
     pub async fn dispatched(&self, reservation_id: &str) -> Result<(), StoreError> {
-        self.store.budget_mark_dispatched(reservation_id.to_string()).await
+        self.store
+            .budget_mark_dispatched(reservation_id.to_string())
+            .await
     }
 
     /// Settles with the real cost. Idempotent.
-    pub async fn settle(&self, reservation_id: &str, actual_ticks: i64) -> Result<bool, StoreError> {
+    pub async fn settle(
+        &self,
+        reservation_id: &str,
+        actual_ticks: i64,
+    ) -> Result<bool, StoreError> {
         self.store
-            .budget_finish(reservation_id.to_string(), Finish::Settled, actual_ticks, self.now().naive_utc())
+            .budget_finish(
+                reservation_id.to_string(),
+                Finish::Settled,
+                actual_ticks,
+                self.now().naive_utc(),
+            )
             .await
     }
 
     /// Releases a reservation whose call never went out. Idempotent.
     pub async fn release(&self, reservation_id: &str) -> Result<bool, StoreError> {
         self.store
-            .budget_finish(reservation_id.to_string(), Finish::Released, 0, self.now().naive_utc())
+            .budget_finish(
+                reservation_id.to_string(),
+                Finish::Released,
+                0,
+                self.now().naive_utc(),
+            )
             .await
     }
 
@@ -440,7 +488,10 @@ impl Limiter {
         let scope = budget::user_scope(user);
         let counters = self
             .store
-            .budget_counters(utc_day(now), vec![budget::GLOBAL_SCOPE.into(), scope.clone()])
+            .budget_counters(
+                utc_day(now),
+                vec![budget::GLOBAL_SCOPE.into(), scope.clone()],
+            )
             .await?;
         let mine = counters.iter().find(|c| c.scope == scope);
         let global = counters.iter().find(|c| c.scope == budget::GLOBAL_SCOPE);
@@ -453,7 +504,9 @@ impl Limiter {
             per_hour,
             global: self.is_admin(user).then(|| {
                 (
-                    global.map(|c| c.settled_ticks + c.reserved_ticks).unwrap_or(0),
+                    global
+                        .map(|c| c.settled_ticks + c.reserved_ticks)
+                        .unwrap_or(0),
                     self.ceiling_ticks,
                 )
             }),
@@ -476,7 +529,8 @@ mod tests {
     use super::*;
 
     fn model() -> CostModel {
-        let config = Config::parse("homeserver: {url: 'http://h', server_name: example.org}\n").unwrap();
+        let config =
+            Config::parse("homeserver: {url: 'http://h', server_name: example.org}\n").unwrap();
         CostModel::from_config(&config)
     }
 
@@ -486,10 +540,19 @@ mod tests {
         let p = 1_000;
         let direct = m.worst_case(Route::GrokDirect, p, None);
         // grok-4.3: 12,500 in and 25,000 out per token.
-        assert_eq!(direct, (p + m.system_prompt_tokens) * 12_500 + 2_048 * 25_000);
-        assert!(m.worst_case(Route::TrivialDirect, p, None) > direct, "includes the escalation");
+        assert_eq!(
+            direct,
+            (p + m.system_prompt_tokens) * 12_500 + 2_048 * 25_000
+        );
+        assert!(
+            m.worst_case(Route::TrivialDirect, p, None) > direct,
+            "includes the escalation"
+        );
         let web = m.worst_case(Route::WebThenGrok, p, None);
-        assert!(web >= direct + 2 * 50_000_000, "includes two searches at $0.005");
+        assert!(
+            web >= direct + 2 * 50_000_000,
+            "includes two searches at $0.005"
+        );
         assert!(m.worst_case(Route::ReasonThenGrok, p, None) > direct);
         assert!(m.worst_case(Route::GrokDirect, p, Some(256)) < direct);
         assert_eq!(m.worst_case(Route::None, p, None), 0);
@@ -502,33 +565,67 @@ mod tests {
         assert_eq!(ps.len(), 2);
         assert_eq!(ps[0].route, Route::ReasonThenGrok);
         assert!(!ps[0].shrunk && ps[1].shrunk);
-        assert_eq!((ps[1].route, ps[1].output_cap), (Route::GrokDirect, Some(512)));
+        assert_eq!(
+            (ps[1].route, ps[1].output_cap),
+            (Route::GrokDirect, Some(512))
+        );
         assert!(ps[1].estimate_ticks < ps[0].estimate_ticks);
         let safe = plans(&m, Route::GrokDirect, "hi", false, 2.0);
-        assert_eq!(safe[0].estimate_ticks, 2 * m.worst_case(Route::GrokDirect, estimate_prompt_tokens("hi"), None));
+        assert_eq!(
+            safe[0].estimate_ticks,
+            2 * m.worst_case(Route::GrokDirect, estimate_prompt_tokens("hi"), None)
+        );
         let ambiguous = plans(&m, Route::GrokDirect, "hmm", true, 1.0);
-        assert!(ambiguous[0].estimate_ticks >= m.worst_case(Route::WebThenGrok, estimate_prompt_tokens("hmm"), None));
+        assert!(
+            ambiguous[0].estimate_ticks
+                >= m.worst_case(Route::WebThenGrok, estimate_prompt_tokens("hmm"), None)
+        );
     }
 
     #[test]
     fn refusals_say_which_limit_and_when_it_resets() {
-        let now = DateTime::parse_from_rfc3339("2026-11-28T21:30:00Z").unwrap().to_utc();
+        let now = DateTime::parse_from_rfc3339("2026-11-28T21:30:00Z")
+            .unwrap()
+            .to_utc();
         let reset = next_reset(now);
         assert_eq!(reset.to_rfc3339(), "2026-11-29T00:00:00+00:00");
         let c = refusal_text(&Refusal::Ceiling { resets_at: reset }, now);
-        assert!(c.contains("everyone") && c.contains("00:00 UTC") && c.contains("2 h 30 min"), "{c}");
-        let u = refusal_text(&Refusal::UserDaily { resets_at: reset, left_ticks: 123_000_000, cap_ticks: TICKS_PER_USD }, now);
+        assert!(
+            c.contains("everyone") && c.contains("00:00 UTC") && c.contains("2 h 30 min"),
+            "{c}"
+        );
+        let u = refusal_text(
+            &Refusal::UserDaily {
+                resets_at: reset,
+                left_ticks: 123_000_000,
+                cap_ticks: TICKS_PER_USD,
+            },
+            now,
+        );
         assert!(u.contains("$1.00") && u.contains("$0.01 left"), "{u}");
         let h = refusal_text(&Refusal::UserHourly { per_hour: 30 }, now);
         assert!(h.contains("30 questions per hour"), "{h}");
-        assert!(!c.contains('\n') && !u.contains('\n') && !h.contains('\n'), "one line");
+        assert!(
+            !c.contains('\n') && !u.contains('\n') && !h.contains('\n'),
+            "one line"
+        );
     }
 
     #[test]
     fn usage_text_shows_admins_the_global_figure() {
-        let mut u = Usage { spent_ticks: TICKS_PER_USD / 4, reserved_ticks: 0, requests: 3, cap_ticks: Some(TICKS_PER_USD), per_hour: Some(30), global: None };
+        let mut u = Usage {
+            spent_ticks: TICKS_PER_USD / 4,
+            reserved_ticks: 0,
+            requests: 3,
+            cap_ticks: Some(TICKS_PER_USD),
+            per_hour: Some(30),
+            global: None,
+        };
         let t = usage_text(&u);
-        assert!(t.contains("$0.25") && t.contains("3 request") && t.contains("$1.00"), "{t}");
+        assert!(
+            t.contains("$0.25") && t.contains("3 request") && t.contains("$1.00"),
+            "{t}"
+        );
         assert!(!t.contains("Everyone"));
         u.global = Some((5 * TICKS_PER_USD, 10 * TICKS_PER_USD));
         assert!(usage_text(&u).contains("Everyone together: $5.00 of the $10.00"));

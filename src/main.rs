@@ -93,6 +93,28 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Report route mix, spend, the grok_direct-only counterfactual and latency from request_log.
+    Stats {
+        /// How far back to look: 7d, 12h, 30m, or seconds.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Print the stable JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report with charts to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Show hashed user ids instead of Matrix ids.
+        #[arg(long)]
+        anonymize: bool,
+        #[arg(
+            short,
+            long,
+            env = "GROK_APPSERVICE_CONFIG",
+            default_value = "config.yaml"
+        )]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(config: &Config) {
@@ -218,6 +240,37 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Stats {
+            since,
+            json,
+            html,
+            anonymize,
+            config,
+        } => {
+            use grok_appservice::stats;
+            let window = grok_appservice::config::parse_duration(&since)
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let config = Config::load(&config)?;
+            let store = Store::connect(&config.database.url, 2)?;
+            // Read-only otherwise; migrating lets a fresh database report zero rows.
+            store.migrate().await.context("running migrations")?;
+            let until = grok_appservice::store::now();
+            let since = until - chrono::Duration::from_std(window).context("--since")?;
+            let rows = store.request_log_since(since).await?;
+            let opts = stats::Options::from_config(&config, since, until, anonymize);
+            let report = stats::summarize(&rows, &opts);
+            if let Some(path) = &html {
+                std::fs::write(path, stats::render_html(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            if json {
+                println!("{:#}", stats::render_json(&report));
+            } else {
+                print!("{}", stats::render_text(&report));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -225,6 +278,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
     let registration = registration::load(&config.appservice.registration)?;
     let store = Store::connect(&config.database.url, config.database.pool_size)?;
+    let _single_process = store.lock_single_process(&config.database.url)?;
     let applied = store.migrate().await.context("running migrations")?;
     tracing::info!(applied, backend = store.backend_name(), "database ready");
     if config.provider.api_key.is_none() {
@@ -254,7 +308,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        tracing::warn!("in-flight answers did not finish in 30 s; their claims will be recovered");
+        tracing::warn!("in-flight answers did not finish in 30 s; handing them to other replicas");
+    }
+    // Whatever is still unfinished goes to another replica now, not after its lease.
+    match state.store.release_claims(state.instance_id.clone()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(released = n, "released unfinished claims"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release claims; they expire with their lease")
+        }
     }
     Ok(())
 }

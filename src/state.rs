@@ -16,7 +16,7 @@ use crate::limiter::{system_clock, Clock, Limiter};
 use crate::matrix::MatrixClient;
 use crate::provider::Provider;
 use crate::store::Store;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{LogSink, Metrics, Telemetry};
 
 /// Timings that tests shorten; production uses [`Timings::default`].
 #[derive(Debug, Clone)]
@@ -37,6 +37,15 @@ impl Default for Timings {
             max_message_age: Duration::from_secs(15 * 60),
         }
     }
+}
+
+/// Parts a test may substitute when building the state.
+#[derive(Default)]
+pub struct Overrides {
+    /// The limiter's clock (day rollover tests).
+    pub clock: Option<Clock>,
+    /// Where `request_log` rows go (failing or panicking sinks).
+    pub log_sink: Option<Arc<dyn LogSink>>,
 }
 
 /// The shared state of one process.
@@ -67,17 +76,21 @@ impl AppState {
         store: Store,
         timings: Timings,
     ) -> Result<Arc<Self>, regex::Error> {
-        Self::with_clock(config, registration, store, timings, system_clock())
+        Self::build(config, registration, store, timings, Overrides::default())
     }
 
-    /// Like [`AppState::new`] with the limiter's clock injected (tests of day rollover).
-    pub fn with_clock(
+    /// Like [`AppState::new`] with parts substituted (tests).
+    pub fn build(
         config: Config,
         registration: Registration,
         store: Store,
         timings: Timings,
-        clock: Clock,
+        overrides: Overrides,
     ) -> Result<Arc<Self>, regex::Error> {
+        let clock = overrides.clock.unwrap_or_else(system_clock);
+        let sink: Arc<dyn LogSink> = overrides
+            .log_sink
+            .unwrap_or_else(|| Arc::new(store.clone()));
         let user_id = format!(
             "@{}:{}",
             registration.sender_localpart, config.homeserver.server_name
@@ -100,7 +113,7 @@ impl AppState {
         let provider = Provider::new(&config.provider, &config.prices);
         let cascade = Cascade::new(&config, provider, store.clone());
         let limiter = Limiter::new(&config, store.clone(), clock);
-        let telemetry = Telemetry::new(store.clone(), config.telemetry.clone(), metrics.clone());
+        let telemetry = Telemetry::new(sink, config.telemetry.clone(), metrics.clone());
         let instance_id = format!(
             "{}-{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "grok".into()),

@@ -2,12 +2,16 @@
 //! served at `/metrics`.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::NaiveDateTime;
+
 use crate::config::TelemetryConfig;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreError};
 
 /// One analytics row (DESIGN section 5); zero values mean "did not apply".
 pub type RequestLog = store::RequestLogRow;
@@ -15,19 +19,55 @@ pub type RequestLog = store::RequestLogRow;
 /// How often (in writes) the retention trim runs.
 pub const TRIM_EVERY: u64 = 200;
 
+/// A boxed future of a sink operation.
+pub type SinkFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// Where rows go: the store in production; tests substitute failing or panicking sinks.
+pub trait LogSink: Send + Sync + 'static {
+    /// Writes (or replaces) one row.
+    fn write(&self, row: RequestLog) -> SinkFuture<()>;
+    /// Deletes rows created before `cutoff`.
+    fn trim(&self, cutoff: NaiveDateTime) -> SinkFuture<usize>;
+}
+
+impl LogSink for Store {
+    fn write(&self, row: RequestLog) -> SinkFuture<()> {
+        let store = self.clone();
+        Box::pin(async move { store.upsert_request_log(row).await })
+    }
+
+    fn trim(&self, cutoff: NaiveDateTime) -> SinkFuture<usize> {
+        let store = self.clone();
+        Box::pin(async move { store.trim_request_log(cutoff).await })
+    }
+}
+
+/// Runs a sink operation in its own task, so a panic in it is caught and reported like an
+/// error instead of unwinding into anything else.
+async fn guarded<T: Send + 'static>(
+    op: impl FnOnce() -> SinkFuture<T> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::spawn(async move { op().await }).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) if e.is_panic() => Err("the telemetry write panicked".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Records `request_log` rows without ever delaying or failing a reply.
 pub struct Telemetry {
-    store: Store,
+    sink: Arc<dyn LogSink>,
     config: TelemetryConfig,
     writes: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
 impl Telemetry {
-    /// A recorder over `store` with the given settings.
-    pub fn new(store: Store, config: TelemetryConfig, metrics: Arc<Metrics>) -> Self {
+    /// A recorder writing to `sink` with the given settings.
+    pub fn new(sink: Arc<dyn LogSink>, config: TelemetryConfig, metrics: Arc<Metrics>) -> Self {
         Self {
-            store,
+            sink,
             config,
             writes: AtomicU64::new(0),
             metrics,
@@ -46,20 +86,21 @@ impl Telemetry {
             row.query_text.clear();
         }
         let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-        let trim_before = (n % TRIM_EVERY == 0 && !self.config.retention.is_zero()).then(|| {
+        let trim_before = (n.is_multiple_of(TRIM_EVERY) && !self.config.retention.is_zero()).then(|| {
             store::now()
                 - chrono::Duration::from_std(self.config.retention).unwrap_or(chrono::Duration::MAX)
         });
-        let store = self.store.clone();
+        let sink = self.sink.clone();
         let metrics = self.metrics.clone();
         Some(tokio::spawn(async move {
             let id = row.id.clone();
-            if let Err(e) = store.upsert_request_log(row).await {
-                metrics.inc("telemetry_write_failures_total", "");
+            let writer = sink.clone();
+            if let Err(e) = guarded(move || writer.write(row)).await {
+                metrics.inc("telemetry_write_failures_total", &[]);
                 tracing::warn!(event_id = %id, error = %e, "request_log write failed");
             }
             if let Some(cutoff) = trim_before {
-                match store.trim_request_log(cutoff).await {
+                match guarded(move || sink.trim(cutoff)).await {
                     Ok(n) => tracing::debug!(deleted = n, "request_log retention trim"),
                     Err(e) => tracing::warn!(error = %e, "request_log retention trim failed"),
                 }
@@ -68,101 +109,187 @@ impl Telemetry {
     }
 }
 
-/// Prometheus counters and gauges, labelled by one value each.
-#[derive(Default)]
-pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
-    provider_latency_ms_sum: AtomicU64,
-    provider_calls: AtomicU64,
-}
+/// Upper bounds (ms) of the provider latency histogram buckets.
+const LATENCY_BUCKETS_MS: [u64; 9] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000];
 
-const HELP: &[(&str, &str, &str)] = &[
+/// Counter names with their help text, in the order `/metrics` lists them.
+const COUNTERS: &[(&str, &str)] = &[
     (
         "transactions_total",
-        "result",
         "Appservice transactions received, by result.",
     ),
     (
         "events_total",
-        "verdict",
         "Events received, by classification verdict.",
     ),
     (
         "requests_total",
-        "outcome",
-        "Addressed requests finished, by outcome.",
+        "Addressed requests finished, by route and outcome.",
     ),
     (
         "degraded_total",
-        "reason",
         "Requests that ended degraded or skipped, by reason.",
     ),
     (
         "spend_ticks_total",
-        "model",
         "Provider spend in ticks (1 USD = 1e10), by model.",
     ),
     (
         "telemetry_write_failures_total",
-        "",
         "request_log writes that failed.",
     ),
 ];
 
+/// Labels of one series, e.g. `[("route", "grok_direct"), ("outcome", "ok")]`.
+pub type Labels<'a> = &'a [(&'static str, &'a str)];
+
+fn render_labels(labels: Labels<'_>) -> String {
+    let parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    parts.join(",")
+}
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; LATENCY_BUCKETS_MS.len()],
+    count: u64,
+    sum_ms: u64,
+}
+
+/// Prometheus counters and the provider latency histogram of one process.
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+}
+
 impl Metrics {
-    /// Adds one to a counter with one label value ("" for none).
-    pub fn inc(&self, name: &'static str, label: &str) {
-        self.add(name, label, 1);
+    /// Adds one to a counter series.
+    pub fn inc(&self, name: &'static str, labels: Labels<'_>) {
+        self.add(name, labels, 1);
     }
 
-    /// Adds `n` to a counter with one label value.
-    pub fn add(&self, name: &'static str, label: &str, n: u64) {
+    /// Adds `n` to a counter series.
+    pub fn add(&self, name: &'static str, labels: Labels<'_>, n: u64) {
         let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((name, label.to_string())).or_default() += n;
+        *map.entry((name, render_labels(labels))).or_default() += n;
     }
 
-    /// Records one provider call's latency.
-    pub fn observe_provider(&self, latency: Duration) {
-        self.provider_calls.fetch_add(1, Ordering::Relaxed);
-        self.provider_latency_ms_sum
-            .fetch_add(latency.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// The current value of a counter (tests and `/metrics`).
-    pub fn get(&self, name: &'static str, label: &str) -> u64 {
+    /// The current value of a counter series.
+    pub fn get(&self, name: &'static str, labels: Labels<'_>) -> u64 {
         let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(name, label.to_string())).copied().unwrap_or(0)
+        map.get(&(name, render_labels(labels)))
+            .copied()
+            .unwrap_or(0)
     }
 
-    /// Renders the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+    /// Records one provider call's latency for a model.
+    pub fn observe_provider(&self, model: &str, latency: Duration) {
+        let ms = latency.as_millis() as u64;
+        let mut map = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = map.entry(model.to_string()).or_default();
+        for (i, bound) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if ms <= *bound {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum_ms += ms;
+    }
+
+    /// Renders the Prometheus text format, with `gauges` (name, help, value) read at scrape.
+    pub fn render(&self, gauges: &[(&str, &str, i64)]) -> String {
         let mut out = String::new();
-        for (name, label, help) in HELP {
+        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, help) in COUNTERS {
             out.push_str(&format!(
                 "# HELP grok_{name} {help}\n# TYPE grok_{name} counter\n"
             ));
             let mut any = false;
-            for ((n, value), count) in map.iter().filter(|((n, _), _)| n == name) {
+            for ((_, labels), value) in counters.iter().filter(|((n, _), _)| n == name) {
                 any = true;
-                if label.is_empty() {
-                    out.push_str(&format!("grok_{n} {count}\n"));
+                if labels.is_empty() {
+                    out.push_str(&format!("grok_{name} {value}\n"));
                 } else {
-                    let v = value.replace('\\', "\\\\").replace('"', "\\\"");
-                    out.push_str(&format!("grok_{n}{{{label}=\"{v}\"}} {count}\n"));
+                    out.push_str(&format!("grok_{name}{{{labels}}} {value}\n"));
                 }
             }
-            if !any && label.is_empty() {
+            if !any {
                 out.push_str(&format!("grok_{name} 0\n"));
             }
         }
-        out.push_str("# HELP grok_provider_latency_ms Provider call latency.\n");
-        out.push_str("# TYPE grok_provider_latency_ms summary\n");
-        out.push_str(&format!(
-            "grok_provider_latency_ms_sum {}\ngrok_provider_latency_ms_count {}\n",
-            self.provider_latency_ms_sum.load(Ordering::Relaxed),
-            self.provider_calls.load(Ordering::Relaxed)
-        ));
+        drop(counters);
+        out.push_str("# HELP grok_provider_latency_ms Provider call latency by model.\n");
+        out.push_str("# TYPE grok_provider_latency_ms histogram\n");
+        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        for (model, h) in latency.iter() {
+            let m = render_labels(&[("model", model)]);
+            for (bound, n) in LATENCY_BUCKETS_MS.iter().zip(h.buckets) {
+                out.push_str(&format!(
+                    "grok_provider_latency_ms_bucket{{{m},le=\"{bound}\"}} {n}\n"
+                ));
+            }
+            out.push_str(&format!(
+                "grok_provider_latency_ms_bucket{{{m},le=\"+Inf\"}} {}\n",
+                h.count
+            ));
+            out.push_str(&format!(
+                "grok_provider_latency_ms_sum{{{m}}} {}\n",
+                h.sum_ms
+            ));
+            out.push_str(&format!(
+                "grok_provider_latency_ms_count{{{m}}} {}\n",
+                h.count
+            ));
+        }
+        for (name, help, value) in gauges {
+            out.push_str(&format!(
+                "# HELP grok_{name} {help}\n# TYPE grok_{name} gauge\ngrok_{name} {value}\n"
+            ));
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_in_prometheus_text_format() {
+        let m = Metrics::default();
+        m.inc(
+            "requests_total",
+            &[("route", "grok_direct"), ("outcome", "ok")],
+        );
+        m.add("spend_ticks_total", &[("model", "grok-4.3")], 5);
+        m.observe_provider("grok-4.3", Duration::from_millis(300));
+        m.observe_provider("grok-4.3", Duration::from_millis(7_000));
+        let text = m.render(&[("reservations_held", "Held reservations.", 2)]);
+        assert!(
+            text.contains("grok_requests_total{route=\"grok_direct\",outcome=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("grok_spend_ticks_total{model=\"grok-4.3\"} 5\n"));
+        assert!(text.contains("grok_provider_latency_ms_bucket{model=\"grok-4.3\",le=\"250\"} 0\n"));
+        assert!(text.contains("grok_provider_latency_ms_bucket{model=\"grok-4.3\",le=\"500\"} 1\n"));
+        assert!(
+            text.contains("grok_provider_latency_ms_bucket{model=\"grok-4.3\",le=\"+Inf\"} 2\n")
+        );
+        assert!(text.contains("grok_provider_latency_ms_sum{model=\"grok-4.3\"} 7300\n"));
+        assert!(text.contains("# TYPE grok_reservations_held gauge\ngrok_reservations_held 2\n"));
+        assert!(
+            text.contains("grok_telemetry_write_failures_total 0\n"),
+            "unused counters show 0"
+        );
+        assert_eq!(
+            m.get(
+                "requests_total",
+                &[("route", "grok_direct"), ("outcome", "ok")]
+            ),
+            1
+        );
     }
 }

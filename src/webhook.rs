@@ -175,6 +175,11 @@ async fn transaction(
     let parsed: TransactionBody = serde_json::from_value(value)
         .map_err(|e| MatrixApiError::BadJson(format!("body is not a transaction: {e}")))?;
 
+    if !state.accepting.load(Ordering::SeqCst) {
+        // Shutting down: take no new claims; Synapse retries, through the load balancer to
+        // a replica that is still up.
+        return Err(MatrixApiError::Unavailable);
+    }
     let store_down = |e: crate::store::StoreError| {
         tracing::error!(txn_id = %txn_id, error = %e, "cannot record the transaction; Synapse will retry");
         MatrixApiError::Unavailable
@@ -185,7 +190,9 @@ async fn transaction(
         .await
         .map_err(store_down)?
     {
-        state.metrics.inc("transactions_total", "duplicate");
+        state
+            .metrics
+            .inc("transactions_total", &[("result", "duplicate")]);
         return Ok(Json(json!({})));
     }
     let planned = plan(&state, &txn_id, &parsed.events)
@@ -201,10 +208,14 @@ async fn transaction(
         .await
         .map_err(store_down)?;
     let Some(claimed) = claimed else {
-        state.metrics.inc("transactions_total", "duplicate");
+        state
+            .metrics
+            .inc("transactions_total", &[("result", "duplicate")]);
         return Ok(Json(json!({})));
     };
-    state.metrics.inc("transactions_total", "new");
+    state
+        .metrics
+        .inc("transactions_total", &[("result", "new")]);
     for (event, verdict) in planned.actions {
         if claimed.contains(&event.event_id) {
             bot::dispatch(&state, event, verdict);
@@ -239,7 +250,9 @@ async fn plan(
         match Event::parse(raw) {
             Ok(e) => events.push(e),
             Err(why) => {
-                state.metrics.inc("events_total", "malformed");
+                state
+                    .metrics
+                    .inc("events_total", &[("verdict", "malformed")]);
                 tracing::warn!(txn_id, index = i, %why, "skipping a malformed event");
             }
         }
@@ -292,7 +305,9 @@ async fn plan(
                 .is_some_and(|id| facts.bot_events.contains(id)),
         };
         let verdict = classify(&event, me, facts);
-        state.metrics.inc("events_total", verdict.label());
+        state
+            .metrics
+            .inc("events_total", &[("verdict", verdict.label())]);
         let kind = match &verdict {
             Verdict::Ignore(crate::classify::IgnoreReason::OwnEcho) => {
                 plan.write
@@ -366,9 +381,30 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Shared figures come from the database, so every replica reports the same backlog; a
+    // scrape while it is down still serves the process counters.
+    let (claims, held) = match state.store.backlog().await {
+        Ok(b) => (b.claims_pending, b.reservations_held),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: backlog unavailable");
+            (-1, -1)
+        }
+    };
+    let gauges = [
+        (
+            "claims_pending",
+            "Claimed messages not yet answered (all replicas; -1: unknown).",
+            claims,
+        ),
+        (
+            "reservations_held",
+            "Budget reservations not yet settled (all replicas; -1: unknown).",
+            held,
+        ),
+    ];
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.metrics.render(&gauges),
     )
         .into_response()
 }

@@ -64,6 +64,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         text,
         room_id: Some("!room:example.org"),
         user: Some("u1"),
+        output_cap: None,
     })
     .await
 }
@@ -165,6 +166,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             text: DIRECT_Q,
             room_id: Some("!hard:example.org"),
             user: None,
+            output_cap: None,
         })
         .await;
     assert_eq!(
@@ -178,6 +180,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             text: &format!("!web {DIRECT_Q}"),
             room_id: Some("!hard:example.org"),
             user: None,
+            output_cap: None,
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);

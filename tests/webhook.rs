@@ -212,7 +212,12 @@ async fn a_malformed_event_is_skipped_alone() {
     h.settle().await;
     assert_eq!(h.xai.seen().len(), 1);
     assert_eq!(h.hs.sent().len(), 1);
-    assert_eq!(h.state.metrics.get("events_total", "malformed"), 3);
+    assert_eq!(
+        h.state
+            .metrics
+            .get("events_total", &[("verdict", "malformed")]),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -317,7 +322,10 @@ async fn a_repeated_txn_id_does_nothing_also_after_a_restart() {
     assert_eq!(h.xai.seen().len(), 1);
     assert_eq!(h.hs.sent().len(), 1);
     assert_eq!(
-        again.state.metrics.get("transactions_total", "duplicate"),
+        again
+            .state
+            .metrics
+            .get("transactions_total", &[("result", "duplicate")]),
         1
     );
 }
@@ -825,4 +833,137 @@ async fn an_unreachable_database_makes_synapse_retry() {
     );
     let ready = router.oneshot(get("/ready")).await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutting_down_takes_no_new_claims_and_hands_over_unfinished_ones() {
+    use grok_appservice::store::{ClaimKind, NewClaim, TxnWrite};
+    let h = dm_harness().await;
+    let event = text_event("$inflight", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    // A claim this replica holds with a long lease, as if its answer were still running.
+    let write = TxnWrite {
+        txn_id: "held".into(),
+        event_count: 1,
+        claims: vec![NewClaim {
+            event_id: "$inflight".into(),
+            room_id: DM.into(),
+            sender: ALICE.into(),
+            kind: ClaimKind::Addressed,
+            origin_ts: grok_appservice::store::now(),
+        }],
+        ..TxnWrite::default()
+    };
+    h.state
+        .store
+        .commit_transaction(write, h.state.instance_id.clone(), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let other = h.restart().await;
+    assert_eq!(
+        grok_appservice::bot::recover_once(&other.state).await,
+        0,
+        "the lease is live"
+    );
+
+    h.state
+        .accepting
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (s, b) = h
+        .put_txn("late", vec![text_event("$late", DM, ALICE, "one more?")])
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Synapse retries it elsewhere: {b}"
+    );
+    assert!(h.state.store.claim("$late".into()).await.unwrap().is_none());
+    assert!(!h.state.store.txn_seen("late".into()).await.unwrap());
+
+    assert_eq!(
+        h.state
+            .store
+            .release_claims(h.state.instance_id.clone())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        grok_appservice::bot::recover_once(&other.state).await,
+        1,
+        "taken over at once"
+    );
+    other.settle().await;
+    assert_eq!(h.hs.sent().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_answer_keeps_its_lease() {
+    let h = dm_harness().await;
+    h.state
+        .store
+        .record_bot_event("$x".into(), DM.into())
+        .await
+        .unwrap();
+    let claim = |id: &str| grok_appservice::store::NewClaim {
+        event_id: id.into(),
+        room_id: DM.into(),
+        sender: ALICE.into(),
+        kind: grok_appservice::store::ClaimKind::Addressed,
+        origin_ts: grok_appservice::store::now(),
+    };
+    let write = grok_appservice::store::TxnWrite {
+        txn_id: "l".into(),
+        event_count: 1,
+        claims: vec![claim("$l")],
+        ..Default::default()
+    };
+    h.state
+        .store
+        .commit_transaction(write, "me".into(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(h
+        .state
+        .store
+        .extend_lease("$l".into(), "me".into(), Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(!h
+        .state
+        .store
+        .extend_lease("$l".into(), "someone-else".into(), Duration::from_secs(60))
+        .await
+        .unwrap());
+    let other = h.restart().await;
+    assert_eq!(
+        grok_appservice::bot::recover_once(&other.state).await,
+        0,
+        "an extended lease is not taken over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_cannot_serve_the_same_sqlite_file() {
+    let h = Harness::new().await;
+    let url = h.db.url.clone();
+    let first = h.state.store.lock_single_process(&url).unwrap();
+    assert!(first.is_some());
+    let err = h
+        .state
+        .store
+        .lock_single_process(&url)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("PostgreSQL"), "{err}");
+    drop(first);
+    assert!(
+        h.state.store.lock_single_process(&url).unwrap().is_some(),
+        "free again after exit"
+    );
+    let pg = grok_appservice::store::Store::connect("postgres://u@127.0.0.1:1/x", 1).unwrap();
+    assert!(pg
+        .lock_single_process("postgres://u@127.0.0.1:1/x")
+        .unwrap()
+        .is_none());
 }

@@ -289,7 +289,8 @@ impl Cascade {
 
     /// Answers one message.
     pub async fn run(&self, ask: &Ask<'_>) -> Outcome {
-        self.run_decided(self.decide(ask.text, ask.room_id), ask).await
+        self.run_decided(self.decide(ask.text, ask.room_id), ask)
+            .await
     }
 
     /// Answers one message on a route already decided (the limiter may have changed it).
@@ -362,8 +363,9 @@ impl Cascade {
 
     /// The output cap of a user-facing answer.
     fn answer_cap(&self, ask: &Ask<'_>) -> u32 {
-        ask.output_cap
-            .map_or(self.models.max_output_tokens, |c| c.min(self.models.max_output_tokens))
+        ask.output_cap.map_or(self.models.max_output_tokens, |c| {
+            c.min(self.models.max_output_tokens)
+        })
     }
 
     fn request(

@@ -6,7 +6,7 @@
 //!    whitespace or the end) picks `web_then_grok`, `reason_then_grok`, `trivial_direct` or
 //!    `grok_direct`; the prefix is removed from [`Decision::text`]. Per-room overrides are the
 //!    caller's job.
-//! 2. **heuristic**: deterministic rules on the [`normalise`]d text:
+//! 2. **heuristic**: deterministic rules on the message text (lowercased, whitespace-insensitive):
 //!    * `trivial:*`: the *whole* message is greetings, thanks, acknowledgements or farewells
 //!      (several languages, plus addressee fillers such as "there", "everyone", "grok", and
 //!      emoji), at most 6 words and 40 characters, with no `?`, digit, URL or code symbol. This
@@ -23,8 +23,9 @@
 //!    Every rule is *strong* (weight 1) or *weak* (weight 1/2, a hint). A class fires when its
 //!    weight reaches 1: one strong cue, or weak cues from two different rules. When web and
 //!    reasoning both fire, web wins, except that web reached only through weak hints never
-//!    overrides a strong reasoning cue. Web cues inside code fences are ignored (a URL in a pasted
-//!    `Cargo.toml` is not a request to browse).
+//!    overrides a strong reasoning cue. A fenced code block is itself a strong reasoning cue and
+//!    its contents are not scanned (a URL or a date in a pasted `Cargo.toml` is not a request to
+//!    browse); the prose around it is.
 //! 3. **classifier**: not decided here. [`Decision::ambiguous`] is set when no strong cue matched
 //!    but a weak one did; the caller may then ask a classifier model.
 //! 4. **default**: no cue at all, or only hints below the threshold: `grok_direct`.
@@ -44,9 +45,13 @@
 //!
 //! # Cost
 //!
-//! One normalising pass (the only sizeable allocation), one pass of a precompiled byte-level
-//! [`RegexSet`] over the text (ASCII word boundaries keep it on the lazy DFA), and a few byte
-//! scans for years, question marks and length. Messages of 4 KiB route in a few microseconds.
+//! The cue patterns are written for [`normalise`]d text but compiled whitespace-tolerant (see
+//! `flex`), so a long message is never normalised: it is ASCII-lowercased in one SIMD-friendly
+//! copy (the only sizeable allocation) and scanned by one pass of a precompiled byte-level
+//! [`RegexSet`] (Unicode off: ASCII `\b`/`\w` keep it on the lazy DFA for any input). Years,
+//! several questions and denied look-alike domains are gated by probe patterns in that same
+//! pass, then checked with memchr-driven scans. Only messages short enough to be small talk
+//! are fully normalised. See `benches/router.rs` for numbers.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -61,8 +66,8 @@ use super::{Route, RouterSource};
 pub struct RouterOptions {
     /// A year `>=` this in the message is "fresh" and asks for the web (default 2025).
     pub cutoff_year: i32,
-    /// Inputs longer than this many characters (after normalising) count as long input, a
-    /// reasoning cue (default 800).
+    /// Messages longer than this many characters (trimmed) count as long input, a reasoning cue
+    /// (default 800).
     pub long_input_chars: usize,
 }
 
@@ -201,13 +206,14 @@ fn slot(id: &str) -> usize {
         .unwrap_or_else(|| panic!("unknown router rule {id}"))
 }
 
-/// Patterns per rule id. They run on normalised (lowercased, whitespace-collapsed) text as one
-/// byte-level, ASCII-mode [`RegexSet`]: `\b`, `\w`, `\d` are ASCII; non-ASCII literals are written
-/// inside `(?u:...)`.
+/// Patterns per rule id, written for normalised text (lowercase, single spaces, `'`) and compiled
+/// through [`flex`] into one byte-level, ASCII-mode [`RegexSet`]: `\b`, `\w`, `\d` are ASCII;
+/// non-ASCII literals are written inside `(?u:...)`. `probe:*` entries are not rules: they gate
+/// the computed rules.
 const CUES: &[(&str, &str)] = &[
     // ---- web ----
     ("web:url", r"https?://|\bwww\.[a-z0-9-]"),
-    // A bare domain; each hit is checked against DOMAIN_DENY (see `has_domain`).
+    // A bare domain; when a DOMAIN_DENY name is present, hits are checked one by one.
     ("web:url", DOMAIN_PATTERN),
     (
         "web:search",
@@ -227,7 +233,7 @@ const CUES: &[(&str, &str)] = &[
     ),
     (
         "web:search",
-        r"\b(?:find|give|show|get|list|provide|include|with|add|cite) (?:me |us )?(?:some |the |a few |relevant |recent |your |good |credible )?(?:sources|citations|references|links)\b|\bcite\b|\bciting\b|\bcitations?\b",
+        r"\b(?:find|give|show|get|list|provide|include|with|add|cite) (?:me |us )?(?:some |the |a few |relevant |recent |latest |your |good |credible )?(?:sources|citations|references|links|articles|papers|studies)\b|\bcite\b|\bciting\b|\bcitations?\b",
     ),
     (
         "web:social",
@@ -239,7 +245,7 @@ const CUES: &[(&str, &str)] = &[
     ),
     (
         "web:temporal",
-        r"\bas of (?:now|today|this|right now)\b|\bthis (?:week|month|year|weekend|season|morning|afternoon|evening|quarter)\b|\blast (?:night|week|weekend|month)\b|\bso far (?:this|in)\b|\bjust (?:been )?(?:released|announced|launched|happened|dropped|came out)\b|\blive (?:score|scores|stream|results|updates|coverage|feed|price|prices)\b|\b(?:recent|new|newest) (?:developments?|news|events|advances|research|papers|studies|updates|changes|releases?|results|findings|breakthroughs|trends|announcements?)\b",
+        r"\bas of (?:now|today|this|right now)\b|\bthis (?:week|month|year|weekend|season|morning|afternoon|evening|quarter)\b|\blast (?:night|week|weekend|month)\b|\bso far (?:this|in)\b|\bjust (?:been )?(?:released|announced|launched|happened|dropped|came out)\b|\blive (?:score|scores|stream|results|updates|coverage|feed|price|prices)\b|\b(?:recent|new|newest) (?:developments?|news|events|advances|research|papers|articles|studies|updates|changes|releases?|results|findings|breakthroughs|trends|announcements?)\b",
     ),
     (
         "web:fresh_topic",
@@ -271,7 +277,7 @@ const CUES: &[(&str, &str)] = &[
     ),
     (
         "web:fresh_topic",
-        r"\b(?:ceo|cto|cfo|chairman|head coach) of\b|\bwho is (?:the )?(?:current )?(?:president|prime minister|chancellor|ceo|king|pope|mayor|governor|champion|coach)\b|\bflight status\b|\btraffic (?:on|in|at|near)\b|\bwhat(?:'s| is) new (?:in|with|about|for)\b",
+        r"\b(?:ceo|cto|cfo|chairman|head coach) of\b|\bwho is (?:the )?(?:current )?(?:president|prime minister|chancellor|ceo|king|pope|mayor|governor|champion|coach)\b|\bflight status\b|\btraffic (?:on|in|at|near)\b|\bwhat(?:'s| is) new (?:in|with|about|for)\b|\bany (?:updates?|news|word) (?:on|about|regarding|from)\b",
     ),
     (
         "web:temporal_hint",
@@ -285,7 +291,8 @@ const CUES: &[(&str, &str)] = &[
     ("reason:code_fence", r"```|~~~"),
     // ---- probes: cheap gates for the computed rules ----
     (PROBE_YEAR, r"\b20\d\d\b"),
-    (PROBE_QUESTIONS, r"(?:\?|(?u:？)).*(?:\?|(?u:？))"),
+    (PROBE_QUESTIONS, r"(?:\?|(?u:？))(?s:.)*(?:\?|(?u:？))"),
+    (PROBE_DENIED_DOMAIN, r"\b(?:asp|ado|vb)\.net\b"),
     (
         "reason:stack_trace",
         r"\btraceback \(most recent call last\)|\bpanicked at\b|\bthread '[\w-]+' panicked|\berror\[e\d{3,4}\]|\bexception in thread\b|\b\w{2,}(?:error|exception)\b|\bsegmentation fault\b|\bsegfault|\bcore dumped\b|\bstack ?trace\b|\bbacktrace\b",
@@ -370,11 +377,13 @@ const CUES: &[(&str, &str)] = &[
 const DOMAIN_PATTERN: &str = r"(?:^|[^@\w.-])[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|ai|dev|gov|edu|co|news|info|tv|gg|uk|de|fr|eu|app|xyz)\b";
 
 /// Dotted names that look like domains but are technologies.
+/// Keep in step with the `PROBE_DENIED_DOMAIN` pattern.
 const DOMAIN_DENY: &[&str] = &["asp.net", "ado.net", "vb.net"];
 
 /// Probe ids: patterns that only gate a computed rule.
 const PROBE_YEAR: &str = "probe:year";
 const PROBE_QUESTIONS: &str = "probe:questions";
+const PROBE_DENIED_DOMAIN: &str = "probe:denied_domain";
 
 /// What a set pattern feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +393,8 @@ enum Target {
     ProbeYear,
     /// At least two question marks (gates [`count_questions`]).
     ProbeQuestions,
+    /// A name in [`DOMAIN_DENY`]: bare-domain hits must then be checked one by one.
+    ProbeDeniedDomain,
 }
 
 struct Matcher {
@@ -401,9 +412,9 @@ struct Matcher {
 }
 
 /// Compile the cue set once. Unicode mode is off, so `\b`, `\w` and `\d` are ASCII and the
-/// set stays on the lazy DFA even for non-ASCII input.
+/// set stays on the lazy DFA even for non-ASCII input. Patterns go through [`flex`].
 fn compile_set() -> Matcher {
-    let patterns: Vec<&str> = CUES.iter().map(|(_, p)| *p).collect();
+    let patterns: Vec<String> = CUES.iter().map(|(_, p)| flex(p)).collect();
     let set = RegexSetBuilder::new(&patterns)
         .unicode(false)
         .size_limit(64 << 20)
@@ -415,6 +426,7 @@ fn compile_set() -> Matcher {
         .map(|(id, _)| match *id {
             PROBE_YEAR => Target::ProbeYear,
             PROBE_QUESTIONS => Target::ProbeQuestions,
+            PROBE_DENIED_DOMAIN => Target::ProbeDeniedDomain,
             id => Target::Rule(slot(id)),
         })
         .collect();
@@ -422,7 +434,7 @@ fn compile_set() -> Matcher {
         .iter()
         .position(|(_, p)| *p == DOMAIN_PATTERN)
         .expect("domain pattern present");
-    let domain = RegexBuilder::new(DOMAIN_PATTERN)
+    let domain = RegexBuilder::new(&flex(DOMAIN_PATTERN))
         .unicode(false)
         .build()
         .expect("domain pattern compiles");
@@ -440,126 +452,71 @@ fn compile_set() -> Matcher {
 
 static MATCHER: LazyLock<Matcher> = LazyLock::new(compile_set);
 
-/// Lowercase, trim and collapse every run of whitespace (including newlines) into one space.
-/// Typographic apostrophes (`’`, `‘`) become `'`. The caller strips mentions and the reply
-/// fallback before this.
+/// Patterns are written for normalised text (single spaces, `'`), but the scan runs on the
+/// trimmed message with only ASCII lowercased, which is far cheaper than normalising a long
+/// paste. So outside character classes a literal space becomes `\s+` (` ?`/` *` become `\s*`)
+/// and `'` also accepts the typographic `’`.
+fn flex(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() * 2);
+    let mut chars = pattern.chars().peekable();
+    let mut in_class = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                out.push(c);
+                if let Some(next) = chars.next() {
+                    out.push(next);
+                }
+            }
+            '[' if !in_class => {
+                in_class = true;
+                out.push(c);
+            }
+            ']' if in_class => {
+                in_class = false;
+                out.push(c);
+            }
+            ' ' if !in_class => match chars.peek() {
+                Some('?' | '*') => {
+                    chars.next();
+                    out.push_str(r"\s*");
+                }
+                Some('+') => {
+                    chars.next();
+                    out.push_str(r"\s+");
+                }
+                _ => out.push_str(r"\s+"),
+            },
+            '\'' if !in_class => out.push_str("(?:'|(?u:\u{2019}))"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Lowercase, trim and collapse every run of whitespace (including newlines and Unicode
+/// spaces) into one space; typographic apostrophes (`’`, `‘`) become `'`. The caller strips
+/// mentions and the reply fallback before this.
 pub fn normalise(text: &str) -> String {
-    let folded = fold(text);
-    if folded.is_ascii() {
-        folded
-    } else {
-        folded.to_lowercase()
-    }
-}
-
-/// [`normalise`] without Unicode case mapping: trims, collapses whitespace, maps typographic
-/// apostrophes and lowercases ASCII only. The cue patterns are ASCII, so this is all the scan
-/// needs, and it stays close to memcpy speed: canonical runs (words separated by single
-/// spaces) are copied in one piece.
-fn fold(text: &str) -> String {
-    let text = text.trim();
-    let b = text.as_bytes();
-    let n = b.len();
-    let mut out: Vec<u8> = Vec::with_capacity(n);
-    let mut run = 0; // start of the bytes not yet copied
-    let mut i = 0;
-    while i < n {
-        if let Some(w) = b.get(i..=i + FOLD_CHUNK) {
-            if chunk_is_plain(w) {
-                i += FOLD_CHUNK;
-                continue;
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            out.push_str(word);
+            continue;
+        }
+        for c in word.chars() {
+            match c {
+                '\u{2018}' | '\u{2019}' => out.push('\''),
+                c if c.is_ascii() => out.push(c),
+                c => out.extend(c.to_lowercase()),
             }
         }
-        let c = b[i];
-        // Fast path: printable ASCII and UTF-8 continuation/2-byte lead bytes that cannot start
-        // whitespace or an apostrophe.
-        if c > b' ' && c < 0xC2 {
-            i += 1;
-            continue;
-        }
-        // A single space before a plain byte is already canonical.
-        if c == b' ' && b.get(i + 1).is_some_and(|&d| d > b' ' && d < 0xC2) {
-            i += 2;
-            continue;
-        }
-        let (ws_len, apostrophe) = special_at(text, i);
-        if apostrophe {
-            out.extend_from_slice(&b[run..i]);
-            out.push(b'\'');
-            i += ws_len;
-            run = i;
-            continue;
-        }
-        if ws_len == 0 {
-            i += 1;
-            continue;
-        }
-        // A whitespace run: find its end.
-        let mut j = i + ws_len;
-        loop {
-            match special_at(text, j) {
-                (len, false) if len > 0 => j += len,
-                _ => break,
-            }
-        }
-        if !(c == b' ' && j == i + 1) {
-            out.extend_from_slice(&b[run..i]);
-            out.push(b' ');
-            run = j;
-        }
-        i = j;
     }
-    out.extend_from_slice(&b[run..]);
     out.make_ascii_lowercase();
-    // Only whole chars were copied or replaced by ASCII, so this is valid UTF-8.
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// Bytes [`fold`] skips at once when none of them needs rewriting.
-const FOLD_CHUNK: usize = 32;
-
-/// `w` holds a chunk plus the byte after it. True when the chunk has no control byte, no lead
-/// byte of a possible non-ASCII space or apostrophe, and no space followed by anything but a
-/// plain byte. Branch-free so it vectorises.
-#[inline]
-fn chunk_is_plain(w: &[u8]) -> bool {
-    let Ok(w) = <&[u8; FOLD_CHUNK + 1]>::try_from(w) else {
-        return false;
-    };
-    let mut bad = false;
-    for k in 0..FOLD_CHUNK {
-        let c = w[k];
-        let next = w[k + 1];
-        bad |= c < b' '
-            || c == 0xC2
-            || c.wrapping_sub(0xE1) < 3
-            || (c == b' ' && (next <= b' ' || next >= 0xC2));
-    }
-    !bad
-}
-
-/// At byte `i` of `text` (a char boundary): `(len, false)` for a whitespace char of `len` bytes,
-/// `(len, true)` for a typographic apostrophe, `(0, false)` otherwise.
-fn special_at(text: &str, i: usize) -> (usize, bool) {
-    let b = text.as_bytes();
-    let Some(&c) = b.get(i) else {
-        return (0, false);
-    };
-    if c < 0x80 {
-        return (
-            usize::from(matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)),
-            false,
-        );
-    }
-    // Only these lead bytes start a non-ASCII whitespace char or U+2018/U+2019.
-    if !matches!(c, 0xC2 | 0xE1 | 0xE2 | 0xE3) {
-        return (0, false);
-    }
-    match text.get(i..).and_then(|t| t.chars().next()) {
-        Some(ch @ ('\u{2018}' | '\u{2019}')) => (ch.len_utf8(), true),
-        Some(ch) if ch.is_whitespace() => (ch.len_utf8(), false),
-        _ => (0, false),
-    }
+    out
 }
 
 /// Route a message. Pure and deterministic; see the module documentation.
@@ -568,8 +525,7 @@ pub fn decide(text: &str, options: &RouterOptions) -> Decision {
     if let Some(decision) = forced(trimmed) {
         return decision;
     }
-    let norm = fold(trimmed);
-    if norm.is_empty() {
+    if trimmed.is_empty() {
         return Decision {
             route: Route::GrokDirect,
             source: RouterSource::Default,
@@ -579,7 +535,7 @@ pub fn decide(text: &str, options: &RouterOptions) -> Decision {
             ambiguous: false,
         };
     }
-    if let Some(rules) = trivial_candidate(&norm).and_then(|n| trivial(&n)) {
+    if let Some(rules) = trivial_candidate(trimmed).and_then(|n| trivial(&n)) {
         return Decision {
             route: Route::TrivialDirect,
             source: RouterSource::Heuristic,
@@ -590,7 +546,11 @@ pub fn decide(text: &str, options: &RouterOptions) -> Decision {
         };
     }
 
-    let hits = scan(&norm, options);
+    let mut hits = scan(&trimmed.to_ascii_lowercase(), options);
+    let limit = options.long_input_chars;
+    if trimmed.len() > limit && trimmed.chars().count() > limit {
+        hits[MATCHER.long_input] = true;
+    }
     let mut web = Score::default();
     let mut reason = Score::default();
     for (i, r) in RULES.iter().enumerate() {
@@ -695,60 +655,64 @@ fn forced(trimmed: &str) -> Option<Decision> {
 struct Probes {
     year: bool,
     questions: bool,
+    denied_domain: bool,
 }
 
-/// Run the cue set and the computed rules; returns one flag per [`RULES`] slot.
+/// Run the cue set and the computed rules (all but long input) over the ASCII-lowercased
+/// message; returns one flag per [`RULES`] slot.
 ///
 /// A fenced code block is a strong reasoning cue by itself, and a URL or a date inside pasted
 /// code is not a request for the web, so when the text has a fence only the prose around the
 /// fences is scanned (which also keeps large pastes cheap).
-fn scan(norm: &str, options: &RouterOptions) -> [bool; N_RULES] {
+fn scan(text: &str, options: &RouterOptions) -> [bool; N_RULES] {
     let m = &*MATCHER;
     let mut hits = [false; N_RULES];
-    let fenced = norm.contains("```") || norm.contains("~~~");
+    // `contains(char)` is a memchr; the three-byte search runs only when it hits.
+    let fenced = (text.contains('`') && text.contains("```"))
+        || (text.contains('~') && text.contains("~~~"));
     let prose = if fenced {
         hits[m.fence] = true;
-        Cow::Owned(strip_fences(norm))
+        Cow::Owned(strip_fences(text))
     } else {
-        Cow::Borrowed(norm)
+        Cow::Borrowed(text)
     };
-    let probes = mark(m, &prose, &mut hits);
-    if probes.year && has_fresh_year(prose.as_bytes(), options.cutoff_year) {
+    let probes = mark(m, prose.as_bytes(), &mut hits);
+    if probes.year && has_fresh_year(&prose, options.cutoff_year) {
         hits[m.year] = true;
     }
-    if probes.questions && count_questions(prose.as_bytes()) >= 2 {
+    if probes.questions && count_questions(&prose) >= 2 {
         hits[m.multi_question] = true;
-    }
-    if norm.len() > options.long_input_chars && norm.chars().count() > options.long_input_chars {
-        hits[m.long_input] = true;
     }
     hits
 }
 
 /// One pass of the set over `text`: sets rule flags and returns the probes.
-fn mark(m: &Matcher, text: &str, hits: &mut [bool; N_RULES]) -> Probes {
+fn mark(m: &Matcher, text: &[u8], hits: &mut [bool; N_RULES]) -> Probes {
     let mut probes = Probes::default();
-    for i in m.set.matches(text.as_bytes()).iter() {
+    let matches = m.set.matches(text);
+    for i in matches.iter() {
         match m.targets[i] {
             Target::ProbeYear => probes.year = true,
             Target::ProbeQuestions => probes.questions = true,
-            Target::Rule(s) => {
-                if hits[s] {
-                    continue;
-                }
-                if i == m.domain_index && !has_domain(m, text) {
-                    continue;
-                }
-                hits[s] = true;
+            Target::ProbeDeniedDomain => probes.denied_domain = true,
+            Target::Rule(_) => {}
+        }
+    }
+    for i in matches.iter() {
+        if let Target::Rule(s) = m.targets[i] {
+            // A bare-domain hit needs a second look only when a denied name is present.
+            if i == m.domain_index && probes.denied_domain && !has_domain(m, text) {
+                continue;
             }
+            hits[s] = true;
         }
     }
     probes
 }
 
 /// True when some bare-domain hit is not a technology name such as `asp.net`.
-fn has_domain(m: &Matcher, text: &str) -> bool {
-    m.domain.find_iter(text.as_bytes()).any(|hit| {
+fn has_domain(m: &Matcher, text: &[u8]) -> bool {
+    m.domain.find_iter(text).any(|hit| {
         let s = hit.as_bytes();
         let s = match s.first() {
             Some(c) if !c.is_ascii_alphanumeric() => &s[1..],
@@ -783,93 +747,90 @@ fn strip_fences(text: &str) -> String {
 }
 
 /// A standalone four-digit year in `cutoff..=2099` that is not an operand of arithmetic.
-fn has_fresh_year(b: &[u8], cutoff: i32) -> bool {
-    let n = b.len();
-    let mut i = 0;
-    while i + 4 <= n {
-        if !b[i].is_ascii_digit() {
-            i += 1;
-            continue;
+fn has_fresh_year(text: &str, cutoff: i32) -> bool {
+    let b = text.as_bytes();
+    // Every candidate starts with "20": jump between '2's with memchr.
+    text.match_indices('2').any(|(start, _)| {
+        let end = start + 4;
+        let Some(digits) = b.get(start..end) else {
+            return false;
+        };
+        if digits[1] != b'0' || !digits[2].is_ascii_digit() || !digits[3].is_ascii_digit() {
+            return false;
         }
-        let start = i;
-        while i < n && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i - start != 4 {
-            continue;
-        }
-        // Not glued to letters or decimals ("v2026", "2026.5", "2026px").
+        // Standalone: not glued to letters, digits, decimals or a currency sign ("v2026",
+        // "12026", "2026.5", "$2030", "2026px").
         let prev = if start > 0 { b[start - 1] } else { b' ' };
-        let next = if i < n { b[i] } else { b' ' };
+        let next = b.get(end).copied().unwrap_or(b' ');
         if prev.is_ascii_alphanumeric()
             || prev == b'.'
             || prev == b'$'
-            || next.is_ascii_alphabetic()
+            || next.is_ascii_alphanumeric()
+            || (next == b'.' && b.get(end + 1).is_some_and(u8::is_ascii_digit))
         {
-            continue;
+            return false;
         }
-        if next == b'.' && i + 1 < n && b[i + 1].is_ascii_digit() {
-            continue;
-        }
-        if is_operand(b, start, i) {
-            continue;
-        }
-        let year = b[start..i]
+        let year = digits
             .iter()
             .fold(0i32, |acc, d| acc * 10 + i32::from(d - b'0'));
-        if year >= cutoff && year <= 2099 {
-            return true;
-        }
-    }
-    false
+        (cutoff..=2099).contains(&year) && !is_operand(b, start, end)
+    })
 }
 
-/// The nearest non-space neighbour of `b[start..end]` is an arithmetic operator.
+/// The number at `b[start..end]` is an operand: its nearest non-space neighbour is an operator,
+/// or a minus set off by spaces ("2030 - 5"; "2025-2026" and "2026-01-15" are not).
 fn is_operand(b: &[u8], start: usize, end: usize) -> bool {
     const OPS: &[u8] = b"+*/^=%";
-    let before = b[..start].iter().rev().find(|c| **c != b' ');
-    let after = b[end..].iter().find(|c| **c != b' ');
-    let spaced_minus = |side: &[u8]| side.len() >= 2 && side.contains(&b'-');
-    if before.is_some_and(|c| OPS.contains(c)) || after.is_some_and(|c| OPS.contains(c)) {
-        return true;
-    }
-    // "2030 - 5" is arithmetic; "2025-2026" and "2026-01-15" are dates or ranges.
-    let left = &b[start.saturating_sub(2)..start];
-    let right = &b[end..(end + 2).min(b.len())];
-    (left == b"- " && spaced_minus(left)) || (right == b" -" && spaced_minus(right))
+    let before = b[..start].iter().rposition(|c| !c.is_ascii_whitespace());
+    let after = b[end..]
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .map(|p| end + p);
+    let spaced_minus = |at: usize| {
+        b[at] == b'-'
+            && at > 0
+            && b[at - 1].is_ascii_whitespace()
+            && b.get(at + 1).is_some_and(u8::is_ascii_whitespace)
+    };
+    before.is_some_and(|p| OPS.contains(&b[p]) || spaced_minus(p))
+        || after.is_some_and(|p| OPS.contains(&b[p]) || spaced_minus(p))
 }
 
-/// Questions of at least two words (runs of `?` count once).
-fn count_questions(b: &[u8]) -> usize {
-    let marks = b.iter().filter(|c| **c == b'?').count()
-        + b.windows(3).filter(|w| *w == "？".as_bytes()).count();
-    if marks < 2 {
-        return 0;
+/// Questions of at least two words (runs of `?` count once): the text before each question
+/// mark, back to the previous one, must hold two words.
+fn count_questions(text: &str) -> usize {
+    let b = text.as_bytes();
+    let mut marks: Vec<(usize, usize)> = text.match_indices('?').map(|(i, _)| (i, 1)).collect();
+    if text.contains('？') {
+        marks.extend(text.match_indices('？').map(|(i, q)| (i, q.len())));
+        marks.sort_unstable();
     }
     let mut count = 0;
+    let mut segment_start = 0;
+    for (at, len) in marks {
+        if has_two_words(&b[segment_start..at]) {
+            count += 1;
+        }
+        segment_start = at + len;
+    }
+    count
+}
+
+/// At least two words, looking backwards from the end (so long segments stop early).
+fn has_two_words(segment: &[u8]) -> bool {
     let mut words = 0;
     let mut in_word = false;
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        let is_q = c == b'?' || b[i..].starts_with("？".as_bytes());
-        if is_q {
-            if words >= 2 {
-                count += 1;
-            }
-            words = 0;
-            in_word = false;
-            i += if c == b'?' { 1 } else { 3 };
-            continue;
-        }
+    for &c in segment.iter().rev() {
         let wordy = c.is_ascii_alphanumeric() || c >= 0x80 || c == b'\'';
         if wordy && !in_word {
             words += 1;
+            if words == 2 {
+                return true;
+            }
         }
         in_word = wordy;
-        i += 1;
     }
-    count
+    false
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1358,16 +1319,14 @@ fn is_guard(c: char) -> bool {
     ) || c.is_numeric()
 }
 
-/// The fully normalised text when a folded message is short enough to be small talk.
-fn trivial_candidate(folded: &str) -> Option<Cow<'_, str>> {
-    if folded.len() > TRIVIAL_MAX_CHARS * 4 || folded.chars().count() > TRIVIAL_MAX_CHARS {
+/// The normalised text when a message is short enough to be small talk.
+fn trivial_candidate(trimmed: &str) -> Option<String> {
+    // Cheap bound first (a char is at most 4 bytes; leave room for whitespace runs).
+    if trimmed.len() > TRIVIAL_MAX_CHARS * 8 {
         return None;
     }
-    Some(if folded.is_ascii() {
-        Cow::Borrowed(folded)
-    } else {
-        Cow::Owned(folded.to_lowercase())
-    })
+    let norm = normalise(trimmed);
+    (norm.chars().count() <= TRIVIAL_MAX_CHARS).then_some(norm)
 }
 
 /// The trivial rule ids when the whole normalised message is small talk.
@@ -1462,45 +1421,336 @@ mod tests {
         decide(text, &RouterOptions::default())
     }
 
+    use Route::{GrokDirect as D, ReasonThenGrok as R, TrivialDirect as T, WebThenGrok as W};
+    use RouterSource::{Default as Def, Forced as F, Heuristic as H};
+
+    /// (message, route, source, rule ids that must be among the matched ones)
+    const TABLE: &[(&str, Route, RouterSource, &[&str])] = &[
+        // forced prefixes (any case), stripped from the text
+        ("!web what is rust", W, F, &["forced:web"]),
+        ("!WEB what is rust", W, F, &["forced:web"]),
+        ("!think what is 2+2", R, F, &["forced:think"]),
+        ("!Fast hello", T, F, &["forced:fast"]),
+        ("!direct latest news please", D, F, &["forced:direct"]),
+        ("!think", R, F, &["forced:think"]),
+        // not a prefix: another word, or not at the start
+        ("!webhook setup help", D, Def, &[]),
+        ("tell me !web things", D, Def, &[]),
+        // trivial, several languages
+        ("hi", T, H, &["trivial:greeting"]),
+        ("Hello there!", T, H, &["trivial:greeting"]),
+        ("good morning grok", T, H, &["trivial:greeting"]),
+        ("heyyy 👋", T, H, &["trivial:greeting", "trivial:ack"]),
+        ("thanks!", T, H, &["trivial:thanks"]),
+        ("thanks so much for the help", T, H, &["trivial:thanks"]),
+        ("thank you so much for all the help", D, Def, &[]),
+        ("ok cool", T, H, &["trivial:ack"]),
+        ("👍", T, H, &["trivial:ack"]),
+        ("hahaha", T, H, &["trivial:ack"]),
+        ("bye, see you later", T, H, &["trivial:farewell"]),
+        ("merci beaucoup !", T, H, &["trivial:thanks"]),
+        ("Danke schön", T, H, &["trivial:thanks"]),
+        ("¡Hola amigo!", T, H, &["trivial:greeting"]),
+        ("Bonjour à tous", T, H, &["trivial:greeting"]),
+        ("спасибо большое", T, H, &["trivial:thanks"]),
+        ("谢谢", T, H, &["trivial:thanks"]),
+        ("ありがとうございます", T, H, &["trivial:thanks"]),
+        ("ok, thanks, bye", T, H, &["trivial:thanks", "trivial:ack", "trivial:farewell"]),
+        // trivial guards: question mark, digits, URL, too long, code, extra words
+        ("hi?", D, Def, &[]),
+        ("thanks 2", D, Def, &[]),
+        ("hi https://matrix.org", W, H, &["web:url"]),
+        ("hello hello hello hello hello hello hello", D, Def, &[]),
+        ("ok `x`", D, Def, &[]),
+        ("hi, can you explain what Matrix federation is?", D, Def, &[]),
+        ("thanks, and what is an appservice?", D, Def, &[]),
+        ("hey, quick question", D, Def, &[]),
+        ("yes", D, Def, &[]),
+        // generic words are not web cues
+        ("what is a monad?", D, Def, &[]),
+        ("explain how photosynthesis works", D, Def, &[]),
+        ("what is the best pizza topping", D, Def, &[]),
+        ("tell me about the roman empire", D, Def, &[]),
+        ("write a haiku about autumn", D, Def, &[]),
+        ("who was the first president of the united states", D, Def, &["web:topic_hint"]),
+        // web
+        ("summarize https://example.org/blog/post-1", W, H, &["web:url"]),
+        ("is the matrix.org homeserver down right now?", W, H, &["web:url", "web:temporal", "web:fresh_topic"]),
+        ("search for recent papers on speculative decoding", W, H, &["web:search"]),
+        ("can you look up the population of Lagos", W, H, &["web:search"]),
+        ("cite sources for the health effects of coffee", W, H, &["web:search"]),
+        ("what's trending on X", W, H, &["web:social"]),
+        ("what did the fed announce yesterday", W, H, &["web:temporal"]),
+        ("latest news about the Rust 2027 edition", W, H, &["web:temporal", "web:year", "web:fresh_topic"]),
+        ("best movies of 2026", W, H, &["web:year"]),
+        ("what's the weather in Berlin", W, H, &["web:fresh_topic"]),
+        ("exchange rate EUR to USD", W, H, &["web:fresh_topic"]),
+        ("who won the champions league final", W, H, &["web:fresh_topic"]),
+        ("release date of the next zelda game", W, H, &["web:fresh_topic"]),
+        ("is the current version of python still 3.12", W, H, &["web:temporal_hint", "web:topic_hint"]),
+        // web wins over reasoning
+        ("compare the latest iPhone and Pixel prices", W, H, &["web:temporal", "reason:compare"]),
+        ("solve today's wordle step by step", W, H, &["web:temporal", "reason:math", "reason:step_by_step"]),
+        // ... but weak web hints do not beat a strong reasoning cue
+        ("write a python function that returns the current version", R, H, &["reason:code_task"]),
+        // reasoning
+        ("what is 17 * 23 + 4?", R, H, &["reason:arithmetic"]),
+        ("what's 100/4", R, H, &["reason:arithmetic"]),
+        ("solve 3x + 7 = 22 for x", R, H, &["reason:math", "reason:arithmetic"]),
+        ("prove that the square root of 2 is irrational", R, H, &["reason:math"]),
+        ("integrate x^2 sin x", R, H, &["reason:math"]),
+        ("how many ways can 5 people sit around a round table", R, H, &["reason:math"]),
+        ("simplify \\frac{x^2}{x}", R, H, &["reason:latex"]),
+        ("what is $$\\sum_{i=1}^n i$$", R, H, &["reason:latex"]),
+        ("why does this panic?\n```rust\nlet v: Vec<u8> = vec![];\nv[0];\n```", R, H, &["reason:code_fence"]),
+        ("Traceback (most recent call last):\n  File \"a.py\", line 3\nZeroDivisionError: division by zero", R, H, &["reason:stack_trace"]),
+        ("thread 'main' panicked at src/main.rs:2:5", R, H, &["reason:stack_trace"]),
+        ("error[E0382]: borrow of moved value: `v`", R, H, &["reason:stack_trace"]),
+        ("fn main() { let mut x = 1; }", R, H, &["reason:code"]),
+        ("SELECT * FROM users WHERE id = 1", R, H, &["reason:code"]),
+        ("write a function in Rust that reverses a linked list", R, H, &["reason:code_task"]),
+        ("help me debug my react component", R, H, &["reason:code_task"]),
+        ("write a regex for email addresses", R, H, &["reason:code_task"]),
+        ("explain step by step how a bill becomes law", R, H, &["reason:step_by_step"]),
+        ("pros and cons of remote work", R, H, &["reason:compare"]),
+        ("compare postgres vs sqlite", R, H, &["reason:compare", "reason:compare_hint"]),
+        ("what is a monad? how is it used in haskell?", R, H, &["reason:multi_question"]),
+        ("design a database schema for a library", R, H, &["reason:code_task"]),
+        // weak hints only: ambiguous default, or ambiguous heuristic when two hints agree
+        ("what's the difference between a virus and a bacterium", D, Def, &["reason:compare_hint"]),
+        ("explain what a closure is in javascript", D, Def, &["reason:code_hint"]),
+        ("plan an algorithm for my chores", R, H, &["reason:code_hint", "reason:planning_hint"]),
+        // code fences hide their contents from the web cues
+        ("why won't this build?\n```toml\nfoo = { git = \"https://github.com/a/b\" }\n```", R, H, &["reason:code_fence"]),
+        // unicode, emoji, empty
+        ("", D, Def, &[]),
+        ("   \n\t ", D, Def, &[]),
+        ("🤔🤔🤔 数据 和 模型 café", D, Def, &[]),
+        ("Что нового сегодня? 📰", D, Def, &[]),
+        ("what’s the weather tomorrow", W, H, &["web:temporal", "web:fresh_topic"]),
+    ];
+
     #[test]
-    fn placeholder() {
-        let _ = d("hi");
+    fn table() {
+        let mut failures = Vec::new();
+        for (text, route, source, rules) in TABLE {
+            let got = d(text);
+            let missing: Vec<_> = rules.iter().filter(|r| !got.rules.contains(r)).collect();
+            if got.route != *route || got.source != *source || !missing.is_empty() {
+                failures.push(format!(
+                    "{text:?}: want {route:?}/{source:?} with {rules:?}, got {:?}/{:?} {:?}",
+                    got.route, got.source, got.rules
+                ));
+            }
+        }
+        assert!(TABLE.len() >= 40);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
-}
-#[doc(hidden)]
-pub fn debug_cues() -> Vec<(&'static str, &'static str)> {
-    CUES.to_vec()
-}
-#[doc(hidden)]
-pub fn debug_parts(text: &str) -> [f64; 5] {
-    use std::time::Instant;
-    let o = RouterOptions::default();
-    let n = 2000;
-    let st = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(fold(std::hint::black_box(text)));
+
+    #[test]
+    fn invariants_hold_for_every_table_message() {
+        for (text, ..) in TABLE {
+            let got = d(text);
+            assert!(
+                (0.0..=1.0).contains(&got.confidence),
+                "{text:?}: confidence {}",
+                got.confidence
+            );
+            assert!(
+                !matches!(
+                    got.source,
+                    RouterSource::Classifier | RouterSource::Degraded
+                ),
+                "{text:?}"
+            );
+            if got.source == RouterSource::Heuristic || got.source == RouterSource::Forced {
+                assert!(!got.rules.is_empty(), "{text:?}: no rules");
+            }
+            for r in &got.rules {
+                assert!(RULE_IDS.contains(r), "{text:?}: unknown rule {r}");
+            }
+            assert_eq!(got, d(text), "{text:?}: not deterministic");
+        }
     }
-    let a = st.elapsed().as_secs_f64() * 1e6 / n as f64;
-    let f = fold(text);
-    let st = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(MATCHER.set.matches(std::hint::black_box(f.as_bytes())));
+
+    #[test]
+    fn every_rule_fires_somewhere_in_the_table() {
+        let mut seen: Vec<&str> = Vec::new();
+        for (text, ..) in TABLE {
+            seen.extend(d(text).rules);
+        }
+        seen.push(d(&"why is the sky blue. ".repeat(50)).rules[0]);
+        for id in RULE_IDS {
+            assert!(seen.contains(id), "rule {id} never fired");
+        }
+        for r in RULES {
+            assert!(RULE_IDS.contains(&r.id), "{} missing from RULE_IDS", r.id);
+        }
+        assert_eq!(RULE_IDS.len(), RULES.len() + 8);
     }
-    let b = st.elapsed().as_secs_f64() * 1e6 / n as f64;
-    let st = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(has_domain(&MATCHER, std::hint::black_box(&f)));
+
+    #[test]
+    fn forced_prefix_is_stripped_and_keeps_case() {
+        let got = d("  !web   What's NEW in Rust?  ");
+        assert_eq!(got.route, Route::WebThenGrok);
+        assert_eq!(got.source, RouterSource::Forced);
+        assert_eq!(got.confidence, 1.0);
+        assert_eq!(got.rules, vec!["forced:web"]);
+        assert_eq!(got.text, "What's NEW in Rust?");
+        assert!(!got.ambiguous);
+
+        let only = d("!THINK");
+        assert_eq!(only.route, Route::ReasonThenGrok);
+        assert_eq!(only.text, "");
+        let newline = d("!fast\nhello");
+        assert_eq!(newline.route, Route::TrivialDirect);
+        assert_eq!(newline.text, "hello");
+        // Unforced text is trimmed, original case.
+        assert_eq!(d("  Hello There  ").text, "Hello There");
     }
-    let c = st.elapsed().as_secs_f64() * 1e6 / n as f64;
-    let st = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(scan(std::hint::black_box(&f), &o));
+
+    #[test]
+    fn confidence_scheme() {
+        assert_eq!(d("hi").confidence, CONF_TRIVIAL);
+        assert_eq!(d("what is a monad").confidence, CONF_DEFAULT);
+        let hinted = d("what's the difference between a virus and a bacterium");
+        assert_eq!(hinted.confidence, CONF_DEFAULT_HINTED);
+        assert!(hinted.ambiguous);
+        assert_eq!(d("prove it with a theorem").confidence, CONF_STRONG_ONE);
+        let many = d("solve x^2 = 4 step by step");
+        assert_eq!(many.confidence, CONF_STRONG_MANY);
+        assert!(!many.ambiguous);
+        let weak = d("is the current version of python still 3.12");
+        assert_eq!(weak.route, Route::WebThenGrok);
+        assert_eq!(weak.confidence, CONF_WEAK);
+        assert!(weak.ambiguous);
+        // Web won over a strong reasoning cue: penalised.
+        let both = d("compare today's weather in Paris and Rome");
+        assert_eq!(both.route, Route::WebThenGrok);
+        assert!((both.confidence - (CONF_STRONG_MANY - CONF_CONFLICT_PENALTY)).abs() < 1e-9);
+        assert!(!d("").ambiguous);
     }
-    let d = st.elapsed().as_secs_f64() * 1e6 / n as f64;
-    let st = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(decide(std::hint::black_box(text), &o));
+
+    #[test]
+    fn long_input_is_reasoning_and_respects_the_option() {
+        let text = "tell me a story about a dog. ".repeat(40);
+        let got = d(&text);
+        assert_eq!(got.route, Route::ReasonThenGrok);
+        assert!(got.rules.contains(&"reason:long_input"));
+        let relaxed = RouterOptions {
+            long_input_chars: 10_000,
+            ..RouterOptions::default()
+        };
+        assert_eq!(decide(&text, &relaxed).route, Route::GrokDirect);
+        // Long, but asking for the web: web still wins.
+        let web = format!("{text} what's the weather today?");
+        assert_eq!(d(&web).route, Route::WebThenGrok);
     }
-    let e = st.elapsed().as_secs_f64() * 1e6 / n as f64;
-    [a, b, c, d, e]
+
+    #[test]
+    fn cutoff_year_option() {
+        let text = "best movies of 2025";
+        assert_eq!(d(text).route, Route::WebThenGrok);
+        let later = RouterOptions {
+            cutoff_year: 2026,
+            ..RouterOptions::default()
+        };
+        assert_eq!(decide(text, &later).route, Route::GrokDirect);
+        // Years inside arithmetic, prices, versions or longer numbers do not count.
+        for text in [
+            "what is 2025 * 3",
+            "what is 2030 - 7",
+            "it costs $2030",
+            "version v2026 notes",
+            "port 20250",
+            "the year 1999",
+            "2026px wide",
+        ] {
+            assert!(!d(text).rules.contains(&"web:year"), "{text:?}");
+        }
+        for text in ["the 2025-2026 season", "on 2026-01-15", "in 2027, who"] {
+            assert!(d(text).rules.contains(&"web:year"), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn domains_and_lookalikes() {
+        assert!(d("what is reddit.com").rules.contains(&"web:url"));
+        assert!(d("check www.example.net please").rules.contains(&"web:url"));
+        assert!(!d("mail me at bob@example.com").rules.contains(&"web:url"));
+        assert!(!d("how do I start with asp.net core")
+            .rules
+            .contains(&"web:url"));
+        assert!(d("asp.net vs example.io").rules.contains(&"web:url"));
+        assert!(!d("edit main.rs and build.sh").rules.contains(&"web:url"));
+        assert!(!d("e.g. this, i.e. that").rules.contains(&"web:url"));
+    }
+
+    #[test]
+    fn question_counting() {
+        assert_eq!(count_questions("what is x? and how does y work?"), 2);
+        assert_eq!(count_questions("what? really??"), 0);
+        assert_eq!(count_questions("is it ok？ 为什么 不行？"), 2);
+        assert!(!d("what? really?").rules.contains(&"reason:multi_question"));
+    }
+
+    #[test]
+    fn whitespace_and_apostrophes_do_not_matter() {
+        let a = d("who   won\n\nthe  game\tlast night");
+        assert_eq!(a.route, Route::WebThenGrok);
+        assert_eq!(a.rules, d("who won the game last night").rules);
+        assert_eq!(d("what’s new in rust").rules, d("what's new in rust").rules);
+    }
+
+    #[test]
+    fn unicode_and_emoji_are_safe() {
+        for text in [
+            "🙂",
+            "👨‍👩‍👧‍👦 family",
+            "İstanbul'da hava nasıl",
+            "ǅ",
+            "\u{200B}",
+            "a\u{0301}",
+            "数据和模型？？",
+            "🌞 today 🌞",
+            "\u{FFFD}\u{FFFD}",
+        ] {
+            let got = d(text);
+            assert!((0.0..=1.0).contains(&got.confidence), "{text:?}");
+        }
+        let big = "Привет 🌞 数据 ".repeat(300);
+        assert_eq!(d(&big).route, Route::ReasonThenGrok);
+    }
+
+    #[test]
+    fn normalise_lowercases_trims_and_collapses() {
+        assert_eq!(normalise("  Hello\n\n  WORLD\t! "), "hello world !");
+        assert_eq!(normalise("Ça  VA\u{00A0}Bien"), "ça va bien");
+        assert_eq!(normalise("What’s UP"), "what's up");
+        assert_eq!(normalise("ПРИВЕТ  Мир"), "привет мир");
+        assert_eq!(normalise(""), "");
+        assert_eq!(normalise(" \n "), "");
+    }
+
+    #[test]
+    fn flex_makes_spaces_and_apostrophes_tolerant() {
+        assert_eq!(flex("a b"), r"a\s+b");
+        assert_eq!(flex("a ?b"), r"a\s*b");
+        assert_eq!(flex(r"[a b]\ c"), r"[a b]\ c");
+        assert_eq!(flex("it's"), "it(?:'|(?u:\u{2019}))s");
+    }
+
+    #[test]
+    fn small_talk_helpers() {
+        assert_eq!(squeeze("heyyy"), "hey");
+        assert!(is_laugh("hahaha"));
+        assert!(is_laugh("jajaja"));
+        assert!(!is_laugh("hash"));
+        assert!(trivial("ok ok ok").is_some());
+        assert!(
+            trivial("grok").is_none(),
+            "fillers alone are not small talk"
+        );
+        assert!(trivial("hi *waves*").is_none());
+    }
 }

@@ -64,6 +64,9 @@ pub struct AuditMismatch {
     pub recomputed: (i64, i64),
 }
 
+/// `(user_id, state, amount_ticks, actual_ticks)` of one reservation, for the audit.
+type AuditRow = (String, String, i64, i64);
+
 /// How a reservation ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -163,13 +166,15 @@ impl Store {
                         )
                 };
                 let add = (
-                    budget_counters::reserved_ticks.eq(budget_counters::reserved_ticks + r.amount_ticks),
+                    budget_counters::reserved_ticks
+                        .eq(budget_counters::reserved_ticks + r.amount_ticks),
                     budget_counters::requests.eq(budget_counters::requests + 1),
                 );
                 if diesel::update(fits(GLOBAL_SCOPE)).set(add).execute(c)? == 0 {
                     return Ok(ReserveResult::GlobalFull);
                 }
-                let undo_global = |c: &mut _| bump!(c, &r.day, GLOBAL_SCOPE, -r.amount_ticks, 0, -1);
+                let undo_global =
+                    |c: &mut _| bump!(c, &r.day, GLOBAL_SCOPE, -r.amount_ticks, 0, -1);
                 if diesel::update(fits(&scope)).set(add).execute(c)? == 0 {
                     undo_global(c)?;
                     return Ok(ReserveResult::UserFull);
@@ -210,9 +215,11 @@ impl Store {
     /// reservation is counted at its estimate rather than at zero.
     pub async fn budget_mark_dispatched(&self, id: String) -> Result<(), StoreError> {
         self.run(move |conn| {
-            db!(conn, |c| diesel::update(budget_reservations::table.find(&id))
-                .set(budget_reservations::dispatched.eq(true))
-                .execute(c))?;
+            db!(conn, |c| diesel::update(
+                budget_reservations::table.find(&id)
+            )
+            .set(budget_reservations::dispatched.eq(true))
+            .execute(c))?;
             Ok(())
         })
         .await
@@ -299,7 +306,7 @@ impl Store {
     /// that disagree (none when the books balance).
     pub async fn budget_audit(&self, day: String) -> Result<Vec<AuditMismatch>, StoreError> {
         self.run(move |conn| {
-            let (counters, rows): (Vec<Counter>, Vec<(String, String, i64, i64)>) =
+            let (counters, rows): (Vec<Counter>, Vec<AuditRow>) =
                 db!(conn, |c| {
                     let counters = budget_counters::table
                         .filter(budget_counters::day.eq(&day))
@@ -317,7 +324,11 @@ impl Store {
                 })?;
             let mut totals: std::collections::HashMap<String, (i64, i64)> = Default::default();
             for (user, state, amount, actual) in rows {
-                let (settled, reserved) = if state == "held" { (0, amount) } else { (actual, 0) };
+                let (settled, reserved) = if state == "held" {
+                    (0, amount)
+                } else {
+                    (actual, 0)
+                };
                 for scope in [GLOBAL_SCOPE.to_string(), user_scope(&user)] {
                     let t = totals.entry(scope).or_default();
                     t.0 += settled;

@@ -45,6 +45,9 @@ pub enum StoreError {
     /// The blocking task running the query panicked.
     #[error("database task panicked")]
     Panicked,
+    /// Another process holds the SQLite database.
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl From<DieselError> for StoreError {
@@ -187,6 +190,7 @@ macro_rules! db_tx {
     };
 }
 
+mod analytics;
 pub mod budget;
 
 /// The handle every other module uses; cheap to clone.
@@ -280,6 +284,13 @@ pub struct RoomFacts {
     pub rooms: HashMap<String, (bool, i64)>,
     /// Which of the asked event ids the bot sent.
     pub bot_events: HashSet<String>,
+}
+
+/// Open work across all replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub claims_pending: i64,
+    pub reservations_held: i64,
 }
 
 /// A claim row as read back (recovery).
@@ -425,6 +436,29 @@ impl Store {
             }
         })
         .await
+    }
+
+    /// Makes this process the only one serving from a SQLite file: SQLite cannot be shared by
+    /// replicas (the claims and budget rely on one writer), so a second `serve` on the same file
+    /// is refused. The lock lives as long as the returned guard. PostgreSQL needs none.
+    pub fn lock_single_process(&self, url: &str) -> Result<Option<std::fs::File>, StoreError> {
+        let DatabaseKind::Sqlite(path) = DatabaseKind::from_url(url)? else {
+            return Ok(None);
+        };
+        let lock_path = format!("{path}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Locked(format!("cannot open {lock_path}: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(_) => Err(StoreError::Locked(format!(
+                "another grok-appservice process is serving from {path} (lock {lock_path}); \
+                 SQLite is for one process: use PostgreSQL to run several replicas"
+            ))),
+        }
     }
 
     /// Checks that the database answers (for `/ready`).
@@ -687,6 +721,70 @@ impl Store {
                 None => diesel::update(target).set(set_state).execute(c),
             })?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Extends the lease of a claim this replica holds; false if another replica took it over.
+    pub async fn extend_lease(
+        &self,
+        event_id: String,
+        owner: String,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let expires = now() + chrono_dur(lease);
+            let n = db!(conn, |c| diesel::update(
+                processed_events::table
+                    .filter(processed_events::event_id.eq(&event_id))
+                    .filter(processed_events::lease_owner.eq(&owner))
+            )
+            .set(processed_events::lease_expires_at.eq(expires))
+            .execute(c))?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Ends the leases of this replica's unfinished claims at once, so another replica's
+    /// sweeper takes them over without waiting (graceful shutdown); returns how many.
+    pub async fn release_claims(&self, owner: String) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            let n = db!(conn, |c| diesel::update(
+                processed_events::table
+                    .filter(processed_events::lease_owner.eq(&owner))
+                    .filter(
+                        processed_events::state
+                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str(),])
+                    )
+            )
+            .set(processed_events::lease_expires_at.eq(now() - chrono::Duration::seconds(1)))
+            .execute(c))?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// How much work is open across all replicas (for `/metrics`).
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        self.run(|conn| {
+            db!(conn, |c| {
+                let claims_pending = processed_events::table
+                    .filter(
+                        processed_events::state
+                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str()]),
+                    )
+                    .count()
+                    .get_result(c)?;
+                let reservations_held = budget_reservations::table
+                    .filter(budget_reservations::state.eq("held"))
+                    .count()
+                    .get_result(c)?;
+                Ok(Backlog {
+                    claims_pending,
+                    reservations_held,
+                })
+            })
         })
         .await
     }

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 
 use grok_appservice::config::Config;
 use grok_appservice::registration;
-use grok_appservice::state::{AppState, Timings};
+use grok_appservice::state::{AppState, Overrides, Timings};
 use grok_appservice::store::{RequestLogRow, Store};
 
 pub const BOT: &str = "@grok:example.org";
@@ -362,6 +362,15 @@ impl Harness {
     }
 
     pub async fn with(db: db::TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::with_overrides(db, tweak, Overrides::default()).await
+    }
+
+    /// A harness with parts of the state substituted (clock, telemetry sink).
+    pub async fn with_overrides(
+        db: db::TestDb,
+        tweak: impl FnOnce(&mut Config),
+        overrides: Overrides,
+    ) -> Self {
         let hs = FakeHs::start().await;
         let xai = FakeXai::start().await;
         let mut config = Config::parse(&config_yaml(&hs.url, &xai.url, &db.url)).unwrap();
@@ -371,7 +380,7 @@ impl Harness {
         tweak(&mut config);
         config.validate().unwrap();
         let reg = registration::generate("example.org", "http://127.0.0.1:1", "grok");
-        Self::build(config, reg, Arc::new(db), hs, xai).await
+        Self::build(config, reg, Arc::new(db), hs, xai, overrides).await
     }
 
     /// A second process over the same database and fakes (a restart or another replica).
@@ -382,6 +391,7 @@ impl Harness {
             self.db.clone(),
             self.hs.clone(),
             self.xai.clone(),
+            Overrides::default(),
         )
         .await
     }
@@ -392,11 +402,12 @@ impl Harness {
         db: Arc<db::TestDb>,
         hs: FakeHs,
         xai: FakeXai,
+        overrides: Overrides,
     ) -> Harness {
         let store = Store::connect(&config.database.url, config.database.pool_size).unwrap();
         store.migrate().await.unwrap();
         let hs_token = reg.hs_token.clone();
-        let state = AppState::new(config, reg, store, Timings::default()).unwrap();
+        let state = AppState::build(config, reg, store, Timings::default(), overrides).unwrap();
         let router = grok_appservice::webhook::router(state.clone());
         Harness {
             state,
