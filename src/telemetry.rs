@@ -86,10 +86,12 @@ impl Telemetry {
             row.query_text.clear();
         }
         let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-        let trim_before = (n.is_multiple_of(TRIM_EVERY) && !self.config.retention.is_zero()).then(|| {
-            store::now()
-                - chrono::Duration::from_std(self.config.retention).unwrap_or(chrono::Duration::MAX)
-        });
+        let trim_before =
+            (n.is_multiple_of(TRIM_EVERY) && !self.config.retention.is_zero()).then(|| {
+                store::now()
+                    - chrono::Duration::from_std(self.config.retention)
+                        .unwrap_or(chrono::Duration::MAX)
+            });
         let sink = self.sink.clone();
         let metrics = self.metrics.clone();
         Some(tokio::spawn(async move {

@@ -306,22 +306,21 @@ impl Store {
     /// that disagree (none when the books balance).
     pub async fn budget_audit(&self, day: String) -> Result<Vec<AuditMismatch>, StoreError> {
         self.run(move |conn| {
-            let (counters, rows): (Vec<Counter>, Vec<AuditRow>) =
-                db!(conn, |c| {
-                    let counters = budget_counters::table
-                        .filter(budget_counters::day.eq(&day))
-                        .load::<Counter>(c)?;
-                    let rows = budget_reservations::table
-                        .filter(budget_reservations::day.eq(&day))
-                        .select((
-                            budget_reservations::user_id,
-                            budget_reservations::state,
-                            budget_reservations::amount_ticks,
-                            budget_reservations::actual_ticks,
-                        ))
-                        .load(c)?;
-                    Ok::<_, StoreError>((counters, rows))
-                })?;
+            let (counters, rows): (Vec<Counter>, Vec<AuditRow>) = db!(conn, |c| {
+                let counters = budget_counters::table
+                    .filter(budget_counters::day.eq(&day))
+                    .load::<Counter>(c)?;
+                let rows = budget_reservations::table
+                    .filter(budget_reservations::day.eq(&day))
+                    .select((
+                        budget_reservations::user_id,
+                        budget_reservations::state,
+                        budget_reservations::amount_ticks,
+                        budget_reservations::actual_ticks,
+                    ))
+                    .load(c)?;
+                Ok::<_, StoreError>((counters, rows))
+            })?;
             let mut totals: std::collections::HashMap<String, (i64, i64)> = Default::default();
             for (user, state, amount, actual) in rows {
                 let (settled, reserved) = if state == "held" {
