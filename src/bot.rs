@@ -562,6 +562,9 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
             state.telemetry.record(row);
             continue;
         }
+        if claim.state == ClaimState::Sending.as_str() && reply_already_sent(state, &claim).await {
+            continue;
+        }
         let raw = match state.matrix.event(&claim.room_id, &claim.event_id).await {
             Ok(v) => v,
             Err(e) => {
@@ -612,6 +615,32 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
         }
     }
     count
+}
+
+/// Whether the reply of a claim that died while sending is already in the room; if so, the
+/// claim is closed with it instead of sending again.
+async fn reply_already_sent(state: &AppState, claim: &crate::store::ClaimRow) -> bool {
+    match state
+        .matrix
+        .find_reply(&claim.room_id, &claim.event_id, 100)
+        .await
+    {
+        Ok(Some(reply)) => {
+            tracing::info!(event_id = %claim.event_id, "the reply was already sent; closing the claim");
+            let _ = state
+                .store
+                .record_bot_event(reply.clone(), claim.room_id.clone())
+                .await;
+            finish_claim(state, &claim.event_id, ClaimState::Answered, Some(reply)).await;
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            // Re-sending is still safe while the homeserver remembers the txnId.
+            tracing::warn!(event_id = %claim.event_id, error = %e, "could not look for an earlier reply");
+            false
+        }
+    }
 }
 
 /// Runs [`recover_once`] and the budget sweeper every `recovery_interval` until the process

@@ -82,6 +82,19 @@ pub struct AppserviceConfig {
     pub registration: PathBuf,
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How long a replica owns a claimed message before another may take it over (the owner
+    /// renews it while the answer runs).
+    #[serde(default = "default_claim_lease", deserialize_with = "de_duration")]
+    pub claim_lease: Duration,
+    /// How often each replica looks for claims whose owner died.
+    #[serde(
+        default = "default_recovery_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub recovery_interval: Duration,
+    /// A message older than this when handled is dropped (with a WARN and a row), not answered.
+    #[serde(default = "default_max_message_age", deserialize_with = "de_duration")]
+    pub max_message_age: Duration,
 }
 
 impl Default for AppserviceConfig {
@@ -89,6 +102,9 @@ impl Default for AppserviceConfig {
         Self {
             registration: default_registration(),
             listen: default_listen(),
+            claim_lease: default_claim_lease(),
+            recovery_interval: default_recovery_interval(),
+            max_message_age: default_max_message_age(),
         }
     }
 }
@@ -422,6 +438,15 @@ fn default_registration() -> PathBuf {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9000))
 }
+fn default_claim_lease() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_recovery_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_message_age() -> Duration {
+    Duration::from_secs(15 * 60)
+}
 fn default_database_url() -> String {
     "sqlite://grok-appservice.db".into()
 }
@@ -661,6 +686,15 @@ impl Config {
             return Err(invalid(
                 "homeserver.server_name",
                 format!("`{}` is not a server name", self.homeserver.server_name),
+            ));
+        }
+        if self.appservice.claim_lease < Duration::from_secs(3) {
+            return Err(invalid("appservice.claim_lease", "must be at least 3s"));
+        }
+        if self.appservice.recovery_interval.is_zero() {
+            return Err(invalid(
+                "appservice.recovery_interval",
+                "must be more than 0",
             ));
         }
         check_http_url("provider.base_url", &self.provider.base_url)?;

@@ -285,7 +285,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("XAI_API_KEY is not set: every answer will be an apology");
     }
     let listen = config.appservice.listen;
-    let state = AppState::new(config, registration, store, Timings::default())?;
+    let timings = Timings::from_config(&config);
+    let state = AppState::new(config, registration, store, timings)?;
 
     tokio::spawn(announce(state.clone()));
     tokio::spawn(bot::recovery_loop(state.clone()));

@@ -243,6 +243,33 @@ impl MatrixClient {
             .map(|_| ())
     }
 
+    /// Looks back through the room's last `limit` messages from the bot for its reply to
+    /// `source_event_id`. Used before re-sending a reply whose send may have landed: after
+    /// 30-60 min the homeserver has forgotten the send's txnId and would post it again.
+    pub async fn find_reply(
+        &self,
+        room_id: &str,
+        source_event_id: &str,
+        limit: u32,
+    ) -> Result<Option<String>, MatrixError> {
+        let filter = json!({"senders": [self.user_id], "types": ["m.room.message"]}).to_string();
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
+            enc(room_id),
+            enc(&filter)
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        let found = v["chunk"].as_array().into_iter().flatten().find(|e| {
+            e["sender"] == self.user_id.as_str()
+                && e.pointer("/content/m.relates_to/m.in_reply_to/event_id")
+                    .and_then(Value::as_str)
+                    == Some(source_event_id)
+        });
+        Ok(found
+            .and_then(|e| e["event_id"].as_str())
+            .map(str::to_string))
+    }
+
     /// Fetches one event (used when recovering a claim whose worker died).
     pub async fn event(&self, room_id: &str, event_id: &str) -> Result<Value, MatrixError> {
         let path = format!(

@@ -18,7 +18,7 @@ use crate::provider::Provider;
 use crate::store::Store;
 use crate::telemetry::{LogSink, Metrics, Telemetry};
 
-/// Timings that tests shorten; production uses [`Timings::default`].
+/// Timings of claims and recovery, from `appservice.*` (tests shorten them).
 #[derive(Debug, Clone)]
 pub struct Timings {
     /// How long a claim is leased to the replica that took it before another may recover it.
@@ -29,12 +29,13 @@ pub struct Timings {
     pub max_message_age: Duration,
 }
 
-impl Default for Timings {
-    fn default() -> Self {
+impl Timings {
+    /// The timings the config asks for.
+    pub fn from_config(config: &Config) -> Self {
         Self {
-            claim_lease: Duration::from_secs(300),
-            recovery_interval: Duration::from_secs(30),
-            max_message_age: Duration::from_secs(15 * 60),
+            claim_lease: config.appservice.claim_lease,
+            recovery_interval: config.appservice.recovery_interval,
+            max_message_age: config.appservice.max_message_age,
         }
     }
 }

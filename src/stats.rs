@@ -128,17 +128,24 @@ impl Tally {
 /// One UTC day of the window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Day {
+    /// The UTC date.
     pub day: NaiveDate,
+    /// That day's rows.
     pub tally: Tally,
 }
 
 /// Nearest-rank percentiles of a set of millisecond samples.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Percentiles {
+    /// Number of samples.
     pub n: u64,
+    /// Median.
     pub p50: i64,
+    /// 95th percentile.
     pub p95: i64,
+    /// 99th percentile.
     pub p99: i64,
+    /// Largest sample.
     pub max: i64,
 }
 
@@ -179,7 +186,9 @@ pub struct Bucket {
 /// A count out of a population.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rate {
+    /// Rows with the flag.
     pub count: u64,
+    /// Rows in the population.
     pub of: u64,
 }
 
@@ -193,10 +202,15 @@ impl Rate {
 /// Flag rates; see the module docs for each population.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rates {
+    /// `escalated` among routed rows.
     pub escalated: Rate,
+    /// `fallback_fired` among routed rows.
     pub fallback_fired: Rate,
+    /// `cache_hit` among routed rows.
     pub cache_hit: Rate,
+    /// `ceiling_hit` among all rows.
     pub ceiling_hit: Rate,
+    /// `per_user_cap_hit` among all rows.
     pub per_user_cap_hit: Rate,
 }
 
@@ -233,34 +247,48 @@ impl Counterfactual {
 /// A room or user and what it spent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spender {
+    /// Room id, user id, or the user's hash with `--anonymize`.
     pub id: String,
+    /// Rows in the window.
     pub requests: u64,
+    /// Their `cost_total_ticks`.
     pub cost_ticks: i64,
 }
 
 /// Everything the renderers show; built by [`summarize`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
+    /// Start of the window (UTC).
     pub since: NaiveDateTime,
+    /// End of the window (UTC).
     pub until: NaiveDateTime,
+    /// The model whose prices the counterfactual uses.
     pub final_model: String,
+    /// Whether user ids are hashed.
     pub anonymized: bool,
     /// Route tokens in display order: [`ROUTES`], then any unknown token found, sorted.
     pub routes: Vec<String>,
+    /// Every UTC day from the first row's to the last row's.
     pub days: Vec<Day>,
+    /// The whole window.
     pub total: Tally,
     /// Router source -> rows; [`ROUTER_SOURCES`] always present.
     pub router_sources: BTreeMap<String, u64>,
+    /// The `grok_direct`-only estimate.
     pub counterfactual: Counterfactual,
     /// Routed route -> latency percentiles (`None`: no samples).
     pub latency_by_route: BTreeMap<String, Option<Percentiles>>,
     /// Stage -> latency percentiles; [`STAGES`] always present.
     pub latency_by_stage: BTreeMap<String, Option<Percentiles>>,
+    /// Routed rows by latency bucket ([`LATENCY_BUCKETS_MS`]) and route.
     pub latency_histogram: Vec<Bucket>,
+    /// Flag rates.
     pub rates: Rates,
     /// Degrade or skip reason -> rows, most frequent first (ties by name).
     pub degraded: Vec<(String, u64)>,
+    /// Rooms by spend, at most `Options::top`.
     pub top_rooms: Vec<Spender>,
+    /// Users by spend, at most `Options::top`.
     pub top_users: Vec<Spender>,
 }
 
@@ -587,6 +615,19 @@ fn stamp(t: NaiveDateTime) -> String {
     t.format("%Y-%m-%d %H:%M").to_string()
 }
 
+/// Router sources in their documented order, then any unknown token found.
+fn router_source_order(report: &Report) -> Vec<String> {
+    let mut order: Vec<String> = ROUTER_SOURCES.iter().map(|s| s.to_string()).collect();
+    order.extend(
+        report
+            .router_sources
+            .keys()
+            .filter(|s| !ROUTER_SOURCES.contains(&s.as_str()))
+            .cloned(),
+    );
+    order
+}
+
 // ---------------------------------------------------------------------------------------------
 // Text
 
@@ -652,6 +693,9 @@ pub fn render_text(report: &Report) -> String {
     let _ = writeln!(out, "{}", count_row("total", total));
     out.push_str("(direct = grok_direct, trivial = trivial_direct, web = web_then_grok,\n");
     out.push_str(" reason = reason_then_grok; none = skipped or refused, no model ran)\n");
+    if show_other {
+        out.push_str("(other = route tokens this version does not know)\n");
+    }
 
     // `none` never spends (no model ran): it joins unknown tokens in an `other` column that
     // only appears when some row says otherwise, so the table stays within 80 columns.
@@ -795,16 +839,9 @@ pub fn render_text(report: &Report) -> String {
             pct(rate.fraction())
         );
     }
-    // Known sources in their documented order, then any unknown token.
-    let known = ROUTER_SOURCES.iter().map(|s| s.to_string());
-    let unknown = report
-        .router_sources
-        .keys()
-        .filter(|s| !ROUTER_SOURCES.contains(&s.as_str()))
-        .cloned();
     let mut line = String::from("\nRouter source:");
     let mut width = line.len() - 1;
-    for (i, s) in known.chain(unknown).enumerate() {
+    for (i, s) in router_source_order(report).into_iter().enumerate() {
         let n = report.router_sources.get(&s).copied().unwrap_or(0);
         let item = format!("{}{s} {n}", if i == 0 { " " } else { ", " });
         if width + item.len() > 78 {
@@ -1394,6 +1431,29 @@ pub fn render_html(report: &Report) -> String {
     html.push_str(&html_table(&head, &rows));
 
     let mut head = vec!["day".to_string()];
+    head.extend(report.routes.iter().cloned());
+    head.push("total".into());
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (label, t) in report
+        .days
+        .iter()
+        .map(|d| (d.day.to_string(), &d.tally))
+        .chain([("total".to_string(), total)])
+    {
+        let mut row = vec![label];
+        row.extend(
+            report
+                .routes
+                .iter()
+                .map(|r| usd(t.cost_by_route.get(r).copied().unwrap_or(0), 6)),
+        );
+        row.push(usd(t.cost_total(), 6));
+        rows.push(row);
+    }
+    html.push_str("<h2>Spend per day by route (USD)</h2>");
+    html.push_str(&html_table(&head, &rows));
+
+    let mut head = vec!["day".to_string()];
     head.extend(STAGES.iter().map(|s| s.to_string()));
     head.push("total".into());
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -1438,10 +1498,12 @@ pub fn render_html(report: &Report) -> String {
         &["", "count", "of requests", "rate"].map(String::from),
         &rate_rows,
     ));
-    let source_rows: Vec<Vec<String>> = report
-        .router_sources
-        .iter()
-        .map(|(s, n)| vec![s.clone(), n.to_string()])
+    let source_rows: Vec<Vec<String>> = router_source_order(report)
+        .into_iter()
+        .map(|s| {
+            let n = report.router_sources.get(&s).copied().unwrap_or(0);
+            vec![s, n.to_string()]
+        })
         .collect();
     html.push_str("<h2>Router source</h2>");
     html.push_str(&html_table(

@@ -814,7 +814,7 @@ async fn an_unreachable_database_makes_synapse_retry() {
         h.state.config.clone(),
         h.state.registration.clone(),
         broken,
-        Default::default(),
+        grok_appservice::state::Timings::from_config(&h.state.config),
     )
     .unwrap();
     let router = grok_appservice::webhook::router(state);
@@ -966,4 +966,64 @@ async fn a_second_process_cannot_serve_the_same_sqlite_file() {
         .lock_single_process("postgres://u@127.0.0.1:1/x")
         .unwrap()
         .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_that_landed_before_a_crash_is_not_posted_again() {
+    use grok_appservice::store::{ClaimKind, ClaimState, NewClaim, TxnWrite};
+    let h = dm_harness().await;
+    let event = text_event("$sent", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    h.put_txn("s1", vec![event]).await;
+    h.settle().await;
+    assert_eq!(h.hs.sent().len(), 1);
+    // The worker died after sending, before marking the claim; an hour later the homeserver
+    // has forgotten the txnId.
+    h.state
+        .store
+        .set_claim_state("$sent".into(), ClaimState::Sending, None)
+        .await
+        .unwrap();
+    let write = TxnWrite {
+        txn_id: "expire".into(),
+        event_count: 1,
+        claims: vec![NewClaim {
+            event_id: "$dummy".into(),
+            room_id: DM.into(),
+            sender: ALICE.into(),
+            kind: ClaimKind::Addressed,
+            origin_ts: grok_appservice::store::now(),
+        }],
+        ..TxnWrite::default()
+    };
+    h.state
+        .store
+        .commit_transaction(write, "x".into(), Duration::ZERO)
+        .await
+        .unwrap();
+    h.state
+        .store
+        .set_claim_state("$dummy".into(), ClaimState::Answered, None)
+        .await
+        .unwrap();
+    h.state
+        .store
+        .release_claims(h.state.instance_id.clone())
+        .await
+        .unwrap();
+    h.hs.forget_txn_ids();
+    eprintln!(
+        "FIND {:?}",
+        h.state.matrix.find_reply(DM, "$sent", 100).await
+    );
+    let before = h.xai.seen().len();
+    assert_eq!(grok_appservice::bot::recover_once(&h.state).await, 1);
+    h.settle().await;
+    assert_eq!(h.hs.sent().len(), 1, "no second reply");
+    assert_eq!(h.xai.seen().len(), before, "no second model call");
+    let claim = h.state.store.claim("$sent".into()).await.unwrap().unwrap();
+    assert_eq!(
+        (claim.state.as_str(), claim.reply_event_id.as_deref()),
+        ("answered", Some("$reply1"))
+    );
 }

@@ -51,7 +51,9 @@
 //! [`RegexSet`] (Unicode off: ASCII `\b`/`\w` keep it on the lazy DFA for any input). Years,
 //! several questions and denied look-alike domains are gated by probe patterns in that same
 //! pass, then checked with memchr-driven scans. Only messages short enough to be small talk
-//! are fully normalised. See `benches/router.rs` for numbers.
+//! are fully normalised. A message that is already long input (so `reason:long_input` fixes
+//! reasoning) is scanned whole for web cues but only in its first KiB for other reasoning
+//! cues, which are then reported for the log only. See `benches/router.rs` for numbers.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -397,12 +399,50 @@ enum Target {
     ProbeDeniedDomain,
 }
 
-struct Matcher {
+/// One compiled [`RegexSet`] over a subset of [`CUES`].
+struct CueSet {
     set: RegexSet,
     /// Pattern index -> what it feeds.
     targets: Vec<Target>,
-    /// Pattern index of [`DOMAIN_PATTERN`].
-    domain_index: usize,
+    /// Pattern index of [`DOMAIN_PATTERN`], when the set has it.
+    domain_index: Option<usize>,
+}
+
+impl CueSet {
+    fn new(keep: impl Fn(&str) -> bool) -> CueSet {
+        let cues: Vec<&(&str, &str)> = CUES.iter().filter(|(id, _)| keep(id)).collect();
+        let patterns: Vec<String> = cues.iter().map(|(_, p)| flex(p)).collect();
+        let set = RegexSetBuilder::new(&patterns)
+            .unicode(false)
+            .size_limit(64 << 20)
+            .dfa_size_limit(32 << 20)
+            .build()
+            .expect("router cue patterns compile");
+        let targets = cues
+            .iter()
+            .map(|(id, _)| match *id {
+                PROBE_YEAR => Target::ProbeYear,
+                PROBE_QUESTIONS => Target::ProbeQuestions,
+                PROBE_DENIED_DOMAIN => Target::ProbeDeniedDomain,
+                id => Target::Rule(slot(id)),
+            })
+            .collect();
+        let domain_index = cues.iter().position(|(_, p)| *p == DOMAIN_PATTERN);
+        CueSet {
+            set,
+            targets,
+            domain_index,
+        }
+    }
+}
+
+struct Matcher {
+    /// Every cue and probe: one pass for messages that are not long input.
+    all: CueSet,
+    /// Web cues and probes: the whole of a long message.
+    web: CueSet,
+    /// Reasoning cues: the head of a long message (for the rule list only).
+    reason: CueSet,
     domain: Regex,
     /// Slots of the rules the scan sets itself.
     fence: usize,
@@ -411,37 +451,17 @@ struct Matcher {
     long_input: usize,
 }
 
-/// Compile the cue set once. Unicode mode is off, so `\b`, `\w` and `\d` are ASCII and the
-/// set stays on the lazy DFA even for non-ASCII input. Patterns go through [`flex`].
+/// Compile the cue sets once. Unicode mode is off, so `\b`, `\w` and `\d` are ASCII and the
+/// sets stay on the lazy DFA even for non-ASCII input. Patterns go through [`flex`].
 fn compile_set() -> Matcher {
-    let patterns: Vec<String> = CUES.iter().map(|(_, p)| flex(p)).collect();
-    let set = RegexSetBuilder::new(&patterns)
-        .unicode(false)
-        .size_limit(64 << 20)
-        .dfa_size_limit(32 << 20)
-        .build()
-        .expect("router cue patterns compile");
-    let targets = CUES
-        .iter()
-        .map(|(id, _)| match *id {
-            PROBE_YEAR => Target::ProbeYear,
-            PROBE_QUESTIONS => Target::ProbeQuestions,
-            PROBE_DENIED_DOMAIN => Target::ProbeDeniedDomain,
-            id => Target::Rule(slot(id)),
-        })
-        .collect();
-    let domain_index = CUES
-        .iter()
-        .position(|(_, p)| *p == DOMAIN_PATTERN)
-        .expect("domain pattern present");
     let domain = RegexBuilder::new(&flex(DOMAIN_PATTERN))
         .unicode(false)
         .build()
         .expect("domain pattern compiles");
     Matcher {
-        set,
-        targets,
-        domain_index,
+        all: CueSet::new(|_| true),
+        web: CueSet::new(|id| !id.starts_with("reason:")),
+        reason: CueSet::new(|id| id.starts_with("reason:")),
         domain,
         fence: slot("reason:code_fence"),
         year: slot("web:year"),
@@ -546,9 +566,10 @@ pub fn decide(text: &str, options: &RouterOptions) -> Decision {
         };
     }
 
-    let mut hits = scan(&trimmed.to_ascii_lowercase(), options);
     let limit = options.long_input_chars;
-    if trimmed.len() > limit && trimmed.chars().count() > limit {
+    let long = trimmed.len() > limit && trimmed.chars().count() > limit;
+    let mut hits = scan(&trimmed.to_ascii_lowercase(), long, options);
+    if long {
         hits[MATCHER.long_input] = true;
     }
     let mut web = Score::default();
@@ -658,13 +679,21 @@ struct Probes {
     denied_domain: bool,
 }
 
-/// Run the cue set and the computed rules (all but long input) over the ASCII-lowercased
-/// message; returns one flag per [`RULES`] slot.
+/// Bytes of a long message the reasoning cues are looked for in.
+const LONG_REASON_SCAN_BYTES: usize = 1024;
+
+/// Run the cue sets and the computed rules over the ASCII-lowercased message; returns one flag
+/// per [`RULES`] slot.
 ///
 /// A fenced code block is a strong reasoning cue by itself, and a URL or a date inside pasted
 /// code is not a request for the web, so when the text has a fence only the prose around the
 /// fences is scanned (which also keeps large pastes cheap).
-fn scan(text: &str, options: &RouterOptions) -> [bool; N_RULES] {
+///
+/// A `long` message already fires `reason:long_input`, so other reasoning cues cannot change
+/// its route: the web cues are looked for in all of it, the reasoning cues (reported for the
+/// log) only in its first [`LONG_REASON_SCAN_BYTES`]. Pasted code fires a reasoning pattern on
+/// nearly every line, and skipping those match events keeps 4 KiB under the time budget.
+fn scan(text: &str, long: bool, options: &RouterOptions) -> [bool; N_RULES] {
     let m = &*MATCHER;
     let mut hits = [false; N_RULES];
     // `contains(char)` is a memchr; the three-byte search runs only when it hits.
@@ -676,7 +705,16 @@ fn scan(text: &str, options: &RouterOptions) -> [bool; N_RULES] {
     } else {
         Cow::Borrowed(text)
     };
-    let probes = mark(m, prose.as_bytes(), &mut hits);
+    let probes = if long && prose.len() > LONG_REASON_SCAN_BYTES {
+        let mut head = LONG_REASON_SCAN_BYTES;
+        while !prose.is_char_boundary(head) {
+            head -= 1;
+        }
+        mark(m, &m.reason, prose[..head].as_bytes(), &mut hits);
+        mark(m, &m.web, prose.as_bytes(), &mut hits)
+    } else {
+        mark(m, &m.all, prose.as_bytes(), &mut hits)
+    };
     if probes.year && has_fresh_year(&prose, options.cutoff_year) {
         hits[m.year] = true;
     }
@@ -686,12 +724,12 @@ fn scan(text: &str, options: &RouterOptions) -> [bool; N_RULES] {
     hits
 }
 
-/// One pass of the set over `text`: sets rule flags and returns the probes.
-fn mark(m: &Matcher, text: &[u8], hits: &mut [bool; N_RULES]) -> Probes {
+/// One pass of `cues` over `text`: sets rule flags and returns the probes.
+fn mark(m: &Matcher, cues: &CueSet, text: &[u8], hits: &mut [bool; N_RULES]) -> Probes {
     let mut probes = Probes::default();
-    let matches = m.set.matches(text);
+    let matches = cues.set.matches(text);
     for i in matches.iter() {
-        match m.targets[i] {
+        match cues.targets[i] {
             Target::ProbeYear => probes.year = true,
             Target::ProbeQuestions => probes.questions = true,
             Target::ProbeDeniedDomain => probes.denied_domain = true,
@@ -699,9 +737,9 @@ fn mark(m: &Matcher, text: &[u8], hits: &mut [bool; N_RULES]) -> Probes {
         }
     }
     for i in matches.iter() {
-        if let Target::Rule(s) = m.targets[i] {
+        if let Target::Rule(s) = cues.targets[i] {
             // A bare-domain hit needs a second look only when a denied name is present.
-            if i == m.domain_index && probes.denied_domain && !has_domain(m, text) {
+            if cues.domain_index == Some(i) && probes.denied_domain && !has_domain(m, text) {
                 continue;
             }
             hits[s] = true;
@@ -1642,9 +1680,15 @@ mod tests {
             ..RouterOptions::default()
         };
         assert_eq!(decide(&text, &relaxed).route, Route::GrokDirect);
-        // Long, but asking for the web: web still wins.
+        // Long, but asking for the web at the very end: web still wins.
         let web = format!("{text} what's the weather today?");
+        assert!(web.len() > LONG_REASON_SCAN_BYTES);
         assert_eq!(d(&web).route, Route::WebThenGrok);
+        // Reasoning cues in the head of a long message are still reported.
+        let traced = format!("thread 'main' panicked at src/main.rs:3:5 {text}");
+        let got = d(&traced);
+        assert_eq!(got.route, Route::ReasonThenGrok);
+        assert!(got.rules.contains(&"reason:stack_trace"), "{:?}", got.rules);
     }
 
     #[test]

@@ -58,6 +58,8 @@ struct HsInner {
     events: HashMap<String, Value>,
     send_script: VecDeque<Scripted>,
     next_id: u64,
+    /// `(room, event_id, content)` of everything the bot posted, oldest first.
+    timeline: Vec<(String, String, Value)>,
 }
 
 /// A fake homeserver implementing the client-server calls the bot makes.
@@ -89,6 +91,7 @@ impl FakeHs {
                 "/_matrix/client/v3/rooms/{room}/event/{event}",
                 get(hs_event),
             )
+            .route("/_matrix/client/v3/rooms/{room}/messages", get(hs_messages))
             .with_state(inner.clone());
         let addr = serve(app).await;
         Self {
@@ -204,9 +207,33 @@ async fn hs_send(
     inner.next_id += 1;
     let fresh = format!("$reply{}", inner.next_id);
     // Like Synapse: the same txnId gives back the same event, and nothing is posted twice.
+    let is_new = !inner.sent_by_txn.contains_key(&txn);
     let id = inner.sent_by_txn.entry(txn).or_insert(fresh).clone();
+    if is_new {
+        let content = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        inner.timeline.push((room, id.clone(), content));
+    }
     Json(json!({"event_id": id})).into_response()
 }
+async fn hs_messages(State(s): HsState, Path(room): Path<String>) -> Json<Value> {
+    let inner = s.lock().unwrap();
+    let chunk: Vec<Value> = inner
+        .timeline
+        .iter()
+        .rev()
+        .filter(|(r, _, _)| *r == room)
+        .map(|(_, id, content)| json!({"event_id": id, "sender": BOT, "type": "m.room.message", "content": content}))
+        .collect();
+    Json(json!({"chunk": chunk}))
+}
+
+impl FakeHs {
+    /// Forgets all send txnIds, as Synapse does after 30-60 minutes.
+    pub fn forget_txn_ids(&self) {
+        self.lock().sent_by_txn.clear();
+    }
+}
+
 async fn hs_event(State(s): HsState, Path((_room, event)): Path<(String, String)>) -> Response {
     match s.lock().unwrap().events.get(&event) {
         Some(e) => Json(e.clone()).into_response(),
@@ -407,7 +434,8 @@ impl Harness {
         let store = Store::connect(&config.database.url, config.database.pool_size).unwrap();
         store.migrate().await.unwrap();
         let hs_token = reg.hs_token.clone();
-        let state = AppState::build(config, reg, store, Timings::default(), overrides).unwrap();
+        let timings = Timings::from_config(&config);
+        let state = AppState::build(config, reg, store, timings, overrides).unwrap();
         let router = grok_appservice::webhook::router(state.clone());
         Harness {
             state,
