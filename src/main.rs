@@ -311,6 +311,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("in-flight answers did not finish in 30 s; handing them to other replicas");
     }
+    if tokio::time::timeout(Duration::from_secs(5), state.telemetry.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("request_log writes did not finish in 5 s");
+    }
     // Whatever is still unfinished goes to another replica now, not after its lease.
     match state.store.release_claims(state.instance_id.clone()).await {
         Ok(0) => {}

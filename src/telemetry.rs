@@ -58,6 +58,8 @@ async fn guarded<T: Send + 'static>(
 /// Records `request_log` rows without ever delaying or failing a reply.
 pub struct Telemetry {
     sink: Arc<dyn LogSink>,
+    /// Writes in flight, awaited on shutdown so no row is lost.
+    writes_in_flight: tokio_util::task::TaskTracker,
     config: TelemetryConfig,
     writes: AtomicU64,
     metrics: Arc<Metrics>,
@@ -68,6 +70,7 @@ impl Telemetry {
     pub fn new(sink: Arc<dyn LogSink>, config: TelemetryConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             sink,
+            writes_in_flight: tokio_util::task::TaskTracker::new(),
             config,
             writes: AtomicU64::new(0),
             metrics,
@@ -94,7 +97,7 @@ impl Telemetry {
             });
         let sink = self.sink.clone();
         let metrics = self.metrics.clone();
-        Some(tokio::spawn(async move {
+        Some(self.writes_in_flight.spawn(async move {
             let id = row.id.clone();
             let writer = sink.clone();
             if let Err(e) = guarded(move || writer.write(row)).await {
@@ -158,6 +161,20 @@ struct Histogram {
     buckets: [u64; LATENCY_BUCKETS_MS.len()],
     count: u64,
     sum_ms: u64,
+}
+
+impl Telemetry {
+    /// The number of writes not finished yet.
+    pub fn pending(&self) -> usize {
+        self.writes_in_flight.len()
+    }
+
+    /// Waits until the writes in flight are done (shutdown).
+    pub async fn flush(&self) {
+        self.writes_in_flight.close();
+        self.writes_in_flight.wait().await;
+        self.writes_in_flight.reopen();
+    }
 }
 
 /// Prometheus counters and the provider latency histogram of one process.

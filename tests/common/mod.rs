@@ -476,8 +476,8 @@ impl Harness {
     pub async fn settle(&self) {
         for _ in 0..500 {
             if self.state.tasks.is_empty() {
-                // Telemetry writes run in their own spawned tasks just after.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Workers hand rows to telemetry as their last step.
+                self.state.telemetry.flush().await;
                 if self.state.tasks.is_empty() {
                     return;
                 }
