@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::NaiveDateTime;
+use tokio::sync::{mpsc, Notify};
 
 use crate::config::TelemetryConfig;
 use crate::store::{self, Store, StoreError};
@@ -19,21 +20,24 @@ pub type RequestLog = store::RequestLogRow;
 /// How often (in writes) the retention trim runs.
 pub const TRIM_EVERY: u64 = 200;
 
+/// Most rows written in one database transaction.
+const MAX_BATCH: usize = 256;
+
 /// A boxed future of a sink operation.
 pub type SinkFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
 /// Where rows go: the store in production; tests substitute failing or panicking sinks.
 pub trait LogSink: Send + Sync + 'static {
-    /// Writes (or replaces) one row.
-    fn write(&self, row: RequestLog) -> SinkFuture<()>;
+    /// Writes (or replaces) rows, all or none.
+    fn write_batch(&self, rows: Vec<RequestLog>) -> SinkFuture<()>;
     /// Deletes rows created before `cutoff`.
     fn trim(&self, cutoff: NaiveDateTime) -> SinkFuture<usize>;
 }
 
 impl LogSink for Store {
-    fn write(&self, row: RequestLog) -> SinkFuture<()> {
+    fn write_batch(&self, rows: Vec<RequestLog>) -> SinkFuture<()> {
         let store = self.clone();
-        Box::pin(async move { store.upsert_request_log(row).await })
+        Box::pin(async move { store.upsert_request_logs(rows).await })
     }
 
     fn trim(&self, cutoff: NaiveDateTime) -> SinkFuture<usize> {
@@ -55,62 +59,111 @@ async fn guarded<T: Send + 'static>(
     }
 }
 
-/// Records `request_log` rows without ever delaying or failing a reply.
+/// Rows handed over but not yet written, and a wake-up for whoever waits for zero.
+#[derive(Default)]
+struct Pending {
+    rows: AtomicUsize,
+    drained: Notify,
+}
+
+/// Records `request_log` rows without ever delaying or failing a reply: rows go to a queue,
+/// and one writer task writes whatever has queued up in one transaction, so under load the
+/// analytics cost one database write per batch instead of one per reply.
 pub struct Telemetry {
-    sink: Arc<dyn LogSink>,
-    /// Writes in flight, awaited on shutdown so no row is lost.
-    writes_in_flight: tokio_util::task::TaskTracker,
+    queue: mpsc::UnboundedSender<RequestLog>,
+    pending: Arc<Pending>,
     config: TelemetryConfig,
-    writes: AtomicU64,
-    metrics: Arc<Metrics>,
 }
 
 impl Telemetry {
-    /// A recorder writing to `sink` with the given settings.
+    /// A recorder writing to `sink` with the given settings; starts its writer task.
     pub fn new(sink: Arc<dyn LogSink>, config: TelemetryConfig, metrics: Arc<Metrics>) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(Pending::default());
+        tokio::spawn(writer(rx, sink, config.retention, metrics, pending.clone()));
         Self {
-            sink,
-            writes_in_flight: tokio_util::task::TaskTracker::new(),
+            queue,
+            pending,
             config,
-            writes: AtomicU64::new(0),
-            metrics,
         }
     }
 
-    /// Writes `row` from a spawned task on the blocking pool. Nothing is written unless
-    /// telemetry is enabled; `query_text` is emptied unless `store_text`. A failure logs one
-    /// WARN with the row id; a panic in the write is caught the same way. Returns the task so
-    /// tests can wait for it.
-    pub fn record(&self, mut row: RequestLog) -> Option<tokio::task::JoinHandle<()>> {
+    /// Queues `row` for writing. Nothing is written unless telemetry is enabled;
+    /// `query_text` is emptied unless `store_text`. Returns whether the row was queued.
+    pub fn record(&self, mut row: RequestLog) -> bool {
         if !self.config.enabled {
-            return None;
+            return false;
         }
         if !self.config.store_text {
             row.query_text.clear();
         }
-        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-        let trim_before =
-            (n.is_multiple_of(TRIM_EVERY) && !self.config.retention.is_zero()).then(|| {
-                store::now()
-                    - chrono::Duration::from_std(self.config.retention)
-                        .unwrap_or(chrono::Duration::MAX)
-            });
-        let sink = self.sink.clone();
-        let metrics = self.metrics.clone();
-        Some(self.writes_in_flight.spawn(async move {
-            let id = row.id.clone();
-            let writer = sink.clone();
-            if let Err(e) = guarded(move || writer.write(row)).await {
-                metrics.inc("telemetry_write_failures_total", &[]);
+        self.pending.rows.fetch_add(1, Ordering::SeqCst);
+        if self.queue.send(row).is_err() {
+            // The writer is gone (runtime shutting down): nothing left to wait for.
+            self.pending.rows.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Rows queued or being written.
+    pub fn pending(&self) -> usize {
+        self.pending.rows.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every queued row is written (or has failed): shutdown and tests.
+    pub async fn flush(&self) {
+        loop {
+            let drained = self.pending.drained.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// The writer task: batches what is queued, writes it, trims by retention once per
+/// [`TRIM_EVERY`] rows. A failure logs one WARN per row id; a panic in the sink is caught.
+async fn writer(
+    mut rx: mpsc::UnboundedReceiver<RequestLog>,
+    sink: Arc<dyn LogSink>,
+    retention: Duration,
+    metrics: Arc<Metrics>,
+    pending: Arc<Pending>,
+) {
+    let mut written: u64 = 0;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(row) => batch.push(row),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let ids: Vec<String> = batch.iter().map(|r| r.id.clone()).collect();
+        let writer = sink.clone();
+        if let Err(e) = guarded(move || writer.write_batch(batch)).await {
+            metrics.add("telemetry_write_failures_total", &[], n as u64);
+            for id in ids {
                 tracing::warn!(event_id = %id, error = %e, "request_log write failed");
             }
-            if let Some(cutoff) = trim_before {
-                match guarded(move || sink.trim(cutoff)).await {
-                    Ok(n) => tracing::debug!(deleted = n, "request_log retention trim"),
-                    Err(e) => tracing::warn!(error = %e, "request_log retention trim failed"),
-                }
+        }
+        let before = written / TRIM_EVERY;
+        written += n as u64;
+        if written / TRIM_EVERY > before && !retention.is_zero() {
+            let cutoff = store::now()
+                - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            let trimmer = sink.clone();
+            match guarded(move || trimmer.trim(cutoff)).await {
+                Ok(deleted) => tracing::debug!(deleted, "request_log retention trim"),
+                Err(e) => tracing::warn!(error = %e, "request_log retention trim failed"),
             }
-        }))
+        }
+        if pending.rows.fetch_sub(n, Ordering::SeqCst) == n {
+            pending.drained.notify_waiters();
+        }
     }
 }
 
@@ -161,20 +214,6 @@ struct Histogram {
     buckets: [u64; LATENCY_BUCKETS_MS.len()],
     count: u64,
     sum_ms: u64,
-}
-
-impl Telemetry {
-    /// The number of writes not finished yet.
-    pub fn pending(&self) -> usize {
-        self.writes_in_flight.len()
-    }
-
-    /// Waits until the writes in flight are done (shutdown).
-    pub async fn flush(&self) {
-        self.writes_in_flight.close();
-        self.writes_in_flight.wait().await;
-        self.writes_in_flight.reopen();
-    }
 }
 
 /// Prometheus counters and the provider latency histogram of one process.

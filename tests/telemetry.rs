@@ -19,18 +19,20 @@ use grok_appservice::telemetry::{LogSink, Metrics, RequestLog, SinkFuture, Telem
 struct TestSink {
     rows: Mutex<Vec<RequestLog>>,
     trims: AtomicUsize,
+    batches: Mutex<Vec<usize>>,
     fail: bool,
     panic: bool,
 }
 
 impl LogSink for TestSink {
-    fn write(&self, row: RequestLog) -> SinkFuture<()> {
+    fn write_batch(&self, rows: Vec<RequestLog>) -> SinkFuture<()> {
         if self.panic {
             panic!("sink exploded");
         }
         let fail = self.fail;
         if !fail {
-            self.rows.lock().unwrap().push(row);
+            self.batches.lock().unwrap().push(rows.len());
+            self.rows.lock().unwrap().extend(rows);
         }
         Box::pin(async move {
             if fail {
@@ -72,9 +74,28 @@ async fn text_is_stripped_unless_stored_on_purpose() {
                 ..TelemetryConfig::default()
             },
         );
-        t.record(row("$a", "the question")).unwrap().await.unwrap();
+        assert!(t.record(row("$a", "the question")));
+        t.flush().await;
         assert_eq!(sink.rows.lock().unwrap()[0].query_text, want);
     }
+}
+
+#[tokio::test]
+async fn rows_queued_together_are_written_in_one_batch() {
+    let sink = Arc::new(TestSink::default());
+    let (t, _) = telemetry(sink.clone(), TelemetryConfig::default());
+    for i in 0..300 {
+        assert!(t.record(row(&format!("$b{i}"), "")));
+    }
+    t.flush().await;
+    assert_eq!(t.pending(), 0);
+    let batches = sink.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 300, "every row written once");
+    assert!(
+        batches.len() < 300,
+        "rows that queued up share a transaction: {batches:?}"
+    );
+    assert!(batches.iter().all(|b| *b <= 256), "{batches:?}");
 }
 
 #[tokio::test]
@@ -87,7 +108,8 @@ async fn disabled_telemetry_writes_nothing() {
             ..TelemetryConfig::default()
         },
     );
-    assert!(t.record(row("$a", "x")).is_none());
+    assert!(!t.record(row("$a", "x")));
+    t.flush().await;
     assert!(sink.rows.lock().unwrap().is_empty());
 }
 
@@ -97,7 +119,8 @@ async fn the_retention_trim_runs_once_per_200_writes() {
     let (t, _) = telemetry(sink.clone(), TelemetryConfig::default());
     let writes = 2 * TRIM_EVERY as usize + 50;
     for i in 0..writes {
-        t.record(row(&format!("$r{i}"), "")).unwrap().await.unwrap();
+        t.record(row(&format!("$r{i}"), ""));
+        t.flush().await;
     }
     assert_eq!(sink.rows.lock().unwrap().len(), writes);
     assert_eq!(sink.trims.load(Ordering::SeqCst), 2);
@@ -111,7 +134,8 @@ async fn the_retention_trim_runs_once_per_200_writes() {
         },
     );
     for i in 0..TRIM_EVERY {
-        t.record(row(&format!("$z{i}"), "")).unwrap().await.unwrap();
+        t.record(row(&format!("$z{i}"), ""));
+        t.flush().await;
     }
     assert_eq!(
         sink.trims.load(Ordering::SeqCst),
@@ -133,11 +157,13 @@ async fn failures_and_panics_are_contained_and_counted() {
         },
     ] {
         let (t, metrics) = telemetry(Arc::new(sink), TelemetryConfig::default());
-        t.record(row("$a", ""))
-            .unwrap()
-            .await
-            .expect("the recording task itself never fails");
+        t.record(row("$a", ""));
+        t.flush().await;
         assert_eq!(metrics.get("telemetry_write_failures_total", &[]), 1);
+        // The writer survives and keeps going.
+        t.record(row("$b", ""));
+        t.flush().await;
+        assert_eq!(metrics.get("telemetry_write_failures_total", &[]), 2);
     }
 }
 

@@ -885,6 +885,25 @@ impl Store {
         .await
     }
 
+    /// Writes several `request_log` rows in one transaction (each replaces an earlier row of
+    /// the same event).
+    pub async fn upsert_request_logs(&self, rows: Vec<RequestLogRow>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db_tx!(conn, |c| {
+                for row in &rows {
+                    diesel::insert_into(request_log::table)
+                        .values(row)
+                        .on_conflict(request_log::id)
+                        .do_update()
+                        .set(row)
+                        .execute(c)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+    }
+
     /// Reads one `request_log` row.
     pub async fn request_log(&self, id: String) -> Result<Option<RequestLogRow>, StoreError> {
         self.run(move |conn| {

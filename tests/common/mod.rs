@@ -134,6 +134,11 @@ impl FakeHs {
             .collect()
     }
 
+    /// How many distinct messages the bot posted (cheap, for load tests).
+    pub fn send_count(&self) -> usize {
+        self.lock().sent_by_txn.len()
+    }
+
     pub fn calls_to(&self, fragment: &str) -> usize {
         self.seen()
             .iter()
