@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::cascade::Route;
 use crate::config::{usd_to_ticks, Config, TICKS_PER_USD};
@@ -516,11 +516,6 @@ impl Limiter {
     /// The UTC day of the limiter's clock (`YYYY-MM-DD`).
     pub fn today(&self) -> String {
         utc_day(self.now())
-    }
-
-    /// The naive UTC time of the clock (for tests and the sweeper).
-    pub fn now_naive(&self) -> NaiveDateTime {
-        self.now().naive_utc()
     }
 }
 

@@ -873,16 +873,7 @@ impl Store {
     /// Writes a `request_log` row; a second write for the same event replaces the first, so
     /// a retried request leaves one row with its final outcome.
     pub async fn upsert_request_log(&self, row: RequestLogRow) -> Result<(), StoreError> {
-        self.run(move |conn| {
-            db!(conn, |c| diesel::insert_into(request_log::table)
-                .values(&row)
-                .on_conflict(request_log::id)
-                .do_update()
-                .set(&row)
-                .execute(c))?;
-            Ok(())
-        })
-        .await
+        self.upsert_request_logs(vec![row]).await
     }
 
     /// Writes several `request_log` rows in one transaction (each replaces an earlier row of
