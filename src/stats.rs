@@ -1180,6 +1180,35 @@ fn usd_axis(v: i64, step: i64) -> String {
     usd(v, places)
 }
 
+/// One cell of a per-day table: the day's tally and the column's key.
+type DayCell = fn(&Tally, &str) -> String;
+
+/// A table with one row per day plus a total row, one column per key, then a total column.
+fn per_day_table(
+    report: &Report,
+    total: &Tally,
+    columns: &[&str],
+    cell: DayCell,
+    total_cell: fn(&Tally) -> String,
+) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut head = vec!["day".to_string()];
+    head.extend(columns.iter().map(|c| c.to_string()));
+    head.push("total".into());
+    let rows = report
+        .days
+        .iter()
+        .map(|d| (d.day.to_string(), &d.tally))
+        .chain([("total".to_string(), total)])
+        .map(|(label, t)| {
+            let mut row = vec![label];
+            row.extend(columns.iter().map(|c| cell(t, c)));
+            row.push(total_cell(t));
+            row
+        })
+        .collect();
+    (head, rows)
+}
+
 fn html_table(head: &[String], rows: &[Vec<String>]) -> String {
     let mut out = String::from("<table><thead><tr>");
     for h in head {
@@ -1407,73 +1436,28 @@ pub fn render_html(report: &Report) -> String {
         &lat_rows,
     ));
 
-    let mut head = vec!["day".to_string()];
-    head.extend(report.routes.iter().cloned());
-    head.push("total".into());
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    for (label, t) in report
-        .days
-        .iter()
-        .map(|d| (d.day.to_string(), &d.tally))
-        .chain([("total".to_string(), total)])
-    {
-        let mut row = vec![label];
-        row.extend(
-            report
-                .routes
-                .iter()
-                .map(|r| t.requests.get(r).copied().unwrap_or(0).to_string()),
-        );
-        row.push(t.requests_total().to_string());
-        rows.push(row);
+    let routes: Vec<&str> = report.routes.iter().map(String::as_str).collect();
+    let tables: [(&str, &[&str], DayCell); 3] = [
+        ("Requests per day by route", &routes, |t, r| {
+            t.requests.get(r).copied().unwrap_or(0).to_string()
+        }),
+        ("Spend per day by route (USD)", &routes, |t, r| {
+            usd(t.cost_by_route.get(r).copied().unwrap_or(0), 6)
+        }),
+        ("Spend per day by stage (USD)", &STAGES, |t, s| {
+            usd(t.cost_by_stage.get(s).copied().unwrap_or(0), 6)
+        }),
+    ];
+    let totals: [fn(&Tally) -> String; 3] = [
+        |t| t.requests_total().to_string(),
+        |t| usd(t.cost_total(), 6),
+        |t| usd(t.cost_by_stage.values().sum(), 6),
+    ];
+    for ((title, columns, cell), total_cell) in tables.into_iter().zip(totals) {
+        let (head, rows) = per_day_table(report, total, columns, cell, total_cell);
+        html.push_str(&format!("<h2>{title}</h2>"));
+        html.push_str(&html_table(&head, &rows));
     }
-    html.push_str("<h2>Requests per day by route</h2>");
-    html.push_str(&html_table(&head, &rows));
-
-    let mut head = vec!["day".to_string()];
-    head.extend(report.routes.iter().cloned());
-    head.push("total".into());
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    for (label, t) in report
-        .days
-        .iter()
-        .map(|d| (d.day.to_string(), &d.tally))
-        .chain([("total".to_string(), total)])
-    {
-        let mut row = vec![label];
-        row.extend(
-            report
-                .routes
-                .iter()
-                .map(|r| usd(t.cost_by_route.get(r).copied().unwrap_or(0), 6)),
-        );
-        row.push(usd(t.cost_total(), 6));
-        rows.push(row);
-    }
-    html.push_str("<h2>Spend per day by route (USD)</h2>");
-    html.push_str(&html_table(&head, &rows));
-
-    let mut head = vec!["day".to_string()];
-    head.extend(STAGES.iter().map(|s| s.to_string()));
-    head.push("total".into());
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    for (label, t) in report
-        .days
-        .iter()
-        .map(|d| (d.day.to_string(), &d.tally))
-        .chain([("total".to_string(), total)])
-    {
-        let mut row = vec![label];
-        row.extend(
-            STAGES
-                .iter()
-                .map(|s| usd(t.cost_by_stage.get(*s).copied().unwrap_or(0), 6)),
-        );
-        row.push(usd(t.cost_by_stage.values().sum(), 6));
-        rows.push(row);
-    }
-    html.push_str("<h2>Spend per day by stage (USD)</h2>");
-    html.push_str(&html_table(&head, &rows));
 
     let r = &report.rates;
     let rate_rows: Vec<Vec<String>> = [
