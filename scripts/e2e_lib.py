@@ -155,16 +155,27 @@ class Stack:
             if n == name and p.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {p.returncode}; see {self.logs[name]}")
 
-    def stop(self, name, timeout=10):
-        """Stops one process started by this stack: SIGTERM, then SIGKILL after `timeout`."""
+    def stop(self, name, timeout=10, forget=False):
+        """Stops one process started by this stack: SIGTERM, then SIGKILL after `timeout`.
+
+        Returns the exit codes. With `forget`, the stopped process is dropped from the stack, so
+        a deliberate stop is not mistaken for a crash and the name can be spawned again (its log
+        file is appended to).
+        """
+        codes = []
         for n, p, _ in self.procs:
-            if n == name and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            if n == name:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait(5)
+                codes.append(p.returncode)
+        if forget:
+            self.procs = [e for e in self.procs if e[0] != name]
+        return codes
 
     def close(self):
         if self._closed:
@@ -189,8 +200,8 @@ class Stack:
         sys.stdout.flush()
 
     # --- the fake provider runs in-process, so tests read its request list directly ---
-    def start_fake_xai(self, latency_ms=0):
-        fake = FakeXAI(latency_ms=latency_ms).start()
+    def start_fake_xai(self, latency_ms=0, cost_ticks=None):
+        fake = FakeXAI(latency_ms=latency_ms, cost_ticks=cost_ticks).start()
         self.fakes.append(fake)
         return fake
 
@@ -419,6 +430,7 @@ class Bot:
         self.db = stack.path("bot.db")
         self.config = stack.path("config.yaml")
         self.reg = {}
+        self.homeserver_url = self.provider_url = None
 
     def generate_registration(self):
         out = subprocess.run([self.binary, "generate-registration", "--server-name", SERVER_NAME,
@@ -429,14 +441,19 @@ class Bot:
         self.reg = read_registration(self.registration)
         return self.reg
 
-    def write_config(self, homeserver_url, provider_url):
+    def write_config(self, homeserver_url=None, provider_url=None, extra=None):
+        """Writes config.yaml; `extra` adds top-level sections (e.g. {"limits": {...}}).
+        Without URLs, the ones of the previous call are used (for a rewrite before a restart)."""
+        self.homeserver_url = homeserver_url or self.homeserver_url
+        self.provider_url = provider_url or self.provider_url
         config = {
-            "homeserver": {"url": homeserver_url, "server_name": SERVER_NAME},
+            "homeserver": {"url": self.homeserver_url, "server_name": SERVER_NAME},
             "appservice": {"registration": self.registration, "listen": f"127.0.0.1:{self.port}"},
             "database": {"url": f"sqlite://{self.db}"},
-            "provider": {"base_url": provider_url},
+            "provider": {"base_url": self.provider_url},
             "telemetry": {"enabled": True, "store_text": False},
         }
+        config.update(extra or {})
         with open(self.config, "w") as f:
             json.dump(config, f, indent=2)  # JSON is valid YAML
 
@@ -453,6 +470,33 @@ class Bot:
         if not wait_until(ready, timeout, 0.25):
             raise RuntimeError(f"grok-appservice did not answer /health and /ready within {timeout}s")
         return self
+
+    def stop(self, timeout=15):
+        """Stops the bot (SIGTERM: a graceful shutdown) and forgets the process; returns its
+        exit code."""
+        codes = self.stack.stop("bot", timeout, forget=True)
+        return codes[-1] if codes else None
+
+    def restart(self, api_key, extra_config=None, timeout=60):
+        """Stops the bot, rewrites its config with `extra_config`, starts it again on the same
+        database, registration and port."""
+        code = self.stop()
+        self.write_config(extra=extra_config)
+        self.start(api_key, timeout)
+        return code
+
+    def query(self, sql, args=()):
+        """Rows of any read-only query on the bot's SQLite database, as dicts."""
+        if not os.path.exists(self.db):
+            return []
+        con = sqlite3.connect(self.db, timeout=5)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute(sql, args).fetchall()]
+        except sqlite3.OperationalError:
+            return []  # table not created yet
+        finally:
+            con.close()
 
     def put_transaction(self, events, txn_id=None):
         """PUTs a transaction to the bot as the homeserver would; returns (status, body)."""

@@ -4,6 +4,10 @@
 It answers `POST /v1/responses` in the documented response shape, so the bot's real provider
 client parses it, but no model runs: every answer says it came from an offline fake.
 
+Tools: a request with `tools: [{"type": "web_search"}]` is answered as if one search ran
+(citations, url_citation annotations, server_side_tool_usage_details); `reasoning.effort`
+adds reasoning tokens. `--cost-ticks N` (or the `cost_ticks` attribute) fixes the reported cost.
+
 Test hooks (not part of xAI's API):
   GET  /_fake/requests   every request received so far, as a JSON list
   POST /_fake/reset      forget them
@@ -24,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # $15 / M output tokens. Only there so the bot has a non-zero cost to record.
 TICKS_PER_INPUT_TOKEN = 30_000
 TICKS_PER_OUTPUT_TOKEN = 150_000
+# $5 per 1,000 web searches.
+TICKS_PER_WEB_SEARCH = 50_000_000
 
 
 def _text_of(content):
@@ -54,43 +60,101 @@ def _count_tokens(text):
     return max(1, len(text.split()))
 
 
-def make_response(body):
-    """A completed Responses API object for the request `body`, as xAI documents it."""
+def _tools(body):
+    """The `type`s of the request's tools (e.g. {"web_search"})."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return set()
+    return {t.get("type") for t in tools if isinstance(t, dict)}
+
+
+# What a web search "finds": fixed, so a test can look for the links in the bot's reply.
+WEB_SOURCES = [
+    ("https://weather.example.org/paris", "Paris weather today"),
+    ("https://news.example.com/today", "Today's news"),
+]
+
+
+def make_response(body, cost_ticks=None):
+    """A completed Responses API object for the request `body`, as xAI documents it.
+
+    A request with a `web_search` tool gets one `web_search_call` output item, the response's
+    `citations` list, `url_citation` annotations on the text and
+    `usage.server_side_tool_usage_details.web_search_calls`. A request with `reasoning.effort`
+    reports `output_tokens_details.reasoning_tokens` (part of `output_tokens`, as on xAI).
+    `cost_ticks` fixes `usage.cost_in_usd_ticks`; by default it follows the token counts.
+    """
     question = _last_user_text(body)
     answer = "[offline fake xAI] You asked: " + question[:80]
+    web = "web_search" in _tools(body)
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
+    output = []
+    annotations = []
+    citations = []
+    if web:
+        output.append({
+            "type": "web_search_call",
+            "id": "ws_" + uuid.uuid4().hex,
+            "status": "completed",
+            "action": {"type": "search", "query": question[:80]},
+        })
+        answer += " (searched the web)"
+        for url, title in WEB_SOURCES:
+            citations.append(url)
+            annotations.append({"type": "url_citation", "url": url, "title": title,
+                                "start_index": 0, "end_index": len(answer)})
     all_input = json.dumps(body.get("input", ""), ensure_ascii=False) + str(body.get("instructions") or "")
     n_in, n_out = _count_tokens(all_input), _count_tokens(answer)
-    return {
+    n_reasoning = 0
+    if reasoning and reasoning.get("effort"):
+        n_reasoning = {"low": 16, "medium": 64, "high": 256}.get(reasoning["effort"], 64)
+        n_out += n_reasoning
+    output.append({
+        "type": "message",
+        "id": "msg_" + uuid.uuid4().hex,
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": answer, "annotations": annotations}],
+    })
+    if cost_ticks is None:
+        cost_ticks = n_in * TICKS_PER_INPUT_TOKEN + n_out * TICKS_PER_OUTPUT_TOKEN
+        if web:
+            cost_ticks += TICKS_PER_WEB_SEARCH
+    usage = {
+        "input_tokens": n_in,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": n_out,
+        "output_tokens_details": {"reasoning_tokens": n_reasoning},
+        "total_tokens": n_in + n_out,
+        "num_sources_used": len(citations),
+        "num_server_side_tools_used": 1 if web else 0,
+        "server_side_tool_usage_details": {"web_search_calls": 1 if web else 0},
+        "cost_in_usd_ticks": cost_ticks,
+    }
+    response = {
         "id": "resp_" + uuid.uuid4().hex,
         "object": "response",
         "created_at": int(time.time()),
         "model": body.get("model") or "grok-fake",
         "status": "completed",
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_" + uuid.uuid4().hex,
-                "role": "assistant",
-                "status": "completed",
-                "content": [{"type": "output_text", "text": answer, "annotations": []}],
-            }
-        ],
-        "usage": {
-            "input_tokens": n_in,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": n_out,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": n_in + n_out,
-            "cost_in_usd_ticks": n_in * TICKS_PER_INPUT_TOKEN + n_out * TICKS_PER_OUTPUT_TOKEN,
-        },
+        "output": output,
+        "usage": usage,
     }
+    if web:
+        response["citations"] = citations
+    if reasoning:
+        response["reasoning"] = {"effort": reasoning.get("effort"), "summary": None}
+    return response
 
 
 class FakeXAI:
     """The fake server; `requests` holds every request received (method, path, headers, body)."""
 
-    def __init__(self, host="127.0.0.1", port=0, latency_ms=0, quiet=True):
+    def __init__(self, host="127.0.0.1", port=0, latency_ms=0, quiet=True, cost_ticks=None):
         self.latency_ms = latency_ms
+        # usage.cost_in_usd_ticks of every answer; None: computed from the token counts.
+        # A test may change it while the server runs.
+        self.cost_ticks = cost_ticks
         self.quiet = quiet
         self.requests = []
         self._lock = threading.Lock()
@@ -192,7 +256,7 @@ class FakeXAI:
                                  "error": "the offline fake does not stream"}, {}
                 if fake.latency_ms:
                     time.sleep(fake.latency_ms / 1000)
-                return 200, make_response(body), {"x-request-id": str(uuid.uuid4())}
+                return 200, make_response(body, fake.cost_ticks), {"x-request-id": str(uuid.uuid4())}
 
         return Handler
 
@@ -202,9 +266,12 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--latency-ms", type=int, default=0, help="delay before each answer")
+    ap.add_argument("--cost-ticks", type=int, default=None, metavar="N",
+                    help="report usage.cost_in_usd_ticks = N for every answer (1 USD = 10^10 ticks); "
+                         "default: computed from the token counts")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args()
-    fake = FakeXAI(args.host, args.port, args.latency_ms, quiet=not args.verbose)
+    fake = FakeXAI(args.host, args.port, args.latency_ms, quiet=not args.verbose, cost_ticks=args.cost_ticks)
     # First stdout line tells a parent process which port was picked.
     print(f"LISTENING {fake.port}", flush=True)
     try:

@@ -120,8 +120,10 @@ def scenario_group(ctx):
     report("b1. group chatter ignored", problems, f"no reply within {QUIET_WAIT}s, no provider call")
 
     before = len(ctx.provider_calls())
+    # A plain factual question: the router sends it to grok_direct, one provider call (arithmetic
+    # such as "2+2" would go to the two-stage reasoning route, see g3).
     ctx.group_question = alice.send(ctx.group, {
-        "msgtype": "m.text", "body": "grok: what is 2+2?", "m.mentions": {"user_ids": [BOT]},
+        "msgtype": "m.text", "body": "grok: what is the capital of France?", "m.mentions": {"user_ids": [BOT]},
     })
     reply = L.wait_reply(alice, ctx.group, ctx.group_question, REPLY_TIMEOUT)
     if not reply:
@@ -251,6 +253,344 @@ def scenario_request_log(ctx):
            f"{len(all_rows)} rows; routes {sorted(r['route'] for r in all_rows)}; cost {recorded} ticks")
 
 
+# ---------------------------------------------------------------------------------------------
+# Routes, cache and spend limits
+
+TRIVIAL_MODEL, FINAL_MODEL, REASON_MODEL = "grok-4.20-non-reasoning", "grok-4.3", "grok-4.5"
+TICKS_PER_USD = 10_000_000_000
+
+
+def sent_body(call):
+    return call["body"] if isinstance(call.get("body"), dict) else {}
+
+
+def sent_input(call):
+    return json.dumps(sent_body(call).get("input"), ensure_ascii=False)
+
+
+def answer_text(call):
+    """The output_text the fake answered a call with."""
+    for item in (call.get("response") or {}).get("output", []):
+        if item.get("type") == "message":
+            return "".join(p.get("text", "") for p in item.get("content", []) if p.get("type") == "output_text")
+    return ""
+
+
+def reported_cost(calls):
+    return sum(c["response"]["usage"]["cost_in_usd_ticks"] for c in calls if c.get("status") == 200)
+
+
+def has_web_search(call):
+    return any(isinstance(t, dict) and t.get("type") == "web_search" for t in sent_body(call).get("tools") or [])
+
+
+def exchange(ctx, client, room, text, timeout=REPLY_TIMEOUT):
+    """Sends `text`, waits for the bot's reply; returns (event_id, reply or None, the provider
+    calls made meanwhile, the request_log row or None)."""
+    before = len(ctx.provider_calls())
+    event_id = client.say(room, text)
+    reply = L.wait_reply(client, room, event_id, timeout)
+    calls = ctx.provider_calls()[before:]
+    # The row is written off the answer path: give it a moment.
+    rows = L.wait_until(lambda: ctx.bot.request_log(event_id), 10, 0.25) or []
+    return event_id, reply, calls, (rows[0] if len(rows) == 1 else None)
+
+
+def row_problems(row, route, source, cost=None):
+    """What is wrong with a request_log row's route, router_source, ok and cost."""
+    if row is None:
+        return ["no (single) request_log row"]
+    problems = []
+    if (row["route"], row["router_source"]) != (route, source):
+        problems.append(f"row route/router_source {row['route']!r}/{row['router_source']!r}, "
+                        f"want {route!r}/{source!r}")
+    if row["ok"] != 1:
+        problems.append(f"row ok={row['ok']} degraded={row['degraded']!r} err={row['err']!r}")
+    if cost is not None and row["cost_total_ticks"] != cost:
+        problems.append(f"row cost_total_ticks {row['cost_total_ticks']}, the provider reported {cost}")
+    return problems
+
+
+def scenario_routes(ctx):
+    """g. The route cascade through Synapse: trivial, web, reasoning and a forced route."""
+    names = ["g1. trivial route", "g2. web route", "g3. reasoning route", "g4. forced !web"]
+    if not ctx.dm:
+        for n in names:
+            report(n, ["skipped: no direct chat (a. failed)"])
+        return
+    alice, dm = ctx.alice, ctx.dm
+
+    # g1. "thanks!" goes to the cheap trivial model.
+    event, reply, calls, row = exchange(ctx, alice, dm, "thanks!")
+    if not reply:
+        report(names[0], [f"no bot reply to 'thanks!' within {REPLY_TIMEOUT}s"])
+    else:
+        problems = reply_problems(reply, alice.user_id)
+        models = [sent_body(c).get("model") for c in calls]
+        if models != [TRIVIAL_MODEL]:
+            problems.append(f"provider saw models {models}, want [{TRIVIAL_MODEL!r}]")
+        elif has_web_search(calls[0]) or sent_body(calls[0]).get("reasoning"):
+            problems.append("the trivial request carries tools or reasoning")
+        problems += row_problems(row, "trivial_direct", "heuristic", reported_cost(calls))
+        if row and json.loads(row["models"] or "{}").get("trivial") != TRIVIAL_MODEL:
+            problems.append(f"row models {row['models']}, want trivial={TRIVIAL_MODEL}")
+        report(names[0], problems, f"{models}; reply {reply['content'].get('body')!r}")
+
+    # g2. A question about today's weather: one web_search request, sources in the reply.
+    question = "what's the weather in Paris today?"
+    event, reply, calls, row = exchange(ctx, alice, dm, question)
+    if not reply:
+        report(names[1], [f"no bot reply within {REPLY_TIMEOUT}s"])
+    else:
+        problems = reply_problems(reply, alice.user_id)
+        body = reply["content"].get("body", "")
+        if len(calls) != 1:
+            problems.append(f"provider got {len(calls)} requests, want 1")
+        else:
+            sent = sent_body(calls[0])
+            if sent.get("model") != FINAL_MODEL or not has_web_search(calls[0]):
+                problems.append(f"request model={sent.get('model')!r} tools={sent.get('tools')!r}, "
+                                f"want {FINAL_MODEL!r} with a web_search tool")
+            if not isinstance(sent.get("max_turns"), int) or sent["max_turns"] < 1:
+                problems.append(f"request max_turns={sent.get('max_turns')!r}, want a positive integer")
+            if question not in sent_input(calls[0]):
+                problems.append("request input lacks the question")
+            url = calls[0]["response"]["citations"][0]
+            if "Sources:" not in body or url not in body:
+                problems.append(f"reply does not list the source {url}: {body!r}")
+            html = reply["content"].get("formatted_body", "")
+            if f'href="{url}"' not in html:
+                problems.append(f"formatted_body has no link to {url}: {html!r}")
+            if answer_text(calls[0]) not in body:
+                problems.append("reply lacks the model's answer")
+        problems += row_problems(row, "web_then_grok", "heuristic", reported_cost(calls))
+        if row and row["cost_web_ticks"] != reported_cost(calls):
+            problems.append(f"row cost_web_ticks {row['cost_web_ticks']}, want {reported_cost(calls)}")
+        report(names[1], problems, f"reply {body!r}")
+
+    # g3. A step-by-step solve: the reasoning model, then the final model writes the reply.
+    question = "solve 3x + 5 = 20 step by step"
+    event, reply, calls, row = exchange(ctx, alice, dm, question)
+    if not reply:
+        report(names[2], [f"no bot reply within {REPLY_TIMEOUT}s"])
+    else:
+        problems = reply_problems(reply, alice.user_id)
+        body = reply["content"].get("body", "")
+        models = [sent_body(c).get("model") for c in calls]
+        if models != [REASON_MODEL, FINAL_MODEL]:
+            problems.append(f"provider saw models {models}, want [{REASON_MODEL!r}, {FINAL_MODEL!r}]")
+        else:
+            first, second = sent_body(calls[0]), sent_body(calls[1])
+            if (first.get("reasoning") or {}).get("effort") != "medium":
+                problems.append(f"reasoning request has reasoning={first.get('reasoning')!r}, want effort medium")
+            if second.get("reasoning"):
+                problems.append(f"final request has reasoning={second.get('reasoning')!r}")
+            if question not in sent_input(calls[0]) or question not in sent_input(calls[1]):
+                problems.append("a request's input lacks the question")
+            analysis = answer_text(calls[0])
+            if json.dumps(analysis, ensure_ascii=False)[1:-1] not in sent_input(calls[1]):
+                problems.append("the final request's input lacks the reasoning model's analysis")
+            if answer_text(calls[1]).strip() not in body:
+                problems.append(f"reply is not the final model's answer: {body!r}")
+            if row:
+                want = [("cost_reason_ticks", reported_cost(calls[:1])), ("cost_final_ticks", reported_cost(calls[1:])),
+                        ("reasoning_tokens", calls[0]["response"]["usage"]["output_tokens_details"]["reasoning_tokens"])]
+                problems += [f"row {k}={row[k]}, want {v}" for k, v in want if row[k] != v]
+        problems += row_problems(row, "reason_then_grok", "heuristic", reported_cost(calls))
+        report(names[2], problems, f"{models}; reply {body[:80]!r}")
+
+    # g4. `!web` forces the web route for a question the router would answer directly.
+    question = "who wrote the novel Middlemarch?"
+    event, reply, calls, row = exchange(ctx, alice, dm, "!web " + question)
+    if not reply:
+        report(names[3], [f"no bot reply within {REPLY_TIMEOUT}s"])
+    else:
+        problems = reply_problems(reply, alice.user_id)
+        body = reply["content"].get("body", "")
+        if len(calls) != 1 or not has_web_search(calls[0]):
+            problems.append(f"provider got {len(calls)} requests ({[sent_body(c).get('tools') for c in calls]}), "
+                            "want 1 with a web_search tool")
+        else:
+            sent = sent_input(calls[0])
+            if question not in sent or "!web" in sent:
+                problems.append(f"request input should be the question without the prefix: {sent}")
+            if calls[0]["response"]["citations"][0] not in body:
+                problems.append(f"reply does not list the source: {body!r}")
+        problems += row_problems(row, "web_then_grok", "forced", reported_cost(calls))
+        report(names[3], problems, f"reply {body!r}")
+
+
+def scenario_cache(ctx):
+    """h. The same direct question twice: two replies, one provider request, a cache hit."""
+    name = "h. response cache"
+    if not ctx.dm:
+        return report(name, ["skipped: no direct chat (a. failed)"])
+    alice, dm = ctx.alice, ctx.dm
+    question = "What is the chemical symbol for gold?"
+    e1, r1, calls1, row1 = exchange(ctx, alice, dm, question)
+    e2, r2, calls2, row2 = exchange(ctx, alice, dm, question)
+    if not r1 or not r2:
+        return report(name, [f"no bot reply to the {'first' if not r1 else 'second'} question within {REPLY_TIMEOUT}s"])
+    problems = reply_problems(r2, alice.user_id)
+    b1, b2 = r1["content"].get("body"), r2["content"].get("body")
+    if b1 != b2:
+        problems.append(f"the cached reply differs: {b1!r} then {b2!r}")
+    if len(calls1) != 1 or len(calls2) != 0:
+        problems.append(f"provider got {len(calls1)} then {len(calls2)} requests, want 1 then 0")
+    problems += row_problems(row1, "grok_direct", "default", reported_cost(calls1))
+    if row1 and row1["cache_hit"] != 0:
+        problems.append("the first row has cache_hit=1")
+    if row2 is None:
+        problems.append("no request_log row for the second question")
+    elif (row2["cache_hit"], row2["cost_total_ticks"], row2["ok"]) != (1, 0, 1):
+        problems.append(f"second row cache_hit={row2['cache_hit']} cost_total_ticks={row2['cost_total_ticks']} "
+                        f"ok={row2['ok']}, want 1, 0, 1")
+    report(name, problems, f"1 provider request for 2 replies; second row cache_hit={row2 and row2['cache_hit']}")
+
+
+def budget_counter(bot, scope):
+    """Today's budget counter row of `scope` ('global' or 'user:@x:y'), or None. 'Today' is the
+    newest day in the table: the bot's UTC day."""
+    rows = bot.query("SELECT * FROM budget_counters WHERE scope = ? ORDER BY day DESC LIMIT 1", (scope,))
+    return rows[0] if rows else None
+
+
+def fmt_usd(ticks):
+    """Dollars to the cent, rounded half up, as the bot writes them."""
+    cents = (max(ticks, 0) + TICKS_PER_USD // 200) // (TICKS_PER_USD // 100)
+    return f"${cents // 100}.{cents % 100:02d}"
+
+
+def scenario_budget_books(ctx):
+    """h2. The spend books: every answer so far is settled at the cost the provider reported,
+    nothing is left reserved."""
+    name = "h2. budget and grounding books"
+    reported = reported_cost(ctx.provider_calls())
+    counter = L.wait_until(lambda: (c := budget_counter(ctx.bot, "global")) and c["reserved_ticks"] == 0 and c,
+                           5, 0.25) or budget_counter(ctx.bot, "global")
+    if not counter:
+        return report(name, ["no global budget counter for today"])
+    problems = []
+    if counter["settled_ticks"] != reported:
+        problems.append(f"global settled_ticks {counter['settled_ticks']}, the provider reported {reported}")
+    if counter["reserved_ticks"] != 0:
+        problems.append(f"global reserved_ticks {counter['reserved_ticks']} with nothing in flight, want 0")
+    # The daily grounding counter ends at the searches the provider reported, not the turns
+    # reserved for them.
+    searches = sum(c["response"]["usage"]["server_side_tool_usage_details"]["web_search_calls"]
+                   for c in ctx.provider_calls() if c.get("status") == 200)
+    grounding = sum(r["calls"] for r in ctx.bot.query("SELECT calls FROM grounding_usage"))
+    if grounding != searches:
+        problems.append(f"grounding_usage counts {grounding} searches, the provider reported {searches}")
+    report(name, problems, f"settled {counter['settled_ticks']} ticks over {counter['requests']} reservations; "
+                           f"{grounding} web searches counted")
+
+
+CEILING_HEADROOM_TICKS = 120_000_000   # $0.012 above what the day has already spent
+ANSWER_COST_TICKS = 50_000_000         # the fake charges $0.005 per answer
+REFUSAL_CEILING = "I've reached today's spending limit for everyone"
+
+
+def scenario_ceiling(ctx):
+    """i. The daily ceiling: restart the bot with a ceiling just above today's spend, make each
+    answer cost half a cent, and let bob ask until he is refused. Must run last: the bot keeps
+    the tiny ceiling."""
+    names = ["i1. spend ceiling refuses", "i2. !usage"]
+    bob, bot = ctx.bob, ctx.bot
+    spent = (budget_counter(bot, "global") or {}).get("settled_ticks", 0)
+    ceiling_ticks = spent + CEILING_HEADROOM_TICKS
+    ceiling_usd = ceiling_ticks / TICKS_PER_USD
+    ctx.fake.cost_ticks = ANSWER_COST_TICKS
+    code = bot.restart(API_KEY, {"limits": {"daily_ceiling_usd": ceiling_usd}})
+    L.log(f"e2e: bot restarted (old process exited {code}) with limits.daily_ceiling_usd={ceiling_usd} "
+          f"(today's spend {spent} ticks + {CEILING_HEADROOM_TICKS}); answers cost {ANSWER_COST_TICKS} ticks")
+
+    dm = bob.create_room(invite=[BOT], is_direct=True)
+    if not bob.wait_joined(dm, BOT, 20):
+        for n in names:
+            report(n, [f"bot did not join bob's DM within 20s (membership: {bob.membership(dm, BOT)})"])
+        return
+    countries = ["Peru", "Chile", "Norway", "Kenya", "Japan", "Canada", "Egypt", "Poland"]
+    answered, refused, unanswered = [], None, None  # (event, reply, calls, row)
+    for country in countries:
+        calls_before = len(ctx.provider_calls())
+        ex = exchange(ctx, bob, dm, f"What is the capital of {country}?")
+        if not ex[1]:
+            unanswered = ex
+            break
+        if REFUSAL_CEILING in ex[1]["content"].get("body", ""):
+            refused = ex
+            break
+        answered.append(ex)
+
+    problems = []
+    if not answered:
+        problems.append("bob's first question was not answered (the ceiling left room for it)")
+    if unanswered:
+        problems.append(f"no bot reply to {unanswered[0]} within {REPLY_TIMEOUT}s")
+    elif not refused:
+        problems.append(f"never refused after {len(answered)} answers at {ANSWER_COST_TICKS} ticks each "
+                        f"under a ceiling of {ceiling_ticks} ticks")
+    shrunk = 0
+    for event, reply, calls, row in answered:
+        if len(calls) != 1:
+            problems.append(f"{event}: provider got {len(calls)} requests, want 1")
+        elif sent_body(calls[0]).get("max_output_tokens", 0) < 2048:
+            # A shrunk plan: a short direct answer, marked degraded.
+            shrunk += 1
+            if row and (row["route"], row["router_source"]) != ("grok_direct", "degraded"):
+                problems.append(f"{event}: shrunk request (max_output_tokens "
+                                f"{sent_body(calls[0]).get('max_output_tokens')}) but row route/source "
+                                f"{row['route']}/{row['router_source']}, want grok_direct/degraded")
+        if row is None or row["cost_total_ticks"] != ANSWER_COST_TICKS or row["ok"] != 1:
+            problems.append(f"{event}: row {row and {k: row[k] for k in ('ok', 'cost_total_ticks')}}, "
+                            f"want ok=1 cost_total_ticks={ANSWER_COST_TICKS}")
+    detail = f"{len(answered)} answered ({shrunk} with a shrunk output cap)"
+    if refused:
+        event, reply, calls, row = refused
+        body = reply["content"].get("body", "")
+        detail += f", then refused: {body!r}"
+        problems += reply_problems(reply, bob.user_id)
+        if "\n" in body.strip() or "00:00 UTC" not in body:
+            problems.append(f"the refusal should be one line naming the 00:00 UTC reset: {body!r}")
+        time.sleep(QUIET_WAIT)
+        after = ctx.provider_calls()[calls_before:]
+        if after:
+            problems.append(f"provider got {len(after)} requests after the refused question was sent, want 0")
+        if row is None:
+            problems.append("no request_log row for the refused question")
+        else:
+            want = {"route": "none", "ceiling_hit": 1, "per_user_cap_hit": 0, "cost_total_ticks": 0}
+            got = {k: row[k] for k in want}
+            if got != want:
+                problems.append(f"refused row {got}, want {want}")
+        counter = budget_counter(bot, "global") or {}
+        smallest = min((r["amount_ticks"] for r in bot.query(
+            "SELECT amount_ticks FROM budget_reservations WHERE user_id = ?", (bob.user_id,))), default=0)
+        if counter and counter["settled_ticks"] + counter["reserved_ticks"] + smallest <= counter["cap_ticks"]:
+            problems.append(f"refused although {counter['cap_ticks'] - counter['settled_ticks']} ticks were left "
+                            f"and a {smallest}-tick plan fitted before")
+        if counter and counter["cap_ticks"] != ceiling_ticks:
+            problems.append(f"global cap_ticks {counter['cap_ticks']}, want the new ceiling {ceiling_ticks}")
+    report(names[0], problems, detail)
+
+    # i2. `!usage` answers with bob's spend and request count today, and costs nothing.
+    before = len(ctx.provider_calls())
+    event = bob.say(dm, "!usage")
+    reply = L.wait_reply(bob, dm, event, REPLY_TIMEOUT)
+    if not reply:
+        return report(names[1], [f"no bot reply to !usage within {REPLY_TIMEOUT}s"])
+    body = reply["content"].get("body", "")
+    bob_spent = reported_cost([c for ex in answered for c in ex[2]])
+    problems = reply_problems(reply, bob.user_id)
+    want = f"{fmt_usd(bob_spent)} over {len(answered)} request"
+    if want not in body:
+        problems.append(f"!usage reply lacks {want!r}: {body!r}")
+    if len(ctx.provider_calls()) != before:
+        problems.append(f"provider got {len(ctx.provider_calls()) - before} requests for !usage, want 0")
+    report(names[1], problems, f"{body!r}")
+
+
 SCENARIOS = [
     ("a. direct chat", scenario_direct),
     ("b. group room", scenario_group),
@@ -258,6 +598,11 @@ SCENARIOS = [
     ("d. redelivery deduped", scenario_redelivery),
     ("e. thread reply", scenario_thread),
     ("f. request_log", scenario_request_log),
+    ("g. routes", scenario_routes),
+    ("h. response cache", scenario_cache),
+    ("h2. budget books", scenario_budget_books),
+    # Last: it restarts the bot with a tiny ceiling that refuses everything after it.
+    ("i. spend ceiling", scenario_ceiling),
 ]
 
 
