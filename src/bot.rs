@@ -298,6 +298,12 @@ async fn respond(state: &AppState, job: &Job) -> (String, RequestLog) {
     let mut decision = state.cascade.decide(&job.request.text, Some(&job.room_id));
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
+    // A cached answer costs nothing: serve it without touching the budget.
+    if let Some(outcome) = state.cascade.cached(&decision).await {
+        let mut row = outcome_row(job, &outcome, state.cascade.prompt_version());
+        row.query_text = job.request.text.clone();
+        return (outcome.text, row);
+    }
     let plans = state
         .limiter
         .plans(decision.route, &decision.text, decision.ambiguous);

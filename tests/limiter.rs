@@ -500,6 +500,22 @@ async fn past_the_ceiling_users_get_one_line_and_no_model_runs() {
         ),
         ("none", true, false, false)
     );
+    // A question answered before is served from the cache: free, so not refused.
+    h.put_txn(
+        "c9",
+        vec![text_event(
+            "$c9",
+            "!dm:example.org",
+            ALICE,
+            "tell me about otters",
+        )],
+    )
+    .await;
+    h.settle().await;
+    assert_eq!(h.hs.sent()[4].body["body"], "an answer");
+    let row = h.row("$c9").await;
+    assert!(row.cache_hit && row.ok && !row.ceiling_hit);
+    assert_eq!(h.xai.seen().len(), 2);
     let day = Utc::now().format("%Y-%m-%d").to_string();
     assert_books_balance(&h.state.store, &day, "sqlite").await;
 }

@@ -303,16 +303,10 @@ impl Cascade {
         }
 
         let cache_key = self.cache_key(&text, out.route);
-        if let Some(key) = &cache_key {
-            match self.store.cache_get(key.clone()).await {
-                Ok(Some(answer)) => {
-                    out.text = answer;
-                    out.cache_hit = true;
-                    return out;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "response cache unavailable"),
-            }
+        if let Some(answer) = self.cache_lookup(cache_key.as_deref()).await {
+            out.text = answer;
+            out.cache_hit = true;
+            return out;
         }
 
         match out.route {
@@ -339,6 +333,31 @@ impl Cascade {
             }
         }
         out
+    }
+
+    /// The cached answer of a decided message, when its route is final before any model runs
+    /// (no classifier call pending). Lets the caller skip the budget for a free answer.
+    pub async fn cached(&self, decision: &Decision) -> Option<Outcome> {
+        if decision.ambiguous && self.settings.classifier && decision.source != RouterSource::Forced
+        {
+            return None;
+        }
+        let key = self.cache_key(&decision.text, decision.route);
+        let answer = self.cache_lookup(key.as_deref()).await?;
+        let mut out = Outcome::new(decision);
+        out.text = answer;
+        out.cache_hit = true;
+        Some(out)
+    }
+
+    async fn cache_lookup(&self, key: Option<&str>) -> Option<String> {
+        match self.store.cache_get(key?.to_string()).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(error = %e, "response cache unavailable");
+                None
+            }
+        }
     }
 
     /// The cache key for a question on a route, or `None` when the route is not cached.
