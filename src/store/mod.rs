@@ -151,6 +151,17 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
     }
 }
 
+/// Logs pool errors (a connection cut, a failed reconnect) at WARN: the pool recovers from
+/// them by itself, so they are not errors of the service.
+#[derive(Debug)]
+struct PoolErrors;
+
+impl<E: std::fmt::Display> diesel::r2d2::HandleError<E> for PoolErrors {
+    fn handle_error(&self, error: E) {
+        tracing::warn!(%error, "database connection error; the pool reconnects");
+    }
+}
+
 #[derive(Clone)]
 enum Backend {
     Sqlite(Pool<ConnectionManager<SqliteConnection>>),
@@ -367,6 +378,7 @@ impl Store {
                     .max_size(pool_size)
                     .connection_timeout(Duration::from_secs(10))
                     .connection_customizer(Box::new(SqlitePragmas))
+                    .error_handler(Box::new(PoolErrors))
                     .build(ConnectionManager::<SqliteConnection>::new(path))?;
                 Backend::Sqlite(pool)
             }
@@ -377,6 +389,7 @@ impl Store {
                     .max_size(pool_size)
                     .connection_timeout(Duration::from_secs(5))
                     .test_on_check_out(true)
+                    .error_handler(Box::new(PoolErrors))
                     .build_unchecked(ConnectionManager::<PgConnection>::new(url));
                 Backend::Postgres(pool)
             }
