@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use grok_appservice::cascade::{router, Ask, Cascade};
 use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
@@ -23,6 +23,19 @@ use grok_appservice::{bot, registration, webhook};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `-c FILE`, shared by every command that reads the config.
+#[derive(Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "GROK_APPSERVICE_CONFIG",
+        default_value = "config.yaml"
+    )]
+    path: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -44,23 +57,13 @@ enum Command {
     },
     /// Run the appservice (migrations first).
     Serve {
-        #[arg(
-            short,
-            long,
-            env = "GROK_APPSERVICE_CONFIG",
-            default_value = "config.yaml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run the database migrations and exit.
     Migrate {
-        #[arg(
-            short,
-            long,
-            env = "GROK_APPSERVICE_CONFIG",
-            default_value = "config.yaml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Print the router's decision for a message; no model is called.
     Route {
@@ -72,26 +75,16 @@ enum Command {
         /// Apply this room's override from the config.
         #[arg(long)]
         room: Option<String>,
-        /// Read router settings from this config file when it exists.
-        #[arg(
-            short,
-            long,
-            env = "GROK_APPSERVICE_CONFIG",
-            default_value = "config.yaml"
-        )]
-        config: PathBuf,
+        /// Router settings come from the config file when it exists.
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Answer one message through the cascade and print the answer, route, cost and latency.
     Ask {
         /// The message.
         text: String,
-        #[arg(
-            short,
-            long,
-            env = "GROK_APPSERVICE_CONFIG",
-            default_value = "config.yaml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Report route mix, spend, the grok_direct-only counterfactual and latency from request_log.
     Stats {
@@ -107,13 +100,8 @@ enum Command {
         /// Show hashed user ids instead of Matrix ids.
         #[arg(long)]
         anonymize: bool,
-        #[arg(
-            short,
-            long,
-            env = "GROK_APPSERVICE_CONFIG",
-            default_value = "config.yaml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -149,7 +137,9 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Migrate { config } => {
+        Command::Migrate {
+            config: ConfigArg { path: config },
+        } => {
             let config = Config::load(&config)?;
             init_logging(&config);
             let store = Store::connect(&config.database.url, config.database.pool_size)?;
@@ -160,12 +150,14 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve { config } => serve(Config::load(&config)?).await,
+        Command::Serve {
+            config: ConfigArg { path: config },
+        } => serve(Config::load(&config)?).await,
         Command::Route {
             text,
             json,
             room,
-            config,
+            config: ConfigArg { path: config },
         } => {
             let decision = if config.exists() {
                 let config = Config::load(&config)?;
@@ -200,7 +192,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Ask { text, config } => {
+        Command::Ask {
+            text,
+            config: ConfigArg { path: config },
+        } => {
             let config = Config::load(&config)?;
             init_logging(&config);
             let store = Store::connect(&config.database.url, 2)?;
@@ -245,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
             json,
             html,
             anonymize,
-            config,
+            config: ConfigArg { path: config },
         } => {
             use grok_appservice::stats;
             let window = grok_appservice::config::parse_duration(&since)

@@ -758,28 +758,12 @@ async fn telemetry_can_be_off_or_keep_text() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_whose_worker_died_is_recovered_once() {
-    use grok_appservice::store::{ClaimKind, NewClaim, TxnWrite};
     let h = dm_harness().await;
     let event = text_event("$lost", DM, ALICE, "are you there?");
     h.hs.add_event(event.clone());
     // A replica claimed it and died before answering: the lease is already over.
-    let write = TxnWrite {
-        txn_id: "crashed".into(),
-        event_count: 1,
-        claims: vec![NewClaim {
-            event_id: "$lost".into(),
-            room_id: DM.into(),
-            sender: ALICE.into(),
-            kind: ClaimKind::Addressed,
-            origin_ts: grok_appservice::store::now(),
-        }],
-        ..TxnWrite::default()
-    };
-    h.state
-        .store
-        .commit_transaction(write, "dead-replica".into(), Duration::ZERO)
-        .await
-        .unwrap();
+    h.claim_directly("crashed", "$lost", "dead-replica".into(), Duration::ZERO)
+        .await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let other = h.restart().await;
     let (a, b) = tokio::join!(
@@ -839,28 +823,17 @@ async fn an_unreachable_database_makes_synapse_retry() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutting_down_takes_no_new_claims_and_hands_over_unfinished_ones() {
-    use grok_appservice::store::{ClaimKind, NewClaim, TxnWrite};
     let h = dm_harness().await;
     let event = text_event("$inflight", DM, ALICE, "tell me about otters");
     h.hs.add_event(event.clone());
     // A claim this replica holds with a long lease, as if its answer were still running.
-    let write = TxnWrite {
-        txn_id: "held".into(),
-        event_count: 1,
-        claims: vec![NewClaim {
-            event_id: "$inflight".into(),
-            room_id: DM.into(),
-            sender: ALICE.into(),
-            kind: ClaimKind::Addressed,
-            origin_ts: grok_appservice::store::now(),
-        }],
-        ..TxnWrite::default()
-    };
-    h.state
-        .store
-        .commit_transaction(write, h.state.instance_id.clone(), Duration::from_secs(300))
-        .await
-        .unwrap();
+    h.claim_directly(
+        "held",
+        "$inflight",
+        h.state.instance_id.clone(),
+        Duration::from_secs(300),
+    )
+    .await;
     let other = h.restart().await;
     assert_eq!(
         grok_appservice::bot::recover_once(&other.state).await,
@@ -972,7 +945,7 @@ async fn a_second_process_cannot_serve_the_same_sqlite_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_that_landed_before_a_crash_is_not_posted_again() {
-    use grok_appservice::store::{ClaimKind, ClaimState, NewClaim, TxnWrite};
+    use grok_appservice::store::ClaimState;
     let h = dm_harness().await;
     let event = text_event("$sent", DM, ALICE, "tell me about otters");
     h.hs.add_event(event.clone());
@@ -986,23 +959,8 @@ async fn a_reply_that_landed_before_a_crash_is_not_posted_again() {
         .set_claim_state("$sent".into(), ClaimState::Sending, None)
         .await
         .unwrap();
-    let write = TxnWrite {
-        txn_id: "expire".into(),
-        event_count: 1,
-        claims: vec![NewClaim {
-            event_id: "$dummy".into(),
-            room_id: DM.into(),
-            sender: ALICE.into(),
-            kind: ClaimKind::Addressed,
-            origin_ts: grok_appservice::store::now(),
-        }],
-        ..TxnWrite::default()
-    };
-    h.state
-        .store
-        .commit_transaction(write, "x".into(), Duration::ZERO)
-        .await
-        .unwrap();
+    h.claim_directly("expire", "$dummy", "x".into(), Duration::ZERO)
+        .await;
     h.state
         .store
         .set_claim_state("$dummy".into(), ClaimState::Answered, None)

@@ -503,6 +503,29 @@ impl Harness {
         panic!("no request_log row for {event_id}");
     }
 
+    /// Claims Alice's DM message `event_id` in transaction `txn` for `owner`, as a replica
+    /// would on receiving it, without starting its worker (crash and hand-over scenarios).
+    pub async fn claim_directly(&self, txn: &str, event_id: &str, owner: String, lease: Duration) {
+        use grok_appservice::store::{ClaimKind, NewClaim, TxnWrite};
+        let write = TxnWrite {
+            txn_id: txn.into(),
+            event_count: 1,
+            claims: vec![NewClaim {
+                event_id: event_id.into(),
+                room_id: "!dm:example.org".into(),
+                sender: ALICE.into(),
+                kind: ClaimKind::Addressed,
+                origin_ts: grok_appservice::store::now(),
+            }],
+            ..TxnWrite::default()
+        };
+        self.state
+            .store
+            .commit_transaction(write, owner, lease)
+            .await
+            .unwrap();
+    }
+
     /// Makes the store know `room` as a room of the given members.
     pub async fn known_room(&self, room: &str, direct: bool, members: &[&str]) {
         self.state
