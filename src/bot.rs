@@ -638,6 +638,10 @@ async fn reply_already_sent(state: &AppState, claim: &crate::store::ClaimRow) ->
                 .record_bot_event(reply.clone(), claim.room_id.clone())
                 .await;
             finish_claim(state, &claim.event_id, ClaimState::Answered, Some(reply)).await;
+            // The dead replica may have written its row already: keep that fuller one.
+            if let Ok(None) = state.store.request_log(claim.event_id.clone()).await {
+                state.telemetry.record(recovered_row(state, claim).await);
+            }
             true
         }
         Ok(None) => false,
@@ -647,6 +651,31 @@ async fn reply_already_sent(state: &AppState, claim: &crate::store::ClaimRow) ->
             false
         }
     }
+}
+
+/// The `request_log` row of a request whose replica died after its reply went out: the route
+/// is decided again (the router is deterministic) and the cost is what its reservations
+/// settled; per-stage figures died with the replica.
+async fn recovered_row(state: &AppState, claim: &crate::store::ClaimRow) -> RequestLog {
+    let mut row = base_row(&claim.event_id, &claim.room_id, &claim.sender);
+    row.ok = true;
+    row.err = "recovered after a crash: the reply had been sent; stage details were lost".into();
+    row.prompt_version = state.cascade.prompt_version().to_string();
+    if let Ok(raw) = state.matrix.event(&claim.room_id, &claim.event_id).await {
+        let body = raw
+            .pointer("/content/body")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        let decision = state.cascade.decide(body, Some(&claim.room_id));
+        row.route = decision.route.as_str().into();
+        row.router_source = decision.source.as_str().into();
+        row.router_confidence = decision.confidence;
+    }
+    match state.store.budget_settled_for(claim.event_id.clone()).await {
+        Ok(ticks) => row.cost_total_ticks = ticks,
+        Err(e) => tracing::warn!(error = %e, "could not read the recovered request's cost"),
+    }
+    row
 }
 
 /// Runs [`recover_once`] and the budget sweeper every `recovery_interval` until the process

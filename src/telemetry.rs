@@ -123,6 +123,21 @@ impl Telemetry {
     }
 }
 
+/// Writes a batch, trying again twice after a short pause: a cut database connection is
+/// replaced by the pool within moments, and the rows are upserts, so a retry is safe.
+async fn write_with_retries(sink: &Arc<dyn LogSink>, batch: Vec<RequestLog>) -> Result<(), String> {
+    let mut last = String::new();
+    for pause_ms in [0, 100, 500] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        let (writer, rows) = (sink.clone(), batch.clone());
+        match guarded(move || writer.write_batch(rows)).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// The writer task: batches what is queued, writes it, trims by retention once per
 /// [`TRIM_EVERY`] rows. A failure logs one WARN per row id; a panic in the sink is caught.
 async fn writer(
@@ -143,8 +158,7 @@ async fn writer(
         }
         let n = batch.len();
         let ids: Vec<String> = batch.iter().map(|r| r.id.clone()).collect();
-        let writer = sink.clone();
-        if let Err(e) = guarded(move || writer.write_batch(batch)).await {
+        if let Err(e) = write_with_retries(&sink, batch).await {
             metrics.add("telemetry_write_failures_total", &[], n as u64);
             for id in ids {
                 tracing::warn!(event_id = %id, error = %e, "request_log write failed");

@@ -981,9 +981,50 @@ async fn a_reply_that_landed_before_a_crash_is_not_posted_again() {
     h.settle().await;
     assert_eq!(h.hs.sent().len(), 1, "no second reply");
     assert_eq!(h.xai.seen().len(), before, "no second model call");
+    // The row written before the crash is kept; had it been lost, recovery writes one.
+    let row = h.row("$sent").await;
+    assert!(row.ok && row.err.is_empty(), "{row:?}");
     let claim = h.state.store.claim("$sent".into()).await.unwrap().unwrap();
     assert_eq!(
         (claim.state.as_str(), claim.reply_event_id.as_deref()),
         ("answered", Some("$reply1"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recovered_reply_whose_row_died_with_its_replica_gets_one() {
+    use grok_appservice::store::ClaimState;
+    let h = dm_harness().await;
+    let event = text_event("$norow", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    h.put_txn("n1", vec![event]).await;
+    h.settle().await;
+    // Simulate the crash between the send and the row: no row, claim still `sending`.
+    let path = h.db.url.trim_start_matches("sqlite://").to_string();
+    {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+        conn.batch_execute("DELETE FROM request_log").unwrap();
+    }
+    h.state
+        .store
+        .set_claim_state("$norow".into(), ClaimState::Sending, None)
+        .await
+        .unwrap();
+    h.state
+        .store
+        .release_claims(h.state.instance_id.clone())
+        .await
+        .unwrap();
+    assert_eq!(grok_appservice::bot::recover_once(&h.state).await, 1);
+    h.settle().await;
+    assert_eq!(h.hs.sent().len(), 1, "not posted again");
+    let row = h.row("$norow").await;
+    assert!(row.ok, "{row:?}");
+    assert_eq!(row.route, "grok_direct");
+    assert_eq!(
+        row.cost_total_ticks, FAKE_COST_TICKS,
+        "the settled reservation's cost"
     );
 }

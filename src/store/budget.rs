@@ -286,6 +286,22 @@ impl Store {
         .await
     }
 
+    /// What the reservations of one request (ids `<request_id>#...`) settled, in ticks.
+    pub async fn budget_settled_for(&self, request_id: String) -> Result<i64, StoreError> {
+        self.run(move |conn| {
+            // A key range instead of LIKE: event ids may contain `_` and `%`.
+            let (low, high) = (format!("{request_id}#"), format!("{request_id}$"));
+            let actual: Vec<i64> = db!(conn, |c| budget_reservations::table
+                .filter(budget_reservations::id.ge(&low))
+                .filter(budget_reservations::id.lt(&high))
+                .filter(budget_reservations::state.ne("held"))
+                .select(budget_reservations::actual_ticks)
+                .load(c))?;
+            Ok(actual.into_iter().sum())
+        })
+        .await
+    }
+
     /// The counters of `day` for the given scopes (missing ones are left out).
     pub async fn budget_counters(
         &self,
