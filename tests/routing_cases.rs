@@ -1,5 +1,5 @@
 //! Runs the heuristic router over the labelled messages in
-//! `../shared/data/routing-cases.jsonl` and requires at least 95% of routes right.
+//! `tests/data/routing-cases.jsonl` (a copy of the shared labelled set) and requires at least 95% of routes right.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ const ROUTES: [Route; 4] = [
 ];
 
 fn cases_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/routing-cases.jsonl")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/routing-cases.jsonl")
 }
 
 #[test]
