@@ -315,6 +315,10 @@ pub struct BotConfig {
     pub reply_msgtype: ReplyMsgtype,
     #[serde(default = "default_system_prompt")]
     pub system_prompt: String,
+    /// Answers one replica runs at once; further claims wait in the database. The work is
+    /// waiting on the network, so this bounds memory and the database pool, not the CPU.
+    #[serde(default = "default_max_concurrent_answers")]
+    pub max_concurrent_answers: usize,
 }
 
 impl Default for BotConfig {
@@ -323,6 +327,7 @@ impl Default for BotConfig {
             display_name: default_display_name(),
             reply_msgtype: default_msgtype(),
             system_prompt: default_system_prompt(),
+            max_concurrent_answers: default_max_concurrent_answers(),
         }
     }
 }
@@ -438,11 +443,15 @@ fn default_registration() -> PathBuf {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9000))
 }
+/// Short, renewed every quarter: a dead replica's claims are taken over within seconds.
 fn default_claim_lease() -> Duration {
-    Duration::from_secs(120)
+    Duration::from_secs(10)
 }
 fn default_recovery_interval() -> Duration {
-    Duration::from_secs(15)
+    Duration::from_secs(2)
+}
+fn default_max_concurrent_answers() -> usize {
+    64
 }
 fn default_max_message_age() -> Duration {
     Duration::from_secs(15 * 60)
@@ -531,8 +540,9 @@ fn default_per_user_hourly() -> u32 {
 fn default_safety_factor() -> f64 {
     1.25
 }
+/// Covers the longest run the default provider settings allow (see `Config::longest_run`).
 fn default_reservation_ttl() -> Duration {
-    Duration::from_secs(20 * 60)
+    Duration::from_secs(60 * 60)
 }
 fn default_usage_command() -> String {
     "!usage".into()
@@ -678,6 +688,16 @@ impl Config {
         Ok(())
     }
 
+    /// The longest an answer's provider calls can run: up to three calls (the classifier, a
+    /// first stage, and the final or fallback stage), each with its retries, timeouts and
+    /// backoff (at most 30 s a wait).
+    pub fn longest_run(&self) -> Duration {
+        let p = &self.provider;
+        let attempts = u64::from(p.max_retries) + 1;
+        let per_call = attempts * p.timeout_secs + u64::from(p.max_retries) * 30;
+        Duration::from_secs(3 * per_call)
+    }
+
     /// Checks every value once; fills `rooms.allowed_servers` with the bot's server if empty.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         check_http_url("homeserver.url", &self.homeserver.url)?;
@@ -690,6 +710,22 @@ impl Config {
         }
         if self.appservice.claim_lease < Duration::from_secs(3) {
             return Err(invalid("appservice.claim_lease", "must be at least 3s"));
+        }
+        if self.bot.max_concurrent_answers == 0 {
+            return Err(invalid("bot.max_concurrent_answers", "must be at least 1"));
+        }
+        if self.limits.reservation_ttl < self.longest_run() {
+            return Err(invalid(
+                "limits.reservation_ttl",
+                format!(
+                    "must be at least {}s: with provider.timeout_secs {} and provider.max_retries {} \
+                     one answer may run that long, and a reservation that expires first is \
+                     counted at its estimate while the call still runs",
+                    self.longest_run().as_secs(),
+                    self.provider.timeout_secs,
+                    self.provider.max_retries
+                ),
+            ));
         }
         if self.appservice.recovery_interval.is_zero() {
             return Err(invalid(

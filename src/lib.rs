@@ -2,14 +2,16 @@
 //! models. The binary in `main.rs` is a thin shell over this library so integration tests drive
 //! the same code the operator runs.
 
-pub mod bot;
+pub mod answer;
 pub mod cascade;
+pub mod claims;
 pub mod classify;
 pub mod config;
 pub mod limiter;
 pub mod matrix;
 pub mod provider;
 pub mod registration;
+pub mod render;
 pub mod state;
 pub mod stats;
 pub mod store;

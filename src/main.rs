@@ -12,7 +12,7 @@ use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
 use grok_appservice::provider::Provider;
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
-use grok_appservice::{bot, registration, webhook};
+use grok_appservice::{answer, registration, webhook};
 
 #[derive(Parser)]
 #[command(
@@ -284,7 +284,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = AppState::new(config, registration, store, timings)?;
 
     tokio::spawn(announce(state.clone()));
-    tokio::spawn(bot::recovery_loop(state.clone()));
+    tokio::spawn(answer::recover::recovery_loop(state.clone()));
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await

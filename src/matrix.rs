@@ -243,15 +243,16 @@ impl MatrixClient {
             .map(|_| ())
     }
 
-    /// Looks back through the room's last `limit` messages from the bot for its reply to
-    /// `source_event_id`. Used before re-sending a reply whose send may have landed: after
-    /// 30-60 min the homeserver has forgotten the send's txnId and would post it again.
-    pub async fn find_reply(
+    /// Looks back through the room's last `limit` messages from the bot for the parts of its
+    /// reply to `source_event_id`: `(part index, event id)`. Used before re-sending a reply
+    /// whose send may have landed: after 30-60 min the homeserver has forgotten the send's
+    /// txnId and would post it again. A reply without a part marker (older versions) is part 0.
+    pub async fn find_reply_parts(
         &self,
         room_id: &str,
         source_event_id: &str,
         limit: u32,
-    ) -> Result<Option<String>, MatrixError> {
+    ) -> Result<Vec<(usize, String)>, MatrixError> {
         let filter = json!({"senders": [self.user_id], "types": ["m.room.message"]}).to_string();
         let path = format!(
             "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
@@ -259,15 +260,30 @@ impl MatrixClient {
             enc(&filter)
         );
         let v = self.call(reqwest::Method::GET, &path, None).await?;
-        let found = v["chunk"].as_array().into_iter().flatten().find(|e| {
-            e["sender"] == self.user_id.as_str()
-                && e.pointer("/content/m.relates_to/m.in_reply_to/event_id")
+        let marker = crate::answer::render::PART_KEY;
+        let found = v["chunk"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["sender"] == self.user_id.as_str())
+            .filter_map(|e| {
+                let content = &e["content"];
+                let part = if content[marker]["source"] == source_event_id {
+                    content[marker]["part"].as_u64()? as usize
+                } else if content
+                    .pointer("/m.relates_to/m.in_reply_to/event_id")
                     .and_then(Value::as_str)
                     == Some(source_event_id)
-        });
-        Ok(found
-            .and_then(|e| e["event_id"].as_str())
-            .map(str::to_string))
+                    && content.get(marker).is_none()
+                {
+                    0
+                } else {
+                    return None;
+                };
+                Some((part, e["event_id"].as_str()?.to_string()))
+            })
+            .collect();
+        Ok(found)
     }
 
     /// Fetches one event (used when recovering a claim whose worker died).

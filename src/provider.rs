@@ -27,6 +27,10 @@ pub enum ProviderError {
         status: Option<u16>,
         message: String,
     },
+    /// Not called: the worker lost its claim (or could not confirm it), so another replica
+    /// may be answering.
+    #[error("not called: the claim was lost")]
+    ClaimLost,
 }
 
 impl ProviderError {
@@ -41,6 +45,7 @@ impl ProviderError {
             ProviderError::Retryable { status, .. } | ProviderError::Fatal { status, .. } => {
                 *status
             }
+            ProviderError::ClaimLost => None,
         }
     }
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use regex::Regex;
 use ruma::api::appservice::Registration;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::cascade::Cascade;
+use crate::claims::Working;
 use crate::classify::Identity;
 use crate::config::Config;
 use crate::limiter::{system_clock, Clock, Limiter};
@@ -67,6 +69,14 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Cleared when shutdown starts, so `/ready` takes the replica out of the load balancer.
     pub accepting: AtomicBool,
+    /// Worker slots (`bot.max_concurrent_answers`): a claim without one waits in the database.
+    pub slots: Arc<Semaphore>,
+    /// Claims this replica's workers hold now.
+    pub working: Arc<Working>,
+    /// Set when claims were queued in the database for want of a slot.
+    pub queued: AtomicBool,
+    /// Signalled when a worker frees its slot.
+    pub slot_freed: Notify,
 }
 
 impl AppState {
@@ -120,6 +130,7 @@ impl AppState {
             std::env::var("HOSTNAME").unwrap_or_else(|_| "grok".into()),
             crate::registration::random_token().get(..8).unwrap_or("x")
         );
+        let config_slots = config.bot.max_concurrent_answers;
         Ok(Arc::new(Self {
             config,
             registration,
@@ -134,6 +145,10 @@ impl AppState {
             timings,
             tasks: TaskTracker::new(),
             accepting: AtomicBool::new(true),
+            slots: Arc::new(Semaphore::new(config_slots)),
+            working: Arc::new(Working::default()),
+            queued: AtomicBool::new(false),
+            slot_freed: Notify::new(),
         }))
     }
 }

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::bot;
+use crate::answer;
+use crate::claims::Fence;
 use crate::classify::{classify, Event, Facts, Verdict};
 use crate::state::AppState;
 use crate::store::{ClaimKind, MemberChange, NewClaim, TxnWrite};
@@ -216,9 +217,14 @@ async fn transaction(
     state
         .metrics
         .inc("transactions_total", &[("result", "new")]);
-    for (event, verdict) in planned.actions {
+    for (event, verdict, slot) in planned.actions {
         if claimed.contains(&event.event_id) {
-            bot::dispatch(&state, event, verdict);
+            let fence = Fence {
+                event_id: event.event_id.clone(),
+                owner: state.instance_id.clone(),
+                generation: 1,
+            };
+            answer::dispatch(&state, event, verdict, fence, slot);
         } else {
             tracing::debug!(event_id = %event.event_id, "event already claimed, skipping");
         }
@@ -234,7 +240,8 @@ async fn transaction(
 /// What a transaction will write and do.
 struct Plan {
     write: TxnWrite,
-    actions: Vec<(Event, Verdict)>,
+    /// The events to work on, each with the worker slot it holds.
+    actions: Vec<(Event, Verdict, tokio::sync::OwnedSemaphorePermit)>,
     left_rooms: Vec<String>,
 }
 
@@ -321,6 +328,11 @@ async fn plan(
             Verdict::Addressed(_) => ClaimKind::Addressed,
         };
         tracing::debug!(event_id = %event.event_id, verdict = verdict.label(), "classified");
+        // Without a free worker slot the claim is queued in the database, not in memory.
+        let slot = state.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            state.queued.store(true, Ordering::SeqCst);
+        }
         plan.write.claims.push(NewClaim {
             event_id: event.event_id.clone(),
             room_id: event.room_id.clone(),
@@ -329,8 +341,11 @@ async fn plan(
             origin_ts: chrono::DateTime::from_timestamp_millis(event.origin_server_ts)
                 .map(|t| t.naive_utc())
                 .unwrap_or_else(crate::store::now),
+            leased: slot.is_some(),
         });
-        plan.actions.push((event, verdict));
+        if let Some(slot) = slot {
+            plan.actions.push((event, verdict, slot));
+        }
     }
     Ok(plan)
 }

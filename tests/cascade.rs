@@ -65,6 +65,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         room_id: Some("!room:example.org"),
         user: Some("u1"),
         output_cap: None,
+        gate: None,
     })
     .await
 }
@@ -167,6 +168,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             room_id: Some("!hard:example.org"),
             user: None,
             output_cap: None,
+            gate: None,
         })
         .await;
     assert_eq!(
@@ -181,6 +183,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             room_id: Some("!hard:example.org"),
             user: None,
             output_cap: None,
+            gate: None,
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);

@@ -205,7 +205,8 @@ async fn a_dead_workers_reservations_are_swept_back() {
             "[{}] nothing expired yet",
             db.label
         );
-        *now.lock().unwrap() = at("2026-11-28T10:30:00Z");
+        // Past the default reservation_ttl (1h).
+        *now.lock().unwrap() = at("2026-11-28T11:01:00Z");
         assert_eq!(limiter.sweep().await.unwrap(), 3, "[{}]", db.label);
         assert_eq!(
             limiter.sweep().await.unwrap(),

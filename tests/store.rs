@@ -10,8 +10,8 @@ use std::time::Duration;
 use chrono::{NaiveDate, NaiveDateTime};
 
 use grok_appservice::store::{
-    now, redact_url, ClaimKind, ClaimState, DatabaseKind, MemberChange, NewClaim, RequestLogRow,
-    Store, StoreError, TxnWrite,
+    now, redact_url, ClaimKind, ClaimState, DatabaseKind, Fence, MemberChange, NewClaim,
+    RequestLogRow, Store, StoreError, TxnWrite,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -39,6 +39,7 @@ fn claim(event_id: &str, room_id: &str, kind: ClaimKind) -> NewClaim {
         sender: "@alice:example.org".into(),
         kind,
         origin_ts: now(),
+        leased: true,
     }
 }
 
@@ -607,8 +608,23 @@ async fn concurrent_notice_takers_get_one_slot() {
     }
 }
 
+/// Moves a claim through `states` with the fence of whoever holds it now, leaving its lease
+/// expired.
+async fn drive(store: &Store, event_id: &str, states: &[ClaimState]) {
+    for to in states {
+        let fence = store.claim(event_id.into()).await.unwrap().unwrap().fence();
+        assert!(
+            store
+                .claim_transition(fence, *to, Duration::ZERO, None)
+                .await
+                .unwrap(),
+            "{event_id} -> {to:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn claim_state_round_trip() {
+async fn claims_are_fenced_through_their_life() {
     for db in db::all() {
         let l = db.label;
         let store = open(&db).await;
@@ -621,66 +637,133 @@ async fn claim_state_round_trip() {
             .await
             .unwrap();
         let created = store.claim("$e1".into()).await.unwrap().unwrap();
+        assert_eq!(
+            (created.generation, created.state.as_str()),
+            (1, "claimed"),
+            "[{l}]"
+        );
+        let mine = created.fence();
+        let stranger = Fence {
+            owner: "w2".into(),
+            ..mine.clone()
+        };
+        let stale = Fence {
+            generation: 0,
+            ..mine.clone()
+        };
+        for f in [&stranger, &stale] {
+            assert!(!store.claim_renew(f.clone(), HOUR).await.unwrap(), "[{l}]");
+            assert!(
+                !store
+                    .claim_transition(f.clone(), ClaimState::Answering, HOUR, None)
+                    .await
+                    .unwrap(),
+                "[{l}] a wrong fence cannot move the claim"
+            );
+        }
+        assert!(
+            store.claim_renew(mine.clone(), HOUR).await.unwrap(),
+            "[{l}]"
+        );
+        assert!(
+            !store
+                .claim_transition(mine.clone(), ClaimState::Answered, HOUR, None)
+                .await
+                .unwrap(),
+            "[{l}] answered only from sending"
+        );
+        assert!(store
+            .claim_transition(mine.clone(), ClaimState::Answering, HOUR, None)
+            .await
+            .unwrap());
 
-        store
-            .set_claim_state("$e1".into(), ClaimState::Sending, None)
+        // Another replica takes the claim over: the old fence is dead everywhere.
+        let path_expire = store.release_claims("w1".into()).await.unwrap();
+        assert_eq!(path_expire, 1, "[{l}]");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let taken = store
+            .take_expired_claims("w3".into(), HOUR, 10, vec![])
             .await
             .unwrap();
-        let row = store.claim("$e1".into()).await.unwrap().unwrap();
+        assert_eq!(taken.len(), 1, "[{l}]");
+        let theirs = taken[0].fence();
         assert_eq!(
-            (row.state.as_str(), row.reply_event_id.as_deref()),
-            ("sending", None),
+            (theirs.owner.as_str(), theirs.generation),
+            ("w3", 2),
+            "[{l}]"
+        );
+        assert_eq!(taken[0].state, "answering", "[{l}] the state is kept");
+        assert!(
+            !store.claim_renew(mine.clone(), HOUR).await.unwrap(),
+            "[{l}]"
+        );
+        assert!(
+            !store
+                .claim_store_outbox(mine.clone(), "{}".into(), HOUR)
+                .await
+                .unwrap(),
+            "[{l}] the old holder cannot store a reply"
+        );
+        assert!(
+            !store
+                .claim_part_sent(mine.clone(), 0, "$x".into(), HOUR)
+                .await
+                .unwrap(),
             "[{l}]"
         );
 
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        store
-            .set_claim_state("$e1".into(), ClaimState::Answered, Some("$reply".into()))
+        assert!(store
+            .claim_store_outbox(theirs.clone(), "{\"parts\":[]}".into(), HOUR)
             .await
-            .unwrap();
+            .unwrap());
+        let row = store.claim("$e1".into()).await.unwrap().unwrap();
+        assert_eq!(row.state, "sending", "[{l}]");
+        assert_eq!(row.outbox.as_deref(), Some("{\"parts\":[]}"), "[{l}]");
+        assert!(store
+            .claim_part_sent(theirs.clone(), 0, "$reply".into(), HOUR)
+            .await
+            .unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(store
+            .claim_transition(theirs.clone(), ClaimState::Answered, HOUR, None)
+            .await
+            .unwrap());
         let row = store.claim("$e1".into()).await.unwrap().unwrap();
         assert_eq!(row.state, "answered", "[{l}]");
         assert_eq!(row.reply_event_id.as_deref(), Some("$reply"), "[{l}]");
+        assert_eq!(row.sent_parts, 1, "[{l}]");
+        assert!(
+            row.outbox.is_none(),
+            "[{l}] a finished claim keeps no reply text"
+        );
         assert!(
             row.updated_at > created.updated_at,
             "[{l}] updated_at moves"
         );
         assert_eq!(row.created_at, created.created_at, "[{l}] created_at stays");
-        assert_eq!(row.lease_owner, "w1", "[{l}]");
-        assert_eq!(row.attempts, 1, "[{l}]");
 
-        // Without a reply id the stored one stays.
-        store
-            .set_claim_state("$e1".into(), ClaimState::Failed, None)
-            .await
-            .unwrap();
-        let row = store.claim("$e1".into()).await.unwrap().unwrap();
-        assert_eq!(row.state, "failed", "[{l}]");
-        assert_eq!(row.reply_event_id.as_deref(), Some("$reply"), "[{l}]");
-
-        for state in [
-            ClaimState::Claimed,
-            ClaimState::Sending,
-            ClaimState::Answered,
-            ClaimState::Done,
-            ClaimState::Failed,
-        ] {
-            store
-                .set_claim_state("$e1".into(), state, None)
-                .await
-                .unwrap();
-            let row = store.claim("$e1".into()).await.unwrap().unwrap();
-            assert_eq!(row.state, state.as_str(), "[{l}]");
+        // A final state is never left, and nothing renews it.
+        for to in [ClaimState::Claimed, ClaimState::Sending, ClaimState::Failed] {
+            assert!(
+                !store
+                    .claim_transition(theirs.clone(), to, HOUR, None)
+                    .await
+                    .unwrap(),
+                "[{l}] answered -> {to:?}"
+            );
         }
-
         assert!(
-            store.claim("$unknown".into()).await.unwrap().is_none(),
+            !store.claim_renew(theirs.clone(), HOUR).await.unwrap(),
             "[{l}]"
         );
-        store
-            .set_claim_state("$unknown".into(), ClaimState::Done, None)
+        let unknown = Fence {
+            event_id: "$unknown".into(),
+            ..theirs
+        };
+        assert!(!store
+            .claim_transition(unknown, ClaimState::Done, HOUR, None)
             .await
-            .expect("updating an unknown claim is a no-op");
+            .unwrap());
         assert!(
             store.claim("$unknown".into()).await.unwrap().is_none(),
             "[{l}]"
@@ -718,19 +801,15 @@ async fn expired_claims_are_taken_over_once() {
             )
             .await
             .unwrap();
-        for (e, s) in [
-            ("$s", ClaimState::Sending),
-            ("$ans", ClaimState::Answered),
-            ("$done", ClaimState::Done),
-            ("$fail", ClaimState::Failed),
-        ] {
-            store.set_claim_state(e.into(), s, None).await.unwrap();
-        }
+        drive(&store, "$s", &[ClaimState::Sending]).await;
+        drive(&store, "$ans", &[ClaimState::Sending, ClaimState::Answered]).await;
+        drive(&store, "$done", &[ClaimState::Done]).await;
+        drive(&store, "$fail", &[ClaimState::Failed]).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
 
         let before = now();
         let taken = store
-            .take_expired_claims("w2".into(), HOUR, 100)
+            .take_expired_claims("w2".into(), HOUR, 100, vec![])
             .await
             .unwrap();
         let mut got: Vec<&str> = taken.iter().map(|r| r.event_id.as_str()).collect();
@@ -770,7 +849,7 @@ async fn expired_claims_are_taken_over_once() {
 
         // Now leased for an hour: nothing to take.
         let again = store
-            .take_expired_claims("w3".into(), HOUR, 100)
+            .take_expired_claims("w3".into(), HOUR, 100, vec![])
             .await
             .unwrap();
         assert!(again.is_empty(), "[{l}] {again:?}");
@@ -791,13 +870,13 @@ async fn expired_claims_are_taken_over_once() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         let first = store
-            .take_expired_claims("w4".into(), Duration::ZERO, 3)
+            .take_expired_claims("w4".into(), Duration::ZERO, 3, vec![])
             .await
             .unwrap();
         assert_eq!(first.len(), 3, "[{l}] limit");
         tokio::time::sleep(Duration::from_millis(5)).await;
         let second = store
-            .take_expired_claims("w5".into(), Duration::ZERO, 100)
+            .take_expired_claims("w5".into(), Duration::ZERO, 100, vec![])
             .await
             .unwrap();
         assert_eq!(second.len(), 5, "[{l}] all five expired again");
@@ -838,7 +917,11 @@ async fn concurrent_takers_never_share_a_claim() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let results = futures_join((0..6).map(|i| {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            async move { store.take_expired_claims(format!("w{i}"), HOUR, 100).await }
+            async move {
+                store
+                    .take_expired_claims(format!("w{i}"), HOUR, 100, vec![])
+                    .await
+            }
         }))
         .await;
         let mut owner_of: HashMap<String, String> = HashMap::new();

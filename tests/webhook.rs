@@ -767,8 +767,8 @@ async fn a_claim_whose_worker_died_is_recovered_once() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let other = h.restart().await;
     let (a, b) = tokio::join!(
-        grok_appservice::bot::recover_once(&h.state),
-        grok_appservice::bot::recover_once(&other.state)
+        grok_appservice::answer::recover::recover_once(&h.state),
+        grok_appservice::answer::recover::recover_once(&other.state)
     );
     assert_eq!(a + b, 1, "exactly one replica takes the claim");
     h.settle().await;
@@ -836,7 +836,7 @@ async fn shutting_down_takes_no_new_claims_and_hands_over_unfinished_ones() {
     .await;
     let other = h.restart().await;
     assert_eq!(
-        grok_appservice::bot::recover_once(&other.state).await,
+        grok_appservice::answer::recover::recover_once(&other.state).await,
         0,
         "the lease is live"
     );
@@ -864,7 +864,7 @@ async fn shutting_down_takes_no_new_claims_and_hands_over_unfinished_ones() {
         1
     );
     assert_eq!(
-        grok_appservice::bot::recover_once(&other.state).await,
+        grok_appservice::answer::recover::recover_once(&other.state).await,
         1,
         "taken over at once"
     );
@@ -886,6 +886,7 @@ async fn a_long_answer_keeps_its_lease() {
         sender: ALICE.into(),
         kind: grok_appservice::store::ClaimKind::Addressed,
         origin_ts: grok_appservice::store::now(),
+        leased: true,
     };
     let write = grok_appservice::store::TxnWrite {
         txn_id: "l".into(),
@@ -898,21 +899,33 @@ async fn a_long_answer_keeps_its_lease() {
         .commit_transaction(write, "me".into(), Duration::ZERO)
         .await
         .unwrap();
+    let fence = h
+        .state
+        .store
+        .claim("$l".into())
+        .await
+        .unwrap()
+        .unwrap()
+        .fence();
     assert!(h
         .state
         .store
-        .extend_lease("$l".into(), "me".into(), Duration::from_secs(60))
+        .claim_renew(fence.clone(), Duration::from_secs(60))
         .await
         .unwrap());
+    let stranger = grok_appservice::claims::Fence {
+        owner: "someone-else".into(),
+        ..fence
+    };
     assert!(!h
         .state
         .store
-        .extend_lease("$l".into(), "someone-else".into(), Duration::from_secs(60))
+        .claim_renew(stranger, Duration::from_secs(60))
         .await
         .unwrap());
     let other = h.restart().await;
     assert_eq!(
-        grok_appservice::bot::recover_once(&other.state).await,
+        grok_appservice::answer::recover::recover_once(&other.state).await,
         0,
         "an extended lease is not taken over"
     );
@@ -954,30 +967,18 @@ async fn a_reply_that_landed_before_a_crash_is_not_posted_again() {
     assert_eq!(h.hs.sent().len(), 1);
     // The worker died after sending, before marking the claim; an hour later the homeserver
     // has forgotten the txnId.
-    h.state
-        .store
-        .set_claim_state("$sent".into(), ClaimState::Sending, None)
-        .await
-        .unwrap();
-    h.claim_directly("expire", "$dummy", "x".into(), Duration::ZERO)
-        .await;
-    h.state
-        .store
-        .set_claim_state("$dummy".into(), ClaimState::Answered, None)
-        .await
-        .unwrap();
+    h.force_claim_state("$sent", ClaimState::Sending);
     h.state
         .store
         .release_claims(h.state.instance_id.clone())
         .await
         .unwrap();
     h.hs.forget_txn_ids();
-    eprintln!(
-        "FIND {:?}",
-        h.state.matrix.find_reply(DM, "$sent", 100).await
-    );
     let before = h.xai.seen().len();
-    assert_eq!(grok_appservice::bot::recover_once(&h.state).await, 1);
+    assert_eq!(
+        grok_appservice::answer::recover::recover_once(&h.state).await,
+        1
+    );
     h.settle().await;
     assert_eq!(h.hs.sent().len(), 1, "no second reply");
     assert_eq!(h.xai.seen().len(), before, "no second model call");
@@ -1007,17 +1008,16 @@ async fn a_recovered_reply_whose_row_died_with_its_replica_gets_one() {
         let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
         conn.batch_execute("DELETE FROM request_log").unwrap();
     }
-    h.state
-        .store
-        .set_claim_state("$norow".into(), ClaimState::Sending, None)
-        .await
-        .unwrap();
+    h.force_claim_state("$norow", ClaimState::Sending);
     h.state
         .store
         .release_claims(h.state.instance_id.clone())
         .await
         .unwrap();
-    assert_eq!(grok_appservice::bot::recover_once(&h.state).await, 1);
+    assert_eq!(
+        grok_appservice::answer::recover::recover_once(&h.state).await,
+        1
+    );
     h.settle().await;
     assert_eq!(h.hs.sent().len(), 1, "not posted again");
     let row = h.row("$norow").await;

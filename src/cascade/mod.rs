@@ -12,6 +12,7 @@ use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::claims::Gate;
 use crate::config::{CacheConfig, CascadeConfig, Config, ModelsConfig};
 use crate::provider::{
     settle_cost, Completion, CompletionRequest, CostSource, Provider, ProviderError,
@@ -104,6 +105,8 @@ pub struct Outcome {
     pub escalated: bool,
     pub fallback_fired: bool,
     pub cache_hit: bool,
+    /// A call stopped at its output cap (the answer may be cut short).
+    pub truncated: bool,
     /// A degrade token (DESIGN section 5), if the answer is not the normal one.
     pub degraded: Option<&'static str>,
     pub provider_request_id: String,
@@ -130,6 +133,7 @@ impl Outcome {
             escalated: false,
             fallback_fired: false,
             cache_hit: false,
+            truncated: false,
             degraded: None,
             provider_request_id: String::new(),
             error: None,
@@ -152,6 +156,7 @@ impl Outcome {
         *self.stage_cost.entry(stage).or_default() += ticks;
         *self.stage_ms.entry(stage).or_default() += c.latency.as_millis() as u64;
         self.models.insert(stage, c.model.clone());
+        self.truncated |= c.status == "incomplete" || c.incomplete_reason.is_some();
         self.prompt_tokens += c.usage.input_tokens;
         self.cached_tokens += c.usage.cached_tokens;
         self.completion_tokens += c.usage.output_tokens;
@@ -191,6 +196,8 @@ pub struct Ask<'a> {
     pub user: Option<&'a str>,
     /// A lower cap on the answer's length than configured (the budget shrank the request).
     pub output_cap: Option<u32>,
+    /// The worker's claim: every provider call waits until it is confirmed held.
+    pub gate: Option<&'a Gate>,
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -208,6 +215,10 @@ const CLASSIFIER_INSTRUCTIONS: &str = "Route a chat message to the cheapest mode
      it well. Reply with JSON only: {\"route\": R, \"confidence\": C}, R one of trivial_direct \
      (greetings, thanks, small talk), web_then_grok (needs current facts or sources), \
      reason_then_grok (math, code, multi-step reasoning), grok_direct (everything else); C in [0,1].";
+
+/// How long a provider call waits for an unconfirmed claim (database unreachable) before
+/// giving up on it.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The cascade with its settings; cheap to share.
 #[derive(Clone)]
@@ -302,7 +313,7 @@ impl Cascade {
             self.classify(&text, &mut out).await;
         }
 
-        let cache_key = self.cache_key(&text, out.route);
+        let cache_key = self.cache_key(&text, out.route, self.answer_cap(ask));
         if let Some(answer) = self.cache_lookup(cache_key.as_deref()).await {
             out.text = answer;
             out.cache_hit = true;
@@ -320,7 +331,14 @@ impl Cascade {
             out.degraded = Some("empty_completion");
         }
 
-        if let (Some(key), true, None) = (cache_key, out.ok(), out.degraded) {
+        // Only a full, normal answer is shared: not one the budget shrank, cut short, degraded
+        // or written by the fallback model.
+        let full = out.ok()
+            && out.degraded.is_none()
+            && !out.truncated
+            && !out.fallback_fired
+            && ask.output_cap.is_none();
+        if let (Some(key), true) = (cache_key, full) {
             let ttl = self.cache.ttl.get(out.route.as_str()).copied();
             if let Some(ttl) = ttl {
                 let put = self
@@ -342,7 +360,11 @@ impl Cascade {
         {
             return None;
         }
-        let key = self.cache_key(&decision.text, decision.route);
+        let key = self.cache_key(
+            &decision.text,
+            decision.route,
+            self.models.max_output_tokens,
+        );
         let answer = self.cache_lookup(key.as_deref()).await?;
         let mut out = Outcome::new(decision);
         out.text = answer;
@@ -360,8 +382,10 @@ impl Cascade {
         }
     }
 
-    /// The cache key for a question on a route, or `None` when the route is not cached.
-    fn cache_key(&self, text: &str, route: Route) -> Option<String> {
+    /// The cache key for a question on a route with an output cap, or `None` when the route is
+    /// not cached. The key holds everything that changes the answer: the normalised text, the
+    /// route, its models, the cap and the prompt version.
+    pub fn cache_key(&self, text: &str, route: Route, output_cap: u32) -> Option<String> {
         if !self.cache.enabled || !self.cache.ttl.contains_key(route.as_str()) {
             return None;
         }
@@ -371,10 +395,11 @@ impl Cascade {
             _ => self.models.final_model.clone(),
         };
         let material = format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}",
+            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
             router::normalise(text),
             route.as_str(),
             model,
+            output_cap,
             self.prompt_version
         );
         Some(hex::encode(Sha256::digest(material.as_bytes())))
@@ -399,6 +424,21 @@ impl Cascade {
         req.cache_key = ask.room_id.map(str::to_string);
         req.user = ask.user.map(str::to_string);
         req
+    }
+
+    /// One provider call (with the provider's retries), made only while the worker's claim is
+    /// confirmed held: a worker that lost its claim never pays for another call.
+    async fn call(
+        &self,
+        req: &CompletionRequest,
+        ask: &Ask<'_>,
+    ) -> Result<Completion, ProviderError> {
+        if let Some(gate) = ask.gate {
+            gate.ready(CLAIM_PATIENCE)
+                .await
+                .map_err(|_| ProviderError::ClaimLost)?;
+        }
+        self.provider.complete(req).await
     }
 
     /// Asks the router model; a failure or timeout degrades to the default route.
@@ -447,13 +487,13 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        let mut result = self.provider.complete(&req).await;
+        let mut result = self.call(&req, ask).await;
         if let (Err(e), Some(fallback)) = (&result, &self.models.fallback) {
             if e.is_retryable() {
                 tracing::warn!(model = %req.model, %fallback, error = %e, "final model failed, trying the fallback");
                 req.model = fallback.clone();
                 out.fallback_fired = true;
-                result = self.provider.complete(&req).await;
+                result = self.call(&req, ask).await;
             }
         }
         match result {
@@ -479,7 +519,7 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.provider.complete(&req).await {
+        match self.call(&req, ask).await {
             Ok(c) => {
                 out.absorb("trivial", &c, &self.provider);
                 let truncated = c.status == "incomplete" || c.incomplete_reason.is_some();
@@ -527,7 +567,7 @@ impl Cascade {
         );
         req.web_search_turns = Some(self.settings.web_max_turns);
         let started = Instant::now();
-        let result = self.provider.complete(&req).await;
+        let result = self.call(&req, ask).await;
         let used = result
             .as_ref()
             .map(|c| c.usage.web_search_calls)
@@ -562,7 +602,7 @@ impl Cascade {
         );
         req.reasoning_effort = Some(self.settings.reason_effort.clone());
         let started = Instant::now();
-        let analysis = match self.provider.complete(&req).await {
+        let analysis = match self.call(&req, ask).await {
             Ok(c) if !c.text.trim().is_empty() => {
                 out.absorb("reason", &c, &self.provider);
                 c.text
@@ -593,7 +633,7 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.provider.complete(&final_req).await {
+        match self.call(&final_req, ask).await {
             Ok(c) => {
                 out.absorb("final", &c, &self.provider);
                 out.text = c.text;

@@ -203,6 +203,7 @@ macro_rules! db_tx {
 
 mod analytics;
 pub mod budget;
+mod claims;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
@@ -231,33 +232,7 @@ impl ClaimKind {
     }
 }
 
-/// Where a claim is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClaimState {
-    /// Claimed, not yet being sent.
-    Claimed,
-    /// The reply is being sent (a re-run must check the room before sending again).
-    Sending,
-    /// The reply was sent; `reply_event_id` holds it.
-    Answered,
-    /// Handled without a reply of its own (invite, skip).
-    Done,
-    /// Given up on.
-    Failed,
-}
-
-impl ClaimState {
-    /// The stored string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClaimState::Claimed => "claimed",
-            ClaimState::Sending => "sending",
-            ClaimState::Answered => "answered",
-            ClaimState::Done => "done",
-            ClaimState::Failed => "failed",
-        }
-    }
-}
+pub use crate::claims::{ClaimState, Fence};
 
 /// A claim to write with a transaction.
 #[derive(Debug, Clone)]
@@ -267,6 +242,9 @@ pub struct NewClaim {
     pub sender: String,
     pub kind: ClaimKind,
     pub origin_ts: NaiveDateTime,
+    /// Leased to this replica now (a worker slot is free); otherwise queued with an expired
+    /// lease, so whichever replica has a free slot takes it.
+    pub leased: bool,
 }
 
 /// A change of room membership seen in a transaction.
@@ -320,11 +298,44 @@ pub struct ClaimRow {
     pub origin_ts: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    pub generation: i64,
+    /// The stored reply (JSON), once the answer is known.
+    pub outbox: Option<String>,
+    /// How many parts of the outbox are confirmed sent.
+    pub sent_parts: i32,
 }
 
-/// One `request_log` row (DESIGN section 5); zero values mean "did not apply".
-#[derive(Debug, Clone, Default, PartialEq, Insertable, Queryable, AsChangeset)]
+impl ClaimRow {
+    /// The claim's state; an unknown stored token reads as failed.
+    pub fn claim_state(&self) -> ClaimState {
+        ClaimState::parse(&self.state).unwrap_or(ClaimState::Failed)
+    }
+
+    /// The fencing token of whoever holds the claim now.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            event_id: self.event_id.clone(),
+            owner: self.lease_owner.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// One `request_log` row (DESIGN section 5); zero values mean "did not apply". Serialisable
+/// because the outbox keeps the row of a reply until it is sent.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Insertable,
+    Queryable,
+    AsChangeset,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[diesel(table_name = request_log)]
+#[serde(default)]
 pub struct RequestLogRow {
     pub id: String,
     pub room_id: String,
@@ -541,7 +552,8 @@ impl Store {
 
     /// Commits one transaction: its id, the claims, echoes and membership changes, atomically.
     /// Returns `None` when the txnId was already handled (nothing is written), otherwise the
-    /// event ids newly claimed by this call (an event claimed before is left out).
+    /// event ids newly claimed and leased to this replica (an event claimed before, or queued
+    /// for want of a free slot, is left out).
     pub async fn commit_transaction(
         &self,
         write: TxnWrite,
@@ -572,7 +584,13 @@ impl Store {
                     return Ok::<_, StoreError>(None);
                 }
                 let mut claimed = Vec::new();
+                let queued = now - chrono::Duration::seconds(1);
                 for claim in &write.claims {
+                    let (lease_until, attempts) = if claim.leased {
+                        (expires, 1)
+                    } else {
+                        (queued, 0)
+                    };
                     let n = diesel::insert_into(processed_events::table)
                         .values((
                             processed_events::event_id.eq(&claim.event_id),
@@ -581,15 +599,15 @@ impl Store {
                             processed_events::kind.eq(claim.kind.as_str()),
                             processed_events::state.eq(ClaimState::Claimed.as_str()),
                             processed_events::lease_owner.eq(&lease_owner),
-                            processed_events::lease_expires_at.eq(expires),
-                            processed_events::attempts.eq(1),
+                            processed_events::lease_expires_at.eq(lease_until),
+                            processed_events::attempts.eq(attempts),
                             processed_events::origin_ts.eq(claim.origin_ts),
                             processed_events::created_at.eq(now),
                             processed_events::updated_at.eq(now),
                         ))
                         .on_conflict_do_nothing()
                         .execute(c)?;
-                    if n == 1 {
+                    if n == 1 && claim.leased {
                         claimed.push(claim.event_id.clone());
                     }
                 }
@@ -713,80 +731,12 @@ impl Store {
         .await
     }
 
-    /// Moves a claim to `state`, storing the reply event id when given.
-    pub async fn set_claim_state(
-        &self,
-        event_id: String,
-        state: ClaimState,
-        reply_event_id: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.run(move |conn| {
-            let now = now();
-            let target = processed_events::table.find(&event_id);
-            let set_state = (
-                processed_events::state.eq(state.as_str()),
-                processed_events::updated_at.eq(now),
-            );
-            db!(conn, |c| match &reply_event_id {
-                Some(reply) => diesel::update(target)
-                    .set((set_state, processed_events::reply_event_id.eq(reply)))
-                    .execute(c),
-                None => diesel::update(target).set(set_state).execute(c),
-            })?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Extends the lease of a claim this replica holds; false if another replica took it over.
-    pub async fn extend_lease(
-        &self,
-        event_id: String,
-        owner: String,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.run(move |conn| {
-            let expires = now() + chrono_dur(lease);
-            let n = db!(conn, |c| diesel::update(
-                processed_events::table
-                    .filter(processed_events::event_id.eq(&event_id))
-                    .filter(processed_events::lease_owner.eq(&owner))
-            )
-            .set(processed_events::lease_expires_at.eq(expires))
-            .execute(c))?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    /// Ends the leases of this replica's unfinished claims at once, so another replica's
-    /// sweeper takes them over without waiting (graceful shutdown); returns how many.
-    pub async fn release_claims(&self, owner: String) -> Result<usize, StoreError> {
-        self.run(move |conn| {
-            let n = db!(conn, |c| diesel::update(
-                processed_events::table
-                    .filter(processed_events::lease_owner.eq(&owner))
-                    .filter(
-                        processed_events::state
-                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str(),])
-                    )
-            )
-            .set(processed_events::lease_expires_at.eq(now() - chrono::Duration::seconds(1)))
-            .execute(c))?;
-            Ok(n)
-        })
-        .await
-    }
-
     /// How much work is open across all replicas (for `/metrics`).
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         self.run(|conn| {
             db!(conn, |c| {
                 let claims_pending = processed_events::table
-                    .filter(
-                        processed_events::state
-                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str()]),
-                    )
+                    .filter(processed_events::state.eq_any(ClaimState::open_tokens()))
                     .count()
                     .get_result(c)?;
                 let reservations_held = budget_reservations::table
@@ -797,67 +747,6 @@ impl Store {
                     claims_pending,
                     reservations_held,
                 })
-            })
-        })
-        .await
-    }
-
-    /// Reads one claim.
-    pub async fn claim(&self, event_id: String) -> Result<Option<ClaimRow>, StoreError> {
-        self.run(move |conn| {
-            Ok(db!(conn, |c| processed_events::table
-                .find(&event_id)
-                .first::<ClaimRow>(c)
-                .optional())?)
-        })
-        .await
-    }
-
-    /// Takes over up to `limit` unfinished claims whose lease expired (a worker died): each is
-    /// leased to `owner` for `lease` and its attempt count raised. Safe to run on every replica
-    /// at once: the conditional update lets exactly one of them win each claim.
-    pub async fn take_expired_claims(
-        &self,
-        owner: String,
-        lease: Duration,
-        limit: i64,
-    ) -> Result<Vec<ClaimRow>, StoreError> {
-        self.run(move |conn| {
-            let now = now();
-            let expires = now + chrono_dur(lease);
-            db!(conn, |c| {
-                let candidates: Vec<ClaimRow> = processed_events::table
-                    .filter(
-                        processed_events::state
-                            .eq_any([ClaimState::Claimed.as_str(), ClaimState::Sending.as_str()]),
-                    )
-                    .filter(processed_events::lease_expires_at.lt(now))
-                    .order(processed_events::lease_expires_at)
-                    .limit(limit)
-                    .load(c)?;
-                let mut taken = Vec::new();
-                for mut row in candidates {
-                    let won = diesel::update(
-                        processed_events::table
-                            .filter(processed_events::event_id.eq(&row.event_id))
-                            .filter(processed_events::lease_owner.eq(&row.lease_owner))
-                            .filter(processed_events::lease_expires_at.eq(row.lease_expires_at)),
-                    )
-                    .set((
-                        processed_events::lease_owner.eq(&owner),
-                        processed_events::lease_expires_at.eq(expires),
-                        processed_events::attempts.eq(row.attempts + 1),
-                        processed_events::updated_at.eq(now),
-                    ))
-                    .execute(c)?;
-                    if won == 1 {
-                        row.lease_owner = owner.clone();
-                        row.lease_expires_at = expires;
-                        row.attempts += 1;
-                        taken.push(row);
-                    }
-                }
-                Ok(taken)
             })
         })
         .await

@@ -22,6 +22,9 @@ diesel::table! {
         origin_ts -> Timestamp,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        generation -> BigInt,
+        outbox -> Nullable<Text>,
+        sent_parts -> Integer,
     }
 }
 

@@ -516,6 +516,7 @@ impl Harness {
                 sender: ALICE.into(),
                 kind: ClaimKind::Addressed,
                 origin_ts: grok_appservice::store::now(),
+                leased: true,
             }],
             ..TxnWrite::default()
         };
@@ -524,6 +525,21 @@ impl Harness {
             .commit_transaction(write, owner, lease)
             .await
             .unwrap();
+    }
+
+    /// Puts a claim back into `state` with no stored reply, as a replica of an older version
+    /// that died mid-send leaves it (SQLite harness only).
+    pub fn force_claim_state(&self, event_id: &str, state: grok_appservice::claims::ClaimState) {
+        use diesel::prelude::*;
+        let path = self.db.url.trim_start_matches("sqlite://").to_string();
+        let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+        diesel::sql_query(
+            "UPDATE processed_events SET state = ?, outbox = NULL WHERE event_id = ?",
+        )
+        .bind::<diesel::sql_types::Text, _>(state.as_str())
+        .bind::<diesel::sql_types::Text, _>(event_id)
+        .execute(&mut conn)
+        .unwrap();
     }
 
     /// Makes the store know `room` as a room of the given members.

@@ -1,0 +1,141 @@
+//! Addressed messages the bot cannot serve (a rate-limited notice) and invites (join or
+//! decline).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::claims::{ClaimState, Fence};
+use crate::classify::{Event, SkipReason};
+use crate::config::ReplyMsgtype;
+use crate::state::AppState;
+use crate::telemetry::RequestLog;
+
+use super::close;
+use super::record::skip_row;
+use super::render::{Outbox, ReplyTarget};
+
+/// The notice for an addressed message the bot cannot serve.
+fn skip_notice(state: &AppState, reason: SkipReason) -> String {
+    match reason {
+        SkipReason::EncryptedRoom => {
+            "I can't read encrypted messages. Please talk to me in a room \
+                                      without encryption."
+                .into()
+        }
+        SkipReason::Media => "I can only read text for now, not images, files, audio or video. \
+                              Please describe what you need in words."
+            .into(),
+        SkipReason::ForeignRoom => format!(
+            "Sorry, I only answer users of {}.",
+            state.config.rooms.allowed_servers.join(", ")
+        ),
+    }
+}
+
+/// How often a notice of one kind may be posted in one room.
+fn notice_window(reason: SkipReason) -> Duration {
+    match reason {
+        SkipReason::EncryptedRoom | SkipReason::ForeignRoom => Duration::from_secs(24 * 3600),
+        SkipReason::Media => Duration::from_secs(60),
+    }
+}
+
+/// Handles an addressed message that cannot be served: a rate-limited notice and a
+/// `request_log` row with route `none`.
+pub async fn skip(state: Arc<AppState>, event: Event, reason: SkipReason, fence: Fence) {
+    let room_id = event.room_id.clone();
+    let allowed = state
+        .store
+        .take_notice_slot(
+            room_id.clone(),
+            reason.as_str().into(),
+            notice_window(reason),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "notice rate limit unavailable; not posting");
+            false
+        });
+    if allowed {
+        let target = ReplyTarget {
+            event_id: &event.event_id,
+            sender: &event.sender,
+            thread_root: None,
+        };
+        let notice = Outbox::new(
+            ReplyMsgtype::Notice,
+            &skip_notice(&state, reason),
+            &target,
+            "notice",
+            RequestLog::default(),
+        );
+        let part = &notice.parts[0];
+        match state
+            .matrix
+            .send_message(&room_id, &part.txn_id, &part.content)
+            .await
+        {
+            Ok(id) => {
+                let _ = state.store.record_bot_event(id, room_id.clone()).await;
+            }
+            Err(e) => tracing::warn!(event_id = %event.event_id, error = %e, "notice failed"),
+        }
+    }
+    close(&state, &fence, ClaimState::Done, None).await;
+    state
+        .metrics
+        .inc("degraded_total", &[("reason", reason.as_str())]);
+    state
+        .telemetry
+        .record(skip_row(&event.event_id, &room_id, &event.sender, reason));
+}
+
+/// Joins a room on an allowed invite, or leaves (declines) a foreign one.
+pub async fn invite(
+    state: Arc<AppState>,
+    event: Event,
+    accept: bool,
+    is_direct: bool,
+    fence: Fence,
+) {
+    let room = event.room_id.clone();
+    if !accept {
+        tracing::info!(room_id = %room, inviter = %event.sender, "declining a foreign invite");
+        if let Err(e) = state.matrix.leave(&room).await {
+            tracing::warn!(room_id = %room, error = %e, "declining the invite failed");
+        }
+        close(&state, &fence, ClaimState::Done, None).await;
+        state.metrics.inc(
+            "degraded_total",
+            &[("reason", SkipReason::ForeignRoom.as_str())],
+        );
+        state.telemetry.record(skip_row(
+            &event.event_id,
+            &room,
+            &event.sender,
+            SkipReason::ForeignRoom,
+        ));
+        return;
+    }
+    match state.matrix.join(&room).await {
+        Ok(()) => {
+            let members = state
+                .matrix
+                .joined_members(&room)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(room_id = %room, error = %e, "could not list members");
+                    Vec::new()
+                });
+            if let Err(e) = state.store.set_room(room.clone(), is_direct, members).await {
+                tracing::warn!(room_id = %room, error = %e, "could not record the room");
+            }
+            tracing::info!(room_id = %room, is_direct, "joined");
+            close(&state, &fence, ClaimState::Done, None).await;
+        }
+        Err(e) => {
+            tracing::warn!(room_id = %room, error = %e, "joining failed");
+            close(&state, &fence, ClaimState::Failed, None).await;
+        }
+    }
+}
