@@ -268,6 +268,8 @@ struct XaiInner {
     script: VecDeque<Scripted>,
     /// When false, default answers omit `cost_in_usd_ticks`.
     no_cost: bool,
+    /// How long each answer takes.
+    delay: Duration,
 }
 
 /// A fake xAI Responses API.
@@ -328,6 +330,11 @@ impl FakeXai {
         });
     }
 
+    /// Makes every answer take `delay` (a slow model).
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.lock().unwrap().delay = delay;
+    }
+
     pub fn omit_cost(&self) {
         self.inner.lock().unwrap().no_cost = true;
     }
@@ -338,6 +345,12 @@ impl FakeXai {
 }
 
 async fn xai_responses(State(s): State<Arc<Mutex<XaiInner>>>, h: HeaderMap, b: Bytes) -> Response {
+    let delay = s.lock().unwrap().delay;
+    tokio::time::sleep(delay).await;
+    xai_answer(&s, h, b)
+}
+
+fn xai_answer(s: &Mutex<XaiInner>, h: HeaderMap, b: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
     let mut inner = s.lock().unwrap();
     inner.seen.push(Seen {
