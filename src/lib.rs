@@ -6,6 +6,7 @@ pub mod bot;
 pub mod cascade;
 pub mod classify;
 pub mod config;
+pub mod housekeeping;
 pub mod limiter;
 pub mod matrix;
 pub mod provider;
