@@ -63,6 +63,8 @@ pub struct Config {
     #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -406,6 +408,69 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// `retention.*`: how long housekeeping keeps the rows of each table (`request_log` is
+/// `telemetry.retention`). A duration of `0` keeps that table's rows forever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// `appservice_transactions`: txnIds handled, kept so a retried PUT is recognised.
+    #[serde(
+        default = "default_keep_transactions",
+        deserialize_with = "de_duration"
+    )]
+    pub transactions: Duration,
+    /// `processed_events`: claims in a final state (answered, failed, done), counted from their
+    /// last update. Unfinished claims are never deleted.
+    #[serde(default = "default_keep_claims", deserialize_with = "de_duration")]
+    pub claims: Duration,
+    /// `bot_events`: the bot's own messages. A reply to a bot message older than this no
+    /// longer addresses the bot by being a reply (a mention still does).
+    #[serde(default = "default_keep_bot_events", deserialize_with = "de_duration")]
+    pub bot_events: Duration,
+    /// `response_cache`: how long past its `expires_at` a cached answer is kept; `expired`
+    /// (the same as `0`) deletes it as soon as it expired.
+    #[serde(default, deserialize_with = "de_cache_retention")]
+    pub cache: Duration,
+    /// `budget_reservations`: finished reservations (settled, released, expired), counted from
+    /// when they finished. Held ones are never deleted.
+    #[serde(
+        default = "default_keep_reservations",
+        deserialize_with = "de_duration"
+    )]
+    pub reservations: Duration,
+    /// `room_notices`: when a skip notice was last posted in a room.
+    #[serde(default = "default_keep_notices", deserialize_with = "de_duration")]
+    pub notices: Duration,
+    /// `budget_counters`: rows of UTC days older than this.
+    #[serde(default = "default_keep_budget_days", deserialize_with = "de_duration")]
+    pub budget_days: Duration,
+    /// How often housekeeping runs (on one replica at a time).
+    #[serde(
+        default = "default_housekeeping_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub interval: Duration,
+    /// Most rows one delete statement removes.
+    #[serde(default = "default_housekeeping_batch")]
+    pub batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            transactions: default_keep_transactions(),
+            claims: default_keep_claims(),
+            bot_events: default_keep_bot_events(),
+            cache: Duration::ZERO,
+            reservations: default_keep_reservations(),
+            notices: default_keep_notices(),
+            budget_days: default_keep_budget_days(),
+            interval: default_housekeeping_interval(),
+            batch: default_housekeeping_batch(),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -550,6 +615,31 @@ fn default_usage_command() -> String {
 fn default_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
 }
+const DAY: u64 = 86_400;
+fn default_keep_transactions() -> Duration {
+    Duration::from_secs(7 * DAY)
+}
+fn default_keep_claims() -> Duration {
+    Duration::from_secs(30 * DAY)
+}
+fn default_keep_bot_events() -> Duration {
+    Duration::from_secs(90 * DAY)
+}
+fn default_keep_reservations() -> Duration {
+    Duration::from_secs(30 * DAY)
+}
+fn default_keep_notices() -> Duration {
+    Duration::from_secs(7 * DAY)
+}
+fn default_keep_budget_days() -> Duration {
+    Duration::from_secs(400 * DAY)
+}
+fn default_housekeeping_interval() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_housekeeping_batch() -> u32 {
+    500
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -579,6 +669,23 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
     match Raw::deserialize(d)? {
         Raw::Num(n) => Ok(Duration::from_secs(n)),
         Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// `expired` (delete as soon as expired) or a duration past expiry.
+fn de_cache_retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(Duration::from_secs(n)),
+        Raw::Text(s) if s.trim() == "expired" => Ok(Duration::ZERO),
+        Raw::Text(s) => {
+            parse_duration(&s).map_err(|m| serde::de::Error::custom(format!("{m}, or `expired`")))
+        }
     }
 }
 
@@ -835,6 +942,7 @@ impl Config {
         if !self.limits.usage_command.starts_with('!') {
             return Err(invalid("limits.usage_command", "must start with `!`"));
         }
+        self.validate_retention()?;
         if self.bot.display_name.trim().is_empty() {
             return Err(invalid("bot.display_name", "must not be empty"));
         }
@@ -843,6 +951,55 @@ impl Config {
                 "log.level",
                 format!("`{}` is not a log filter", self.log.level),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Each kept table has a floor below which deleting rows would break something that reads
+    /// them; `0` (keep forever) is always allowed.
+    fn validate_retention(&self) -> Result<(), ConfigError> {
+        let r = &self.retention;
+        let day = Duration::from_secs(DAY);
+        let floors = [
+            // Synapse retries a failed transaction with the same txnId (backing off to 512 s).
+            (
+                "retention.transactions",
+                r.transactions,
+                Duration::from_secs(3_600),
+                "1h",
+            ),
+            // A claim dedupes an event delivered twice; it must outlive the age at which a
+            // late redelivery is dropped anyway.
+            (
+                "retention.claims",
+                r.claims,
+                day.max(self.appservice.max_message_age),
+                "1d and appservice.max_message_age",
+            ),
+            ("retention.bot_events", r.bot_events, day, "1d"),
+            // The hourly cap counts the last hour's reservations; the audit reads today's.
+            ("retention.reservations", r.reservations, day, "1d"),
+            // The longest notice window is a day.
+            ("retention.notices", r.notices, day, "1d"),
+            // Today's and yesterday's counters hold live budgets (a reservation made before
+            // midnight settles after it).
+            ("retention.budget_days", r.budget_days, 2 * day, "2d"),
+        ];
+        for (key, keep, floor, shown) in floors {
+            if !keep.is_zero() && keep < floor {
+                return Err(invalid(
+                    key,
+                    format!("must be 0 (keep forever) or at least {shown}"),
+                ));
+            }
+        }
+        if r.interval < Duration::from_secs(1) {
+            return Err(invalid("retention.interval", "must be at least 1s"));
+        }
+        if r.batch == 0 || r.batch > 100_000 {
+            return Err(invalid("retention.batch", "must be between 1 and 100000"));
         }
         Ok(())
     }
@@ -943,6 +1100,44 @@ mod tests {
         let unknown = format!("{MINIMAL}homeservr: {{}}\n");
         let err = load(&unknown, &[]).unwrap_err().to_string();
         assert!(err.contains("homeservr"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_and_errors() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.retention.transactions, Duration::from_secs(7 * DAY));
+        assert_eq!(c.retention.claims, Duration::from_secs(30 * DAY));
+        assert_eq!(c.retention.bot_events, Duration::from_secs(90 * DAY));
+        assert_eq!(c.retention.cache, Duration::ZERO);
+        assert_eq!(c.retention.reservations, Duration::from_secs(30 * DAY));
+        assert_eq!(c.retention.notices, Duration::from_secs(7 * DAY));
+        assert_eq!(c.retention.budget_days, Duration::from_secs(400 * DAY));
+        assert_eq!(c.retention.interval, Duration::from_secs(600));
+        assert_eq!(c.retention.batch, 500);
+
+        let c = load(
+            &format!("{MINIMAL}retention: {{cache: 2h, claims: 0}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.retention.cache, Duration::from_secs(7200));
+        assert!(c.retention.claims.is_zero(), "0 keeps claims forever");
+        let c = load(&format!("{MINIMAL}retention: {{cache: expired}}\n"), &[]).unwrap();
+        assert_eq!(c.retention.cache, Duration::ZERO);
+
+        for (yaml, key) in [
+            ("{claims: 1h}", "retention.claims"),
+            ("{transactions: 5m}", "retention.transactions"),
+            ("{budget_days: 1d}", "retention.budget_days"),
+            ("{notices: 2h}", "retention.notices"),
+            ("{interval: 0}", "retention.interval"),
+            ("{batch: 0}", "retention.batch"),
+        ] {
+            let text = format!("{MINIMAL}retention: {yaml}\n");
+            assert_eq!(key_of(load(&text, &[]).unwrap_err()), key, "{yaml}");
+        }
+        let err = Config::parse(&format!("{MINIMAL}retention: {{cache: soon}}\n")).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
     }
 
     #[test]

@@ -285,6 +285,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     tokio::spawn(announce(state.clone()));
     tokio::spawn(answer::recover::recovery_loop(state.clone()));
+    tokio::spawn(grok_appservice::housekeeping::housekeeping_loop(
+        state.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -210,6 +210,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),
+    (
+        "housekeeping_deleted_total",
+        "Rows deleted by housekeeping, by table.",
+    ),
 ];
 
 /// Labels of one series, e.g. `[("route", "grok_direct"), ("outcome", "ok")]`.

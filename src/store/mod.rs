@@ -204,6 +204,7 @@ macro_rules! db_tx {
 mod analytics;
 pub mod budget;
 mod claims;
+mod housekeeping;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]

@@ -139,6 +139,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    leases (name) {
+        name -> Text,
+        owner -> Text,
+        expires_at -> Timestamp,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     appservice_transactions,
     processed_events,
@@ -151,4 +159,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     grounding_usage,
     budget_counters,
     budget_reservations,
+    leases,
 );
