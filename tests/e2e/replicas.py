@@ -1031,6 +1031,9 @@ def main():
             run_test(test, binary, venv)
     failed = sum(1 for r in results if not r[2])
     passed = len(results) - failed
+    log("replicas: ---- results ----")
+    for test, name, ok, detail in results:
+        log(f"replicas:   {'PASS' if ok else 'FAIL'}  [{test}] {name}" + ("" if ok else f"  -- {detail[:300]}"))
     log(f"replicas: took {time.monotonic() - started:.0f}s")
     print(f"replicas: {passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
