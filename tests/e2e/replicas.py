@@ -22,8 +22,12 @@ has exactly one `ok` row per answered event.
 sqlite: the same with one replica on SQLite and no proxy (kill -9 and restart, SIGTERM and
 restart; there is no database connection to cut).
 
-Claims are leased for CLAIM_LEASE (20 s) and every replica sweeps every RECOVERY_INTERVAL (5 s),
-so the killed replica's claims are answered within the run. GROK_APPSERVICE_BIN=path uses that
+The replicas run with the bot's DEFAULT claim lease and recovery interval (no override), so the
+killed replica's claims must be taken over within seconds: the run fails when the kill -9 failover
+(kill -> last reply to a message the killed replica held) or the tail (last message sent -> last
+reply) exceeds FAILOVER_LIMIT (30 s). Provider calls are counted per message from the fake xAI's
+request log: a message may be paid twice only if its call was in flight on the killed replica
+(the fake had received it before the kill, and no reply had been sent by then). GROK_APPSERVICE_BIN=path uses that
 binary instead of `cargo build`; KEEP=1 keeps the temp dirs and the schema (they are kept on
 failure too, except the schema, which is dropped unless KEEP=1). The last line is
 `replicas: N passed, M failed`; the exit code is non-zero when a check failed.
@@ -32,6 +36,7 @@ failure too, except the schema, which is dropped unless KEEP=1). The last line i
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import sqlite3
@@ -47,14 +52,18 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "scripts"))
 sys.path.insert(0, HERE)
 import e2e_lib as L  # noqa: E402
 from rr_proxy import RoundRobinProxy  # noqa: E402
+import fake_xai  # noqa: E402
 
 BOT = L.BOT_ID
 API_KEY = "e2e-dummy-key"
 PG_ADMIN_URL = os.environ.get("E2E_PG_URL", "postgres://postgres@127.0.0.1:5432/test")
 
-CLAIM_LEASE = 20          # s, appservice.claim_lease
-RECOVERY_INTERVAL = 5     # s, appservice.recovery_interval
+# appservice.claim_lease and appservice.recovery_interval are NOT set: the defaults are under test.
 RESERVATION_TTL = 60      # s, limits.reservation_ttl (its minimum)
+# The bot requires reservation_ttl >= 3 x (provider.max_retries + 1) x provider.timeout_secs
+# (+ 30 s per retry): a 20 s timeout without retries fits 60 s. The fake never fails or stalls.
+PROVIDER_TIMEOUT, PROVIDER_RETRIES = 20, 0
+FAILOVER_LIMIT = 30       # s: kill -> last orphan reply, and last message -> last reply
 LATENCY_MS = (500, 3000)  # the fake provider's answer delay, uniform per request
 
 N_USERS = 10
@@ -68,7 +77,7 @@ T_KILL, KILL_DOWN = 10, 3
 T_TERM, TERM_DOWN = 25, 4
 T_DB = 40
 T_DROP = (18, 50)         # the proxy swallows a transaction's 200 (postgres only)
-REPLY_TIMEOUT = CLAIM_LEASE + RECOVERY_INTERVAL + 60  # after the last message
+REPLY_TIMEOUT = 120       # s after the last message: a generous deadline, not a lease multiple
 QUIET = 8                 # s of silence after the last reply, to let a late duplicate show up
 
 TOPICS = ["owls", "tea", "bridges", "volcanoes", "jazz", "sailing", "bread", "comets", "maps",
@@ -229,10 +238,11 @@ class Replica:
         self.starts = 0
         config = {
             "homeserver": {"url": homeserver_url, "server_name": L.SERVER_NAME},
-            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}",
-                           "claim_lease": f"{CLAIM_LEASE}s", "recovery_interval": f"{RECOVERY_INTERVAL}s"},
+            # No claim_lease / recovery_interval: the defaults must give failover within seconds.
+            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}"},
             "database": {"url": db.bot_url},
-            "provider": {"base_url": provider_url},
+            "provider": {"base_url": provider_url, "timeout_secs": PROVIDER_TIMEOUT,
+                         "max_retries": PROVIDER_RETRIES},
             # Generous caps: the test is about delivery, not the limiter's refusals.
             "limits": {"daily_ceiling_usd": 1000.0, "per_user_daily_usd": 100.0,
                        "per_user_requests_per_hour": 10000, "reservation_ttl": f"{RESERVATION_TTL}s"},
@@ -444,10 +454,57 @@ def origin_ts(w):
     return out
 
 
+TAG_RE = re.compile(r"\[u\d+-[qc]\d+\]")
+
+
+def message_tag(body):
+    """The unique `[uI-qN]` / `[uI-cN]` tag every test message carries, or None."""
+    m = TAG_RE.search(body or "")
+    return m.group(0) if m else None
+
+
+def calls_by_tag(provider_calls):
+    """(tag -> the provider calls whose user input carries it, calls matching no single tag).
+    The bot sends one user message per request (no history), so a tag in the input names the
+    message the call was made for."""
+    by, unmatched = {}, []
+    for c in provider_calls:
+        body = c["body"] if isinstance(c.get("body"), dict) else {}
+        tags = set(TAG_RE.findall(fake_xai._last_user_text(body)))
+        if len(tags) != 1:  # e.g. a final call whose last user text is not the question
+            tags = set(TAG_RE.findall(json.dumps(body.get("input"), ensure_ascii=False)))
+        if len(tags) == 1:
+            by.setdefault(tags.pop(), []).append(c)
+        else:
+            unmatched.append(c)
+    return by, unmatched
+
+
+def times_paid(calls):
+    """How many times one message was paid for: the most calls to any one model (a two-stage
+    route calls the reasoning model and the final model once each: paid once)."""
+    per_model = {}
+    for c in calls:
+        m = (c["body"] if isinstance(c.get("body"), dict) else {}).get("model")
+        per_model[m] = per_model.get(m, 0) + 1
+    return max(per_model.values(), default=0)
+
+
+def in_flight_at(event_id, calls, replies, held, t_wall):
+    """Whether a message was in flight on a replica at wall-clock `t_wall`: its claim was held by
+    that replica (`held`: event ids it owned right then), the fake had received a request for it
+    before `t_wall`, and no reply to it had been sent (origin_server_ts) before `t_wall`."""
+    if t_wall is None or event_id not in held:
+        return False
+    if not any(c["time"] < t_wall for c in calls):
+        return False
+    return not any(r["origin_server_ts"] / 1000 < t_wall for r in replies)
+
+
 def live_claims(db):
     """(lease_owner prefix -> count) of unfinished addressed claims."""
     rows = safe_query(db, "SELECT lease_owner, state FROM processed_events "
-                          "WHERE kind = 'addressed' AND state IN ('claimed', 'sending')") or []
+                          "WHERE kind = 'addressed' AND state NOT IN ('answered', 'done', 'failed')") or []
     by = {}
     for r in rows:
         name = r["lease_owner"].split("-", 1)[0]
@@ -548,6 +605,7 @@ def run_test(test, binary, venv):
         # ---- send, and disrupt meanwhile ----
         fake.reset()
         t_send = time.monotonic()
+        t_send_wall = time.time()
         threads = [threading.Thread(target=sender_thread, args=(w, i, t_send), daemon=True)
                    for i in range(N_USERS)]
         for t in threads:
@@ -565,11 +623,16 @@ def run_test(test, binary, venv):
         if victim is None:
             victim, held = names[0], 0
         v = by_name[victim]
+        kill_wall = time.time()  # the clock of the fake's request log and (same host) Synapse's ts
         code = v.kill9()
         v.mark("killed with SIGKILL")
+        # Nobody takes a claim over before its lease runs out, so the killed replica's claims
+        # still name it as their owner right after the kill.
         orphans = safe_query(db, "SELECT event_id, state FROM processed_events WHERE kind = 'addressed' AND "
-                                 f"state IN ('claimed', 'sending') AND lease_owner LIKE '{victim}-%'") or []
+                                 f"state NOT IN ('answered', 'done', 'failed') AND lease_owner LIKE '{victim}-%'") or []
         disruption["killed"] = (victim, len(orphans))
+        disruption["kill_wall"] = kill_wall
+        disruption["kill_orphans"] = {o["event_id"]: o["state"] for o in orphans}
         note(f"kill -9 {victim} (exit {code}) holding {len(orphans)} unfinished claims "
              f"({sorted(o['state'] for o in orphans)})")
         time.sleep(KILL_DOWN)
@@ -595,6 +658,12 @@ def run_test(test, binary, venv):
             term_name = others[0]
         t_r = by_name[term_name]
         t0 = time.monotonic()
+        term_wall = time.time()
+        term_held = safe_query(db, "SELECT event_id, state FROM processed_events WHERE kind = 'addressed' AND "
+                                   f"state NOT IN ('answered', 'done', 'failed') AND lease_owner LIKE "
+                                   f"'{term_name}-%'") or []
+        disruption["term_wall"] = term_wall
+        disruption["term_held"] = {o["event_id"]: o["state"] for o in term_held}
         t_r.sigterm()
         t_r.mark("SIGTERM")
         note(f"SIGTERM {term_name} holding {held} unfinished claims")
@@ -646,7 +715,7 @@ def run_test(test, binary, venv):
         # The killed worker's held reservations expire RESERVATION_TTL after they were made.
         held_left = L.wait_until(lambda: (rows := safe_query(db, "SELECT count(*) AS n FROM budget_reservations "
                                                                   "WHERE state = 'held'")) is not None
-                                 and rows[0]["n"] == 0, RESERVATION_TTL + 2 * RECOVERY_INTERVAL, 1)
+                                 and rows[0]["n"] == 0, RESERVATION_TTL + 30, 1)
         if not held_left:
             note("some reservations are still held; the audit counts them as reserved")
 
@@ -703,6 +772,80 @@ def run_test(test, binary, venv):
                [f"{len(apologies)} replies are apologies: "
                 f"{[(e, first_reply[e]['content'].get('body', '')[:70]) for e in apologies[:3]]}"] if apologies else [],
                f"{len(answered) - len(apologies)} answers from the provider")
+
+        # ---- provider calls per message: paid once, unless in flight on the killed replica ----
+        by_tag, unmatched = calls_by_tag(provider_calls)
+        victim = disruption.get("killed", (None, 0))[0]
+        kill_wall, kill_held = disruption.get("kill_wall"), disruption.get("kill_orphans", {})
+        term_name = disruption.get("term", (None,))[0]
+        term_wall, term_held = disruption.get("term_wall"), disruption.get("term_held", {})
+        paid = {}          # event id -> times paid
+        calls_of = {}      # event id -> its provider calls
+        for m in addressed:
+            calls_of[m["event_id"]] = by_tag.get(message_tag(m["body"]), [])
+            paid[m["event_id"]] = times_paid(calls_of[m["event_id"]])
+        once = [e for e in ids if paid[e] == 1]
+        never = [e for e in ids if paid[e] == 0]
+        twice = [e for e in ids if paid[e] > 1]
+        in_flight_kill = {e for e in ids if in_flight_at(e, calls_of[e], replies.get(e, []), kill_held, kill_wall)}
+        in_flight_term = {e for e in ids if in_flight_at(e, calls_of[e], replies.get(e, []), term_held, term_wall)}
+        twice_kill = [e for e in twice if e in in_flight_kill]
+        twice_other = [e for e in twice if e not in in_flight_kill]
+        chatter_paid = [m["event_id"] for m in chatter if by_tag.get(message_tag(m["body"]))]
+        rows = [
+            ("addressed messages sent", len(ids)),
+            ("answered (at least one reply)", len(answered)),
+            ("paid exactly once", len(once)),
+            ("paid more than once", len(twice)),
+            (f"  of those in flight on the killed replica {victim} at the kill (allowed)", len(twice_kill)),
+            ("  of those NOT in flight on the killed replica (must be 0)", len(twice_other)),
+            ("not paid at all (no provider call found)", len(never)),
+            (f"in flight on {victim} at the kill (held, request received, no reply yet)", len(in_flight_kill)),
+            (f"  of those re-paid after the takeover", len(twice_kill)),
+            (f"in flight on {term_name} at the SIGTERM", len(in_flight_term)),
+            (f"  of those paid more than once", sum(1 for e in twice if e in in_flight_term)),
+            ("chatter messages with a provider call (must be 0)", len(chatter_paid)),
+            ("provider calls in all / not matched to a test message", f"{len(provider_calls)} / {len(unmatched)}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        log(f"[{test}] PROVIDER CALLS PER MESSAGE (the fake xAI's request log, matched by each message's "
+            f"unique [uI-qN] tag; 'paid' = the most calls to one model for that message)")
+        for k, v in rows:
+            log(f"[{test}]   {k:<{width}}  {v:>5}")
+        problems = []
+        if twice_other:
+            problems.append(f"{len(twice_other)} messages paid more than once although not in flight on the "
+                            f"killed replica: " + ", ".join(
+                                f"{e} x{paid[e]} (calls at t+" + "/".join(
+                                    f"{c['time'] - (kill_wall or 0):+.1f}s" for c in calls_of[e]) + " from the kill)"
+                                for e in twice_other[:5]))
+        if chatter_paid:
+            problems.append(f"{len(chatter_paid)} chatter messages caused provider calls: {chatter_paid[:5]}")
+        report(test, "each message paid once (re-paid only if in flight on the killed replica)", problems,
+               f"{len(once)} paid once, {len(twice)} more than once (all {len(twice_kill)} in flight on "
+               f"{victim} at the kill), {len(never)} not paid; {len(in_flight_kill)} were in flight at the kill")
+
+        # ---- failover with the default lease: the killed replica's claims are taken over fast ----
+        orphan_replies = [first_reply[e]["origin_server_ts"] / 1000 for e in kill_held if e in first_reply]
+        orphans_unanswered = [e for e in kill_held if e not in first_reply]
+        failover = (max(orphan_replies) - kill_wall) if orphan_replies and kill_wall else float("nan")
+        log(f"[{test}] FAILOVER (default claim_lease / recovery_interval): kill -9 of {victim} -> last reply to "
+            f"one of its {len(kill_held)} unfinished claims {failover:.1f}s; last message sent -> last reply "
+            f"{tail:.1f}s; limit {FAILOVER_LIMIT}s each")
+        problems = []
+        if not kill_held:
+            problems.append("the killed replica held no unfinished claims: no failover to measure")
+        if orphans_unanswered:
+            problems.append(f"{len(orphans_unanswered)} of the killed replica's claims have no reply: "
+                            f"{orphans_unanswered[:5]}")
+        if not failover <= FAILOVER_LIMIT:  # also catches nan
+            problems.append(f"kill -> last reply to the killed replica's claims took {failover:.1f}s, "
+                            f"limit {FAILOVER_LIMIT}s")
+        if not tail <= FAILOVER_LIMIT:
+            problems.append(f"last message sent -> last reply took {tail:.1f}s, limit {FAILOVER_LIMIT}s")
+        report(test, f"kill -9 failover within {FAILOVER_LIMIT}s with the default lease", problems,
+               f"kill -> last orphan reply {failover:.1f}s ({len(kill_held)} claims), "
+               f"last message -> last reply {tail:.1f}s")
 
         # request_log: exactly one ok row per answered event, none for chatter.
         problems = []
@@ -812,22 +955,25 @@ def run_test(test, binary, venv):
             log(f"[{test}] answers by replica (final claim owner): {owners}")
 
         # Evidence for anything lost or duplicated.
-        if lost or dups or apologies or not_ok:
+        if lost or dups or apologies or not_ok or twice_other:
             log(f"[{test}] ---- evidence ----")
-            for e in (lost[:5] + list(dups)[:5] + apologies[:3] + not_ok[:3]):
+            for e in (lost[:5] + list(dups)[:5] + apologies[:3] + not_ok[:3] + twice_other[:5]):
                 m = next((x for x in addressed if x["event_id"] == e), {})
                 log(f"event {e} from {m.get('user')} body {m.get('body')!r} sent at "
                     f"t+{m.get('t', t_send) - t_send:.1f}s; replies {counts.get(e)}")
                 log(f"  claim: {claims.get(e)}")
                 log(f"  request_log: {rlog.get(e)}")
+                log(f"  provider calls: {[(round(c['time'] - t_send_wall, 1), (c.get('body') or {}).get('model'), c.get('status')) for c in calls_of.get(e, [])]} (s after sending started)")
                 for x in replies.get(e, []):
                     log(f"  reply {x['event_id']} ts {x['origin_server_ts']} body "
                         f"{x['content'].get('body', '')[:60]!r}")
                 for line in grep_logs([r.log_path for r in replicas], e):
                     log(line)
             log(f"[{test}] timeline: " + " | ".join(events))
-        log(f"[{test}] summary: sent {len(ids)}, answered {len(answered)}, duplicates {extra_replies}, "
-            f"lost {len(lost)}, last message -> last reply {tail:.1f}s")
+        log(f"[{test}] summary: sent {len(ids)}, answered {len(answered)}, duplicate replies {extra_replies}, "
+            f"lost {len(lost)}; paid once {len(once)}, more than once {len(twice)} "
+            f"({len(twice_kill)} in flight on the killed replica, {len(twice_other)} not); "
+            f"failover kill -> last orphan reply {failover:.1f}s, last message -> last reply {tail:.1f}s")
     except Exception as e:
         traceback.print_exc()
         report(test, "run", [f"{type(e).__name__}: {e}"])
@@ -885,6 +1031,9 @@ def main():
             run_test(test, binary, venv)
     failed = sum(1 for r in results if not r[2])
     passed = len(results) - failed
+    log("replicas: ---- results ----")
+    for test, name, ok, detail in results:
+        log(f"replicas:   {'PASS' if ok else 'FAIL'}  [{test}] {name}" + ("" if ok else f"  -- {detail[:300]}"))
     log(f"replicas: took {time.monotonic() - started:.0f}s")
     print(f"replicas: {passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0

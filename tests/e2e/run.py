@@ -486,6 +486,88 @@ def scenario_budget_books(ctx):
                            f"{grounding} web searches counted")
 
 
+# The bot's default appservice.claim_lease (this test does not set it). Only used to size how
+# long "no re-answer" is watched for: long enough for the claim's lease to run out and recovery
+# to take it over a few times, if it wrongly would.
+DEFAULT_CLAIM_LEASE = 10
+NO_POST_WATCH = 3 * DEFAULT_CLAIM_LEASE + 10
+
+
+def scenario_no_post(ctx):
+    """h3. A room where the bot is joined but may not post m.room.message: the question is paid
+    once, no reply appears, the request_log row says send_failed, and the claim ends failed
+    (a permanent send error: no retry loop, no re-answer)."""
+    name = "h3. bot may not post"
+    alice, bob = ctx.alice, ctx.bob
+    room = alice.create_room(invite=[bob.user_id, BOT], name="e2e read-only for the bot")
+    bob.join(room)
+    if not alice.wait_joined(room, BOT, 20):
+        return report(name, [f"bot did not join the room within 20s (membership: {alice.membership(room, BOT)})"])
+    alice.wait_joined(room, bob.user_id, 10)
+    # Only after the bot joined: m.room.message needs power 50; the bot (and bob) have 0.
+    pl_path = f"/rooms/{L.q(room)}/state/m.room.power_levels"
+    pl = alice.call("GET", pl_path)
+    pl.setdefault("events", {})["m.room.message"] = 50
+    pl.setdefault("users", {})[alice.user_id] = 100
+    pl["users"].pop(BOT, None)
+    alice.call("PUT", pl_path, pl)
+    problems = []
+    # The room really refuses a level-0 member's message (bob stands in for the bot).
+    try:
+        bob.say(room, "can I still post here?")
+        problems.append("bob (power 0) could still post m.room.message: the power levels did not take effect")
+    except L.HttpError as e:
+        if e.status != 403:
+            problems.append(f"bob's post answered {e.status}, want 403")
+    question = "grok: what is the capital of Portugal?"
+    needle = "capital of Portugal"
+    before = len(ctx.provider_calls())
+    t0 = time.monotonic()
+    event = alice.send(room, {"msgtype": "m.text", "body": question, "m.mentions": {"user_ids": [BOT]}})
+
+    def claim():
+        rows = ctx.bot.query("SELECT state, attempts, lease_owner FROM processed_events WHERE event_id = ?", (event,))
+        return rows[0] if rows else None
+
+    # First the outcome (the claim final and its row written), then keep watching until
+    # NO_POST_WATCH s have passed, so a wrong re-answer after the lease runs out shows up.
+    settled = L.wait_until(lambda: (c := claim()) and c["state"] in ("answered", "done", "failed")
+                           and ctx.bot.request_log(event), NO_POST_WATCH, 0.5)
+    settled_after = time.monotonic() - t0
+    time.sleep(max(0.0, NO_POST_WATCH - (time.monotonic() - t0)))
+    calls = [c for c in ctx.provider_calls()[before:] if needle in sent_input(c)]
+    others = len(ctx.provider_calls()) - before - len(calls)
+    if len(calls) != 1:
+        problems.append(f"the provider got {len(calls)} requests for the question in {NO_POST_WATCH}s, want exactly 1")
+    if others:
+        problems.append(f"the provider got {others} other requests meanwhile")
+    bot_posts = [e for e in alice.messages(room) if e.get("sender") == BOT and e.get("type") == "m.room.message"]
+    if bot_posts:
+        problems.append(f"{len(bot_posts)} bot messages appeared in the room although it may not post: "
+                        f"{[e['event_id'] for e in bot_posts[:3]]}")
+    rows = ctx.bot.request_log(event)
+    if len(rows) != 1:
+        problems.append(f"{len(rows)} request_log rows for the question, want 1")
+    else:
+        r = rows[0]
+        if (r["degraded"], r["ok"]) != ("send_failed", 0):
+            problems.append(f"request_log row degraded={r['degraded']!r} ok={r['ok']} err={r['err']!r}, "
+                            f"want degraded='send_failed' ok=0")
+        elif calls and r["cost_total_ticks"] != reported_cost(calls):
+            problems.append(f"request_log row cost_total_ticks {r['cost_total_ticks']}, "
+                            f"the provider reported {reported_cost(calls)} (the answer was paid)")
+    c = claim()
+    if not c:
+        problems.append("no processed_events claim for the question")
+    elif c["state"] != "failed":
+        problems.append(f"claim state {c['state']!r} (attempts {c['attempts']}), want 'failed'")
+    if not settled:
+        problems.append(f"the claim was not final with a request_log row within {NO_POST_WATCH}s")
+    report(name, problems,
+           f"1 provider call, no reply, row degraded=send_failed ok=0, claim failed after {settled_after:.1f}s; "
+           f"watched {NO_POST_WATCH}s for a re-answer")
+
+
 CEILING_HEADROOM_TICKS = 120_000_000   # $0.012 above what the day has already spent
 ANSWER_COST_TICKS = 50_000_000         # the fake charges $0.005 per answer
 REFUSAL_CEILING = "I've reached today's spending limit for everyone"
@@ -601,6 +683,7 @@ SCENARIOS = [
     ("g. routes", scenario_routes),
     ("h. response cache", scenario_cache),
     ("h2. budget books", scenario_budget_books),
+    ("h3. bot may not post", scenario_no_post),
     # Last: it restarts the bot with a tiny ceiling that refuses everything after it.
     ("i. spend ceiling", scenario_ceiling),
 ]
@@ -639,6 +722,9 @@ def main():
             stack.print_log_tails()
             L.log(f"e2e: logs kept in {stack.dir}")
     passed = len(results) - failed
+    L.log("e2e: ---- results ----")
+    for name, ok, detail in results:
+        L.log(f"e2e:   {'PASS' if ok else 'FAIL'}  {name}" + ("" if ok else f"  -- {detail[:300]}"))
     L.log(f"e2e: took {time.monotonic() - started:.0f}s")
     print(f"e2e: {passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
