@@ -373,6 +373,7 @@ async fn answer_messages(store: &Store, from: usize, count: usize) {
                 sender: user.clone(),
                 kind: ClaimKind::Addressed,
                 origin_ts: now(),
+                leased: true,
             }],
             ..Default::default()
         };
@@ -399,10 +400,14 @@ async fn answer_messages(store: &Store, from: usize, count: usize) {
             .budget_finish(event.clone(), Finish::Settled, 212_345_678, now())
             .await
             .unwrap();
-        store
-            .set_claim_state(event.clone(), ClaimState::Answered, Some(reply.clone()))
-            .await
-            .unwrap();
+        let fence = store.claim(event.clone()).await.unwrap().unwrap().fence();
+        for to in [ClaimState::Sending, ClaimState::Answered] {
+            let reply = (to == ClaimState::Answered).then(|| reply.clone());
+            assert!(store
+                .claim_transition(fence.clone(), to, Duration::from_secs(120), reply)
+                .await
+                .unwrap());
+        }
         store.record_bot_event(reply, room.clone()).await.unwrap();
         if i % CACHED_EVERY == 0 {
             store
