@@ -64,6 +64,9 @@ RESERVATION_TTL = 60      # s, limits.reservation_ttl (its minimum)
 # (+ 30 s per retry): a 20 s timeout without retries fits 60 s. The fake never fails or stalls.
 PROVIDER_TIMEOUT, PROVIDER_RETRIES = 20, 0
 FAILOVER_LIMIT = 30       # s: kill -> last orphan reply, and last message -> last reply
+# Only to check that the harness catches slow failover (e.g. E2E_APPSERVICE='{"claim_lease": "45s"}'):
+# a JSON object merged into every replica's `appservice` section. Unset in CI.
+APPSERVICE_OVERRIDE = json.loads(os.environ.get("E2E_APPSERVICE") or "{}")
 LATENCY_MS = (500, 3000)  # the fake provider's answer delay, uniform per request
 
 N_USERS = 10
@@ -239,7 +242,8 @@ class Replica:
         config = {
             "homeserver": {"url": homeserver_url, "server_name": L.SERVER_NAME},
             # No claim_lease / recovery_interval: the defaults must give failover within seconds.
-            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}"},
+            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}",
+                           **APPSERVICE_OVERRIDE},
             "database": {"url": db.bot_url},
             "provider": {"base_url": provider_url, "timeout_secs": PROVIDER_TIMEOUT,
                          "max_retries": PROVIDER_RETRIES},
@@ -600,6 +604,8 @@ def run_test(test, binary, venv):
             f"{'proxy ' + proxy.url + ' -> ' if pg else ''}{', '.join(f'{r.name} {r.url}' for r in replicas)}, "
             f"db {db.schema if pg else db.path}, fake xAI {fake.base_url} ({LATENCY_MS[0]}-{LATENCY_MS[1]} ms), "
             f"dir {stack.dir}")
+        if APPSERVICE_OVERRIDE:
+            log(f"[{test}] NOTE: E2E_APPSERVICE overrides the defaults under test: {APPSERVICE_OVERRIDE}")
         w = setup_world(test, synapse, db, replicas)
 
         # ---- send, and disrupt meanwhile ----
