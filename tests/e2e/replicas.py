@@ -64,6 +64,9 @@ RESERVATION_TTL = 60      # s, limits.reservation_ttl (its minimum)
 # (+ 30 s per retry): a 20 s timeout without retries fits 60 s. The fake never fails or stalls.
 PROVIDER_TIMEOUT, PROVIDER_RETRIES = 20, 0
 FAILOVER_LIMIT = 30       # s: kill -> last orphan reply, and last message -> last reply
+# Only to check that the harness catches slow failover (e.g. E2E_APPSERVICE='{"claim_lease": "45s"}'):
+# a JSON object merged into every replica's `appservice` section. Unset in CI.
+APPSERVICE_OVERRIDE = json.loads(os.environ.get("E2E_APPSERVICE") or "{}")
 LATENCY_MS = (500, 3000)  # the fake provider's answer delay, uniform per request
 
 N_USERS = 10
@@ -239,7 +242,8 @@ class Replica:
         config = {
             "homeserver": {"url": homeserver_url, "server_name": L.SERVER_NAME},
             # No claim_lease / recovery_interval: the defaults must give failover within seconds.
-            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}"},
+            "appservice": {"registration": registration, "listen": f"127.0.0.1:{self.port}",
+                           **APPSERVICE_OVERRIDE},
             "database": {"url": db.bot_url},
             "provider": {"base_url": provider_url, "timeout_secs": PROVIDER_TIMEOUT,
                          "max_retries": PROVIDER_RETRIES},
@@ -600,6 +604,8 @@ def run_test(test, binary, venv):
             f"{'proxy ' + proxy.url + ' -> ' if pg else ''}{', '.join(f'{r.name} {r.url}' for r in replicas)}, "
             f"db {db.schema if pg else db.path}, fake xAI {fake.base_url} ({LATENCY_MS[0]}-{LATENCY_MS[1]} ms), "
             f"dir {stack.dir}")
+        if APPSERVICE_OVERRIDE:
+            log(f"[{test}] NOTE: E2E_APPSERVICE overrides the defaults under test: {APPSERVICE_OVERRIDE}")
         w = setup_world(test, synapse, db, replicas)
 
         # ---- send, and disrupt meanwhile ----
@@ -791,6 +797,10 @@ def run_test(test, binary, venv):
         in_flight_term = {e for e in ids if in_flight_at(e, calls_of[e], replies.get(e, []), term_held, term_wall)}
         twice_kill = [e for e in twice if e in in_flight_kill]
         twice_other = [e for e in twice if e not in in_flight_kill]
+        # In flight but already rendered: a claim in 'sending' holds its reply in the outbox, so
+        # the takeover re-sends it and must not pay the model again.
+        stored_at_kill = [e for e in in_flight_kill if kill_held.get(e) == "sending"]
+        twice_stored = [e for e in twice_kill if kill_held.get(e) == "sending"]
         chatter_paid = [m["event_id"] for m in chatter if by_tag.get(message_tag(m["body"]))]
         rows = [
             ("addressed messages sent", len(ids)),
@@ -802,6 +812,8 @@ def run_test(test, binary, venv):
             ("not paid at all (no provider call found)", len(never)),
             (f"in flight on {victim} at the kill (held, request received, no reply yet)", len(in_flight_kill)),
             (f"  of those re-paid after the takeover", len(twice_kill)),
+            ("  of those with the reply stored (claim 'sending' at the kill)", len(stored_at_kill)),
+            ("    of those re-paid (must be 0: the stored reply is re-sent)", len(twice_stored)),
             (f"in flight on {term_name} at the SIGTERM", len(in_flight_term)),
             (f"  of those paid more than once", sum(1 for e in twice if e in in_flight_term)),
             ("chatter messages with a provider call (must be 0)", len(chatter_paid)),
@@ -819,11 +831,16 @@ def run_test(test, binary, venv):
                                 f"{e} x{paid[e]} (calls at t+" + "/".join(
                                     f"{c['time'] - (kill_wall or 0):+.1f}s" for c in calls_of[e]) + " from the kill)"
                                 for e in twice_other[:5]))
+        if twice_stored:
+            problems.append(f"{len(twice_stored)} messages whose reply was stored (claim 'sending' at the kill) "
+                            f"were paid again after the takeover instead of re-sending the stored reply: "
+                            f"{[(e, paid[e]) for e in twice_stored[:5]]}")
         if chatter_paid:
             problems.append(f"{len(chatter_paid)} chatter messages caused provider calls: {chatter_paid[:5]}")
         report(test, "each message paid once (re-paid only if in flight on the killed replica)", problems,
                f"{len(once)} paid once, {len(twice)} more than once (all {len(twice_kill)} in flight on "
-               f"{victim} at the kill), {len(never)} not paid; {len(in_flight_kill)} were in flight at the kill")
+               f"{victim} at the kill), {len(never)} not paid; {len(in_flight_kill)} were in flight at the kill, "
+               f"{len(stored_at_kill)} of them with the reply stored (re-sent, not re-paid)")
 
         # ---- failover with the default lease: the killed replica's claims are taken over fast ----
         orphan_replies = [first_reply[e]["origin_server_ts"] / 1000 for e in kill_held if e in first_reply]
