@@ -119,10 +119,7 @@ async fn a_worker_whose_claim_is_taken_mid_answer_stops_before_paying_or_sending
     h.hs.add_event(event.clone());
     h.put_txn("r1", vec![event]).await;
     let first = h.state.store.claim("$race".into()).await.unwrap().unwrap();
-    wait_for("the worker to start answering", || {
-        claim_is(&h, "$race", ClaimState::Answering)
-    })
-    .await;
+    wait_for_claim(&h, "$race", ClaimState::Answering).await;
     assert_eq!(first.generation, 1);
     // Another replica takes the claim over (as after a lapse of this one's lease).
     sql(
@@ -167,20 +164,16 @@ async fn a_worker_whose_claim_is_taken_mid_answer_stops_before_paying_or_sending
     );
 }
 
-/// Whether the claim reached `state` (polled from a sync closure).
-fn claim_is(h: &Harness, event_id: &str, state: ClaimState) -> bool {
-    let store = h.state.store.clone();
-    let id = event_id.to_string();
-    let found = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(store.claim(id))
-    })
-    .join()
-    .unwrap();
-    matches!(found, Ok(Some(c)) if c.claim_state() == state)
+/// Waits until the claim reaches `state`.
+async fn wait_for_claim(h: &Harness, event_id: &str, state: ClaimState) {
+    for _ in 0..1000 {
+        let claim = h.state.store.claim(event_id.into()).await.unwrap();
+        if claim.is_some_and(|c| c.claim_state() == state) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{event_id} never reached {state:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
