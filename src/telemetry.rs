@@ -207,6 +207,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Provider spend in ticks (1 USD = 1e10), by model.",
     ),
     (
+        "provider_unconfirmed_attempts_total",
+        "Failed provider attempts that may have been billed, charged at their worst case.",
+    ),
+    (
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),

@@ -11,6 +11,12 @@ use super::{Conn, Store, StoreError};
 /// The scope of the all-users counter.
 pub const GLOBAL_SCOPE: &str = "global";
 
+/// How far settled spend went past its cap. Admission never grants past the cap, but the real
+/// cost of a call is only known after it (a longer answer, a retry billed at its worst case).
+pub fn overshoot(cap_ticks: i64, settled_ticks: i64) -> i64 {
+    (settled_ticks - cap_ticks).max(0)
+}
+
 /// The counter scope of one user.
 pub fn user_scope(user_id: &str) -> String {
     format!("user:{user_id}")
