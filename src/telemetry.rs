@@ -211,6 +211,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Failed provider attempts that may have been billed, charged at their worst case.",
     ),
     (
+        "claims_lost_total",
+        "Workers that stopped because another replica took their claim.",
+    ),
+    (
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),
