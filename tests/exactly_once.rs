@@ -381,3 +381,53 @@ async fn a_worker_cut_off_from_the_database_past_its_lease_never_sends() {
         (ClaimState::Answered, 2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_cancels_answers_past_the_grace_and_hands_them_over() {
+    use grok_appservice::shutdown::{drain, Drained};
+    let h = dm_harness(|_| {}).await;
+    h.xai.set_delay(Duration::from_secs(60));
+    let event = text_event("$slow", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    h.put_txn("s1", vec![event]).await;
+    wait_for("the model call", || h.xai.arrived() == 1).await;
+
+    let drained = drain(&h.state, Duration::from_millis(300)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            cancelled: true,
+            released: 1
+        }
+    );
+    assert!(h.state.tasks.is_empty(), "no worker outlives the shutdown");
+    assert!(h.hs.sent().is_empty());
+    let claim = h.state.store.claim("$slow".into()).await.unwrap().unwrap();
+    assert!(!claim.claim_state().is_final(), "{claim:?}");
+    assert!(claim.lease_expires_at < grok_appservice::store::now());
+
+    // Another replica takes it at its next sweep, not after a lease, and answers once.
+    h.xai.set_delay(Duration::ZERO);
+    let other = h.restart().await;
+    assert_eq!(recover_once(&other.state).await, 1);
+    other.settle().await;
+    assert_eq!(h.hs.sent().len(), 1);
+
+    // With nothing outlasting the grace, nothing is cancelled.
+    let quiet = dm_harness(|_| {}).await;
+    quiet
+        .put_txn(
+            "q1",
+            vec![text_event("$q", DM, ALICE, "tell me about otters")],
+        )
+        .await;
+    let drained = drain(&quiet.state, Duration::from_secs(20)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            cancelled: false,
+            released: 0
+        }
+    );
+    assert_eq!(quiet.hs.sent().len(), 1, "the answer in flight finished");
+}
