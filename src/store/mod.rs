@@ -743,7 +743,7 @@ impl Store {
                     .count()
                     .get_result(c)?;
                 let reservations_held = budget_reservations::table
-                    .filter(budget_reservations::state.eq("held"))
+                    .filter(budget_reservations::state.eq(budget::ReservationState::Held.as_str()))
                     .count()
                     .get_result(c)?;
                 let global: Option<(i64, i64)> = budget_counters::table
