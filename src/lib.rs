@@ -6,6 +6,7 @@ pub mod answer;
 pub mod cascade;
 pub mod claims;
 pub mod classify;
+pub mod commands;
 pub mod config;
 pub mod housekeeping;
 pub mod limiter;

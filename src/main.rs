@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 let config = Config::load(&config)?;
                 let store = Store::connect(&config.database.url, 1)?;
                 let provider = Provider::new(&config.provider, &config.prices);
-                Cascade::new(&config, provider, store).decide(&text, room.as_deref())
+                Cascade::new(&config, provider, store).decide(&text, room.as_deref(), None)
             } else if room.is_some() {
                 anyhow::bail!(
                     "--room needs the config file ({} not found)",
@@ -324,6 +324,11 @@ async fn announce(state: std::sync::Arc<AppState>) {
         .await
     {
         tracing::warn!(error = %e, "setting the display name failed");
+    }
+    if let Some(avatar) = &state.config.bot.avatar_url {
+        if let Err(e) = state.matrix.set_avatar_url(avatar).await {
+            tracing::warn!(error = %e, "setting the avatar failed");
+        }
     }
     for attempt in 1..=6 {
         match state.matrix.ping(&state.registration.id).await {

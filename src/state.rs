@@ -116,11 +116,18 @@ impl AppState {
             .iter()
             .map(|ns| Regex::new(&ns.regex))
             .collect::<Result<Vec<_>, _>>()?;
+        let ignored_senders = config
+            .rooms
+            .ignore_senders
+            .iter()
+            .map(|p| Regex::new(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let identity = Identity {
             user_id: user_id.clone(),
             localpart: registration.sender_localpart.clone(),
             display_name: config.bot.display_name.clone(),
             namespaces,
+            ignored_senders,
             allowed_servers: config.rooms.allowed_servers.clone(),
         };
         let metrics = Arc::new(Metrics::default());

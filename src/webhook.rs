@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::answer;
 use crate::claims::Fence;
-use crate::classify::{classify, Event, Facts, Verdict};
+use crate::classify::{classify, is_direct_room, Event, Facts, Verdict};
 use crate::state::AppState;
 use crate::store::{ClaimKind, MemberChange, NewClaim, TxnWrite};
 
@@ -230,6 +230,11 @@ async fn transaction(
         }
     }
     for room in planned.left_rooms {
+        // Kicked, banned or gone: drop the room from the bot's list and from the database, so
+        // nothing more is recorded for it and a later invite starts afresh.
+        if let Err(e) = state.matrix.forget(&room).await {
+            tracing::warn!(error = %e, "could not forget a room on the homeserver");
+        }
         if let Err(e) = state.store.forget_room(room).await {
             tracing::warn!(error = %e, "could not forget a room the bot left");
         }
@@ -306,7 +311,7 @@ async fn plan(
         }
         let room = rooms.get(&event.room_id);
         let facts = Facts {
-            direct_room: room.is_some_and(|(direct, count)| *direct || *count == 2),
+            direct_room: room.is_some_and(|(direct, count)| is_direct_room(*direct, *count)),
             replies_to_bot: event
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),

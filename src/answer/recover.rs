@@ -250,7 +250,7 @@ async fn recovered_row(state: &AppState, claim: &ClaimRow) -> RequestLog {
             .pointer("/content/body")
             .and_then(serde_json::Value::as_str)
             .unwrap_or("");
-        let decision = state.cascade.decide(body, Some(&claim.room_id));
+        let decision = state.cascade.decide(body, Some(&claim.room_id), None);
         row.route = decision.route.as_str().into();
         row.router_source = decision.source.as_str().into();
         row.router_confidence = decision.confidence;

@@ -301,12 +301,15 @@ impl Cascade {
         &self.prompt_version
     }
 
-    /// The pure routing decision: a room override, else the heuristic router.
-    pub fn decide(&self, text: &str, room_id: Option<&str>) -> Decision {
+    /// The pure routing decision: a forced prefix, else the room's route (a moderator's
+    /// `room_route`, else `cascade.room_routes`), else the heuristic router.
+    pub fn decide(&self, text: &str, room_id: Option<&str>, room_route: Option<Route>) -> Decision {
         let mut decision = router::decide(text, &self.router);
-        let forced_by_room = room_id
-            .and_then(|r| self.settings.room_routes.get(r))
-            .and_then(|t| Route::parse(t));
+        let forced_by_room = room_route.or_else(|| {
+            room_id
+                .and_then(|r| self.settings.room_routes.get(r))
+                .and_then(|t| Route::parse(t))
+        });
         if let (Some(route), false) = (forced_by_room, decision.source == RouterSource::Forced) {
             decision.route = route;
             decision.source = RouterSource::Forced;
@@ -319,7 +322,7 @@ impl Cascade {
 
     /// Answers one message.
     pub async fn run(&self, ask: &Ask<'_>) -> Outcome {
-        self.run_decided(self.decide(ask.text, ask.room_id), ask)
+        self.run_decided(self.decide(ask.text, ask.room_id, None), ask)
             .await
     }
 

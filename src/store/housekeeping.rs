@@ -236,6 +236,25 @@ impl Store {
         .await
     }
 
+    /// Deletes up to `batch` per-room reply windows that started before `cutoff`.
+    pub async fn prune_answer_windows(
+        &self,
+        cutoff: NaiveDateTime,
+        batch: i64,
+    ) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            delete_batch(
+                conn,
+                "room_answer_windows",
+                "room_id, window_start",
+                "window_start < {cutoff}",
+                Cutoff::At(cutoff),
+                batch,
+            )
+        })
+        .await
+    }
+
     /// Deletes up to `batch` `budget_counters` rows of UTC days before `before_day`
     /// (`YYYY-MM-DD`).
     pub async fn prune_budget_counters(

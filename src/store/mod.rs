@@ -205,6 +205,7 @@ mod analytics;
 pub mod budget;
 mod claims;
 mod housekeeping;
+pub mod room_state;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
@@ -691,6 +692,14 @@ impl Store {
             db_tx!(conn, |c| {
                 diesel::delete(rooms::table.find(&room_id)).execute(c)?;
                 diesel::delete(room_members::table.filter(room_members::room_id.eq(&room_id)))
+                    .execute(c)?;
+                // A later invite starts the room afresh: no settings or counts carry over.
+                diesel::delete(room_settings::table.find(&room_id)).execute(c)?;
+                diesel::delete(
+                    room_answer_windows::table.filter(room_answer_windows::room_id.eq(&room_id)),
+                )
+                .execute(c)?;
+                diesel::delete(room_notices::table.filter(room_notices::room_id.eq(&room_id)))
                     .execute(c)?;
                 Ok::<_, StoreError>(())
             })

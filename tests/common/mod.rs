@@ -56,6 +56,8 @@ struct HsInner {
     seen: Vec<Seen>,
     sent_by_txn: HashMap<String, String>,
     members: HashMap<String, Vec<String>>,
+    /// Room id -> its state events (`GET /rooms/{room}/state`).
+    state: HashMap<String, Vec<Value>>,
     events: HashMap<String, Value>,
     send_script: VecDeque<Scripted>,
     next_id: u64,
@@ -79,6 +81,8 @@ impl FakeHs {
             .route("/_matrix/client/v1/appservice/{id}/ping", post(hs_ping))
             .route("/_matrix/client/v3/rooms/{room}/join", post(hs_join))
             .route("/_matrix/client/v3/rooms/{room}/leave", post(hs_ok))
+            .route("/_matrix/client/v3/rooms/{room}/forget", post(hs_ok))
+            .route("/_matrix/client/v3/rooms/{room}/state", get(hs_state))
             .route(
                 "/_matrix/client/v3/rooms/{room}/joined_members",
                 get(hs_members),
@@ -109,6 +113,11 @@ impl FakeHs {
         self.lock()
             .members
             .insert(room.into(), members.iter().map(|m| m.to_string()).collect());
+    }
+
+    /// Sets a room's state events (power levels, create event).
+    pub fn set_state(&self, room: &str, events: Vec<Value>) {
+        self.lock().state.insert(room.into(), events);
     }
 
     pub fn add_event(&self, event: Value) {
@@ -183,6 +192,10 @@ async fn hs_join(
 ) -> Json<Value> {
     record(&s, "POST", format!("/join/{room}"), &h, &b);
     Json(json!({"room_id": room}))
+}
+async fn hs_state(State(s): HsState, Path(room): Path<String>) -> Json<Value> {
+    let events = s.lock().unwrap().state.get(&room).cloned();
+    Json(Value::Array(events.unwrap_or_default()))
 }
 async fn hs_members(State(s): HsState, Path(room): Path<String>) -> Json<Value> {
     let members = s
