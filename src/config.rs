@@ -59,6 +59,8 @@ pub struct Config {
     #[serde(default)]
     pub bot: BotConfig,
     #[serde(default)]
+    pub reply: ReplyConfig,
+    #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -351,6 +353,63 @@ impl Default for BotConfig {
             command_prefix: default_command_prefix(),
             room_answers_per_minute: default_room_answers_per_minute(),
         }
+    }
+}
+
+/// `reply.*`: progress while an answer is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyConfig {
+    /// Post the answer after its first words and edit it as more arrives.
+    #[serde(default)]
+    pub streaming: bool,
+    /// At most one edit per this interval.
+    #[serde(default = "default_edit_interval", deserialize_with = "de_duration")]
+    pub edit_interval: Duration,
+    /// At most this many edits per answer, the last one the complete answer.
+    #[serde(default = "default_max_edits")]
+    pub max_edits: u32,
+    /// When a non-streamed answer takes longer, post "Thinking..." and edit the answer into
+    /// it; `off` (the default) never does.
+    #[serde(default, deserialize_with = "de_optional_duration")]
+    pub placeholder_after: Option<Duration>,
+}
+
+impl Default for ReplyConfig {
+    fn default() -> Self {
+        Self {
+            streaming: false,
+            edit_interval: default_edit_interval(),
+            max_edits: default_max_edits(),
+            placeholder_after: None,
+        }
+    }
+}
+
+fn default_edit_interval() -> Duration {
+    Duration::from_millis(1_500)
+}
+fn default_max_edits() -> u32 {
+    20
+}
+
+/// `off` (or nothing) for none, else a duration.
+fn de_optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Num(n)) => Ok(Some(Duration::from_secs(n))),
+        Some(Raw::Text(s)) if s.trim() == "off" => Ok(None),
+        Some(Raw::Text(s)) => parse_duration(&s)
+            .map(Some)
+            .map_err(|m| serde::de::Error::custom(format!("{m}, or `off`"))),
     }
 }
 
@@ -741,13 +800,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30d, 12h, 15m or 90s"))?;
+        .map_err(|_| format!("`{s}` is not a duration like 30d, 12h, 15m, 90s or 1500ms"))?;
     let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
         "s" => n,
         "m" => n * 60,
         "h" => n * 3_600,
         "d" => n * 86_400,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+            ))
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -959,6 +1023,18 @@ impl Config {
             return Err(invalid(
                 "bot.command_prefix",
                 "must be one word, e.g. !grok",
+            ));
+        }
+        if self.reply.max_edits == 0 {
+            return Err(invalid(
+                "reply.max_edits",
+                "must be at least 1 (the complete answer)",
+            ));
+        }
+        if self.reply.edit_interval < Duration::from_millis(200) {
+            return Err(invalid(
+                "reply.edit_interval",
+                "must be at least 200ms: faster edits flood the homeserver",
             ));
         }
         if self.bot.room_answers_per_minute == 0 {

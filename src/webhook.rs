@@ -224,7 +224,7 @@ async fn transaction(
                 owner: state.instance_id.clone(),
                 generation: 1,
             };
-            answer::dispatch(&state, event, verdict, fence, slot);
+            answer::dispatch(&state, event, verdict, fence, slot, None);
         } else {
             tracing::debug!(event_id = %event.event_id, "event already claimed, skipping");
         }

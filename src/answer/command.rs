@@ -38,7 +38,7 @@ pub async fn answer(
             }
         },
     };
-    Response::Reply(text, row)
+    Response::Reply(text, row, None)
 }
 
 /// The help text with the room's settings and the asker's limits.

@@ -7,6 +7,7 @@
 pub mod command;
 pub mod deliver;
 pub mod notice;
+pub mod progress;
 pub mod record;
 pub mod recover;
 pub mod render;
@@ -38,6 +39,8 @@ pub struct Job {
     pub request: Request,
     /// `origin_server_ts` of the message, in ms since the epoch.
     pub origin_ts: i64,
+    /// The event an earlier worker first posted the answer as (recovery edits it).
+    pub progress_event: Option<String>,
 }
 
 fn message_age(origin_ts: i64) -> Duration {
@@ -123,9 +126,9 @@ pub async fn answer(state: Arc<AppState>, job: Job, fence: Fence) {
         _ = gate.lost() => Response::Lost,
     };
     typing.stop(&state, &job.room_id).await;
-    let (text, mut row, msgtype) = match response {
-        Response::Reply(text, row) => (text, row, state.config.bot.reply_msgtype),
-        Response::Notice(text, row) => (text, row, crate::config::ReplyMsgtype::Notice),
+    let (text, mut row, msgtype, edit) = match response {
+        Response::Reply(text, row, edit) => (text, row, state.config.bot.reply_msgtype, edit),
+        Response::Notice(text, row) => (text, row, crate::config::ReplyMsgtype::Notice, None),
         Response::Silent(row) => {
             if close(&state, &fence, ClaimState::Done, None).await {
                 record::finish(&state, *row);
@@ -146,7 +149,10 @@ pub async fn answer(state: Arc<AppState>, job: Job, fence: Fence) {
         sender: &job.sender,
         thread_root: job.request.thread_root.as_deref(),
     };
-    let outbox = Outbox::new(msgtype, &text, &target, "reply", *row);
+    let mut outbox = Outbox::new(msgtype, &text, &target, "reply", *row);
+    if let Some(first) = edit.as_deref() {
+        outbox.edit_first(first);
+    }
     if !deliver::store_outbox(&state, &fence, &gate, &outbox).await {
         lost(&state, &fence);
         return;
@@ -203,6 +209,7 @@ pub fn dispatch(
     verdict: Verdict,
     fence: Fence,
     slot: OwnedSemaphorePermit,
+    progress_event: Option<String>,
 ) {
     let worker = state.clone();
     let span = tracing::info_span!("request", event_id = %event.event_id);
@@ -216,6 +223,7 @@ pub fn dispatch(
                     sender: event.sender,
                     request,
                     origin_ts: event.origin_server_ts,
+                    progress_event,
                 };
                 answer(worker.clone(), job, fence).await;
             }

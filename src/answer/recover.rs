@@ -202,7 +202,14 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
     if matches!(verdict, Verdict::Ignore(_)) {
         close(&state, &fence, ClaimState::Done, None).await;
     } else {
-        dispatch(&state, event, verdict, fence, slot);
+        dispatch(
+            &state,
+            event,
+            verdict,
+            fence,
+            slot,
+            claim.progress_event_id.clone(),
+        );
     }
 }
 

@@ -60,6 +60,63 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Makes the first part an edit (`m.replace`) of the event the answer was first posted as
+    /// while it was written, so the room shows one message that becomes the answer.
+    pub fn edit_first(&mut self, progress_event_id: &str) {
+        if let Some(first) = self.parts.first_mut() {
+            first.content = edit_content(&first.content, progress_event_id);
+        }
+    }
+}
+
+/// The event an answer is first posted as while it is written: `text` so far (cut to one
+/// part), replying to the question and mentioning the asker like a first part. Its marker says
+/// `progress`, so recovery never mistakes it for a part of the answer.
+pub fn progress_content(msgtype: ReplyMsgtype, text: &str, to: &ReplyTarget<'_>) -> Value {
+    let part = render_parts(text, MAX_PART_BYTES)
+        .into_iter()
+        .next()
+        .unwrap_or(Part {
+            body: text.to_string(),
+            formatted_body: String::new(),
+        });
+    let mut content = part_content(msgtype, part, to, 0, 1);
+    content[PART_KEY] = json!({"source": to.event_id, "progress": true});
+    content
+}
+
+/// An edit of `target` to `content`: the new content pings nobody (only the first event
+/// mentioned the asker) and keeps no relation; the marker stays on the edit event.
+pub fn edit_content(content: &Value, target: &str) -> Value {
+    let field = |k: &str| content.get(k).cloned().unwrap_or(Value::Null);
+    let mut new_content = json!({
+        "msgtype": field("msgtype"),
+        "body": field("body"),
+        "m.mentions": {},
+    });
+    if let Some(html) = content.get("formatted_body") {
+        new_content["format"] = field("format");
+        new_content["formatted_body"] = html.clone();
+    }
+    let star = |v: &Value| format!("* {}", v.as_str().unwrap_or(""));
+    let mut edit = json!({
+        "msgtype": field("msgtype"),
+        "body": star(&field("body")),
+        "m.new_content": new_content,
+        "m.mentions": {},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+    });
+    if let Some(html) = content.get("formatted_body") {
+        edit["format"] = field("format");
+        edit["formatted_body"] = json!(star(html));
+    }
+    if let Some(marker) = content.get(PART_KEY) {
+        edit[PART_KEY] = marker.clone();
+    }
+    edit
+}
+
 /// The first part keeps the txnId replies always had, so an upgrade mid-send cannot post twice.
 fn part_txn_id(event_id: &str, purpose: &str, index: usize) -> String {
     if index == 0 {
@@ -137,6 +194,49 @@ mod tests {
         assert_eq!(c["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
         assert_eq!(c["m.mentions"]["user_ids"][0], "@alice:example.org");
         assert_eq!(o.parts[0].txn_id, reply_txn_id("$q", "reply"));
+    }
+
+    #[test]
+    fn a_progress_event_becomes_the_answer_by_edits_that_ping_nobody() {
+        let first = progress_content(ReplyMsgtype::Notice, "The answer so", &to(Some("$root")));
+        assert_eq!(first["m.mentions"]["user_ids"][0], "@alice:example.org");
+        assert_eq!(first["m.relates_to"]["rel_type"], "m.thread");
+        assert_eq!(first[PART_KEY]["progress"], true);
+        assert!(
+            first[PART_KEY].get("part").is_none(),
+            "not a part of the answer"
+        );
+
+        let mut o = Outbox::new(
+            ReplyMsgtype::Notice,
+            "The answer so far is **42**.",
+            &to(Some("$root")),
+            "reply",
+            RequestLog::default(),
+        );
+        let txn = o.parts[0].txn_id.clone();
+        o.edit_first("$first");
+        let edit = &o.parts[0].content;
+        assert_eq!(o.parts[0].txn_id, txn, "the txnId stays deterministic");
+        assert_eq!(
+            edit["m.relates_to"],
+            json!({"rel_type": "m.replace", "event_id": "$first"})
+        );
+        assert_eq!(
+            edit["m.new_content"]["body"],
+            "The answer so far is **42**."
+        );
+        assert_eq!(
+            edit["m.new_content"]["formatted_body"],
+            "<p>The answer so far is <strong>42</strong>.</p>"
+        );
+        assert_eq!(edit["m.mentions"], json!({}));
+        assert_eq!(edit["m.new_content"]["m.mentions"], json!({}));
+        assert!(edit["body"].as_str().unwrap().starts_with("* "));
+        assert_eq!(
+            edit[PART_KEY]["part"], 0,
+            "recovery sees the answer's first part landed"
+        );
     }
 
     #[test]

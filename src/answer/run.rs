@@ -2,6 +2,7 @@
 //! [`super::command`]), the router's decision,
 //! a free cached answer, the limiter's reservation, the cascade, and settling what it cost.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -10,10 +11,11 @@ use crate::cascade::{Ask, Route, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
 use crate::commands;
 use crate::limiter::{refusal_text, Admission, Refusal};
-use crate::provider::ProviderError;
+use crate::provider::{ProviderError, STREAM_BROKEN};
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
 
+use super::progress::Progress;
 use super::record::{base_row, outcome_row};
 use super::Job;
 
@@ -22,6 +24,8 @@ const EMPTY_APOLOGY: &str = "Sorry, I came up empty on that one. Could you rephr
 /// The reply when the database or homeserver a step needs cannot be reached.
 pub const UNAVAILABLE: &str =
     "Sorry, I'm temporarily unavailable. Please try again in a few minutes.";
+const STREAM_BROKEN_NOTE: &str =
+    "*(This answer is incomplete: the connection to the model broke while it was written.)*";
 const ROOM_LIMIT_NOTICE: &str =
     "I'm answering a lot in this room right now, so I'll pause until the minute is over.";
 /// The `room_notices` reason of the room reply limit's notice.
@@ -29,8 +33,9 @@ const ROOM_LIMIT_REASON: &str = "room_rate_limited";
 
 /// What the worker does next.
 pub enum Response {
-    /// Send this text; the row is written once it is sent.
-    Reply(String, Box<RequestLog>),
+    /// Send this text, as an edit of the given event when the answer was first posted as it
+    /// (progress); the row is written once it is sent.
+    Reply(String, Box<RequestLog>, Option<String>),
     /// Send this text as an `m.notice`, which bots do not answer.
     Notice(String, Box<RequestLog>),
     /// Send nothing; only record the row.
@@ -92,7 +97,7 @@ pub fn hashed_user(user_id: &str) -> String {
 
 /// Decides what to answer: nothing past the room's reply limit, a room command, a refusal
 /// from the limiter, or the cascade's answer within a reservation.
-pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) -> Response {
+pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gate) -> Response {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.query_text = job.request.text.clone();
     row.prompt_version = state.cascade.prompt_version().to_string();
@@ -125,7 +130,7 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
     // A cached answer costs nothing: serve it without touching the budget.
     if let Some(outcome) = state.cascade.cached(&decision).await {
         let row = outcome_row(job, &outcome, state.cascade.prompt_version());
-        return Response::Reply(outcome.text, Box::new(row));
+        return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
     }
     let plans = state
         .limiter
@@ -143,14 +148,22 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
             row.ceiling_hit = matches!(refusal, Refusal::Ceiling { .. });
             row.per_user_cap_hit = !row.ceiling_hit;
             tracing::info!(event_id = %job.event_id, ceiling = row.ceiling_hit, "refused by the spend limits");
-            return Response::Reply(refusal_text(&refusal, state.limiter.now()), Box::new(row));
+            return Response::Reply(
+                refusal_text(&refusal, state.limiter.now()),
+                Box::new(row),
+                job.progress_event.clone(),
+            );
         }
         Admission::Unavailable(e) => {
             // Fail closed: without the budget store no model is called.
             tracing::warn!(event_id = %job.event_id, error = %e, "budget store unavailable");
             row.degraded = "reserve_error".into();
             row.err = e.to_string();
-            return Response::Reply(UNAVAILABLE.to_string(), Box::new(row));
+            return Response::Reply(
+                UNAVAILABLE.to_string(),
+                Box::new(row),
+                job.progress_event.clone(),
+            );
         }
     };
     if plan.shrunk {
@@ -180,14 +193,20 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
         tracing::warn!(error = %e, "could not mark the reservation dispatched");
     }
     let hashed = hashed_user(&job.sender);
+    let progress = Progress::start(state, job, fence, gate);
     let ask = Ask {
         text: &job.request.text,
         room_id: Some(&job.room_id),
         user: Some(&hashed),
         output_cap: plan.output_cap,
         gate: Some(gate),
+        stream: progress.as_ref().and_then(Progress::updates),
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
+    let first_event = match progress {
+        Some(p) => p.finish().await,
+        None => None,
+    };
     let settled = if outcome.stage_cost.is_empty() {
         // No provider call completed: every call failed before billing.
         state.limiter.release(&reservation).await
@@ -205,7 +224,9 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
     if matches!(outcome.error, Some(ProviderError::ClaimLost)) {
         return Response::Lost;
     }
-    let text = if outcome.ok() {
+    let text = if outcome.ok() && outcome.degraded == Some(STREAM_BROKEN) {
+        format!("{}\n\n{STREAM_BROKEN_NOTE}", outcome.text.trim_end())
+    } else if outcome.ok() {
         outcome.text.clone()
     } else if outcome.error.is_some() {
         tracing::warn!(event_id = %job.event_id, error = ?outcome.error, "cascade failed");
@@ -216,6 +237,7 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
     Response::Reply(
         text,
         Box::new(outcome_row(job, &outcome, state.cascade.prompt_version())),
+        first_event,
     )
 }
 

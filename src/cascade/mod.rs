@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::claims::Gate;
 use crate::config::{CacheConfig, CascadeConfig, Config, ModelsConfig};
 use crate::provider::{
     settle_cost, worst_case_ticks, Completion, CompletionRequest, CostSource, Provider,
-    ProviderError,
+    ProviderError, StreamUpdate, STREAM_BROKEN,
 };
 use crate::store::Store;
 use router::{Decision, RouterOptions};
@@ -161,6 +162,9 @@ impl Outcome {
         *self.stage_ms.entry(stage).or_default() += c.latency.as_millis() as u64;
         self.models.insert(stage, c.model.clone());
         self.truncated |= c.status == "incomplete" || c.incomplete_reason.is_some();
+        if c.incomplete_reason.as_deref() == Some(STREAM_BROKEN) {
+            self.degraded = Some(STREAM_BROKEN);
+        }
         self.prompt_tokens += c.usage.input_tokens;
         self.cached_tokens += c.usage.cached_tokens;
         self.completion_tokens += c.usage.output_tokens;
@@ -217,6 +221,8 @@ pub struct Ask<'a> {
     pub output_cap: Option<u32>,
     /// The worker's claim: every provider call waits until it is confirmed held.
     pub gate: Option<&'a Gate>,
+    /// Where the user-facing answer's text is streamed as it is written (`reply.streaming`).
+    pub stream: Option<&'a UnboundedSender<StreamUpdate>>,
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -463,7 +469,14 @@ impl Cascade {
                 .await
                 .map_err(|_| ProviderError::ClaimLost)?;
         }
-        let called = self.provider.complete(req).await;
+        // Only what the user reads is streamed: the answering stages, not the router, the
+        // cheap model (it may still escalate) or the reasoning model's notes.
+        let called = match ask.stream {
+            Some(updates) if matches!(stage, "final" | "web") => {
+                self.provider.complete_streaming(req, updates).await
+            }
+            _ => self.provider.complete(req).await,
+        };
         out.charge_unconfirmed(stage, req, called.unconfirmed, &self.provider);
         called.result
     }

@@ -115,6 +115,25 @@ impl Store {
         .await
     }
 
+    /// Notes the event a streamed or placeholder answer was first posted as, before any edit
+    /// of it; false when the fence no longer holds.
+    pub async fn claim_progress_event(
+        &self,
+        fence: Fence,
+        event_id: String,
+    ) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let n = db!(conn, |c| diesel::update(fenced!(fence))
+                .set((
+                    processed_events::progress_event_id.eq(&event_id),
+                    processed_events::updated_at.eq(now()),
+                ))
+                .execute(c))?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     /// Notes that outbox part `index` landed as `event_id` (the first part is the reply event
     /// id); false when the fence no longer holds.
     pub async fn claim_part_sent(

@@ -307,6 +307,8 @@ pub struct ClaimRow {
     pub outbox: Option<String>,
     /// How many parts of the outbox are confirmed sent.
     pub sent_parts: i32,
+    /// The event the answer was first posted as while it was written (streaming, placeholder).
+    pub progress_event_id: Option<String>,
 }
 
 impl ClaimRow {

@@ -25,6 +25,7 @@ diesel::table! {
         generation -> BigInt,
         outbox -> Nullable<Text>,
         sent_parts -> Integer,
+        progress_event_id -> Nullable<Text>,
     }
 }
 

@@ -286,6 +286,12 @@ struct XaiInner {
     delay: Duration,
     /// Requests received, including those still waiting out `delay`.
     arrived: usize,
+    /// Streamed answers: this text instead of the default, in `stream_chunks` deltas sent
+    /// `stream_gap` apart; `break_stream` ends the stream halfway, with no terminal event.
+    stream_text: Option<String>,
+    stream_chunks: usize,
+    stream_gap: Duration,
+    break_stream: bool,
 }
 
 /// A fake xAI Responses API.
@@ -351,6 +357,15 @@ impl FakeXai {
         self.inner.lock().unwrap().delay = delay;
     }
 
+    /// Streamed answers say `text` in `chunks` deltas, `gap` apart; `broken` cuts them off.
+    pub fn set_stream(&self, text: &str, chunks: usize, gap: Duration, broken: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.stream_text = Some(text.to_string());
+        inner.stream_chunks = chunks.max(1);
+        inner.stream_gap = gap;
+        inner.break_stream = broken;
+    }
+
     /// Requests received so far, answered or not.
     pub fn arrived(&self) -> usize {
         self.inner.lock().unwrap().arrived
@@ -399,10 +414,64 @@ fn xai_answer(s: &Mutex<XaiInner>, h: HeaderMap, b: Bytes) -> Response {
         answer["usage"]["server_side_tool_usage_details"] = json!({"web_search_calls": 1});
         answer["citations"] = json!(["https://news.example.org/story"]);
     }
-    let mut response = Json(answer).into_response();
+    let mut response = if body["stream"] == true {
+        let text = inner.stream_text.clone();
+        if let Some(t) = &text {
+            answer["output"][0]["content"][0]["text"] = json!(t);
+        }
+        sse_response(
+            answer,
+            inner.stream_chunks.max(1),
+            inner.stream_gap,
+            inner.break_stream,
+        )
+    } else {
+        Json(answer).into_response()
+    };
     response
         .headers_mut()
         .insert("x-request-id", "req-fake-1".parse().unwrap());
+    response
+}
+
+/// The Responses API's server-sent events for `answer`: its text in `chunks` deltas `gap`
+/// apart, then `response.completed` (unless `broken`: the stream stops halfway).
+fn sse_response(answer: Value, chunks: usize, gap: Duration, broken: bool) -> Response {
+    let text = answer["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let chars: Vec<char> = text.chars().collect();
+    let size = chars.len().div_ceil(chunks).max(1);
+    let mut events: Vec<String> = vec![format!(
+        "event: response.created\ndata: {}\n\n",
+        json!({"type": "response.created"})
+    )];
+    for piece in chars.chunks(size) {
+        let delta: String = piece.iter().collect();
+        events.push(format!(
+            "event: response.output_text.delta\ndata: {}\n\n",
+            json!({"type": "response.output_text.delta", "delta": delta})
+        ));
+    }
+    if broken {
+        events.truncate(1 + chunks / 2);
+    } else {
+        events.push(format!(
+            "event: response.completed\ndata: {}\n\n",
+            json!({"type": "response.completed", "response": answer})
+        ));
+    }
+    let stream = futures_util::stream::unfold(events.into_iter(), move |mut rest| async move {
+        let next = rest.next()?;
+        tokio::time::sleep(gap).await;
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(next)), rest))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        "text/event-stream".parse().unwrap(),
+    );
     response
 }
 

@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 
 use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
 
+pub mod stream;
+
 /// A provider failure; callers branch on [`ProviderError::is_retryable`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
@@ -177,6 +179,18 @@ pub fn worst_case_ticks(req: &CompletionRequest, price: &Price) -> i64 {
     compute_cost_ticks(&usage, price)
 }
 
+/// What a streamed call tells its listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamUpdate {
+    /// A failed attempt is retried: forget its text.
+    Restart,
+    /// More text of the answer.
+    Delta(String),
+}
+
+/// `incomplete_reason` of an answer whose stream broke after text arrived.
+pub const STREAM_BROKEN: &str = "stream_broken";
+
 /// The result of a call with retries, and the failed attempts that may have been billed.
 #[derive(Debug)]
 pub struct Called {
@@ -241,6 +255,8 @@ pub struct CompletionRequest {
     pub reasoning_effort: Option<String>,
     /// Turn on the server-side `web_search` tool, bounded to this many tool turns.
     pub web_search_turns: Option<u32>,
+    /// Ask for server-sent events (set by [`Provider::complete_streaming`]).
+    pub stream: bool,
 }
 
 impl CompletionRequest {
@@ -255,6 +271,7 @@ impl CompletionRequest {
             user: None,
             reasoning_effort: None,
             web_search_turns: None,
+            stream: false,
         }
     }
 
@@ -279,6 +296,9 @@ impl CompletionRequest {
         if let Some(turns) = self.web_search_turns {
             body["tools"] = json!([{"type": "web_search"}]);
             body["max_turns"] = json!(turns);
+        }
+        if self.stream {
+            body["stream"] = json!(true);
         }
         body
     }
@@ -485,24 +505,167 @@ impl Provider {
         }
     }
 
+    /// Like [`Provider::complete`], but streamed: text goes to `updates` as it arrives
+    /// ([`StreamUpdate::Restart`] before a retry, so a listener drops what a failed attempt
+    /// wrote). A stream that breaks after text arrived is not retried (the user may already
+    /// read it): it returns what came, marked incomplete (`stream_broken`), and counts as an
+    /// unconfirmed attempt, charged at its worst case like any failure that may be billed.
+    pub async fn complete_streaming(
+        &self,
+        req: &CompletionRequest,
+        updates: &tokio::sync::mpsc::UnboundedSender<StreamUpdate>,
+    ) -> Called {
+        let mut req = req.clone();
+        req.stream = true;
+        let mut attempt = 0;
+        let mut unconfirmed = 0;
+        loop {
+            if attempt > 0 {
+                let _ = updates.send(StreamUpdate::Restart);
+            }
+            let started = Instant::now();
+            let mut partial = String::new();
+            let result = self.stream_once(&req, updates, &mut partial).await;
+            match result {
+                Ok(c) => {
+                    return Called {
+                        result: Ok(c),
+                        unconfirmed,
+                    }
+                }
+                Err(e) if !partial.is_empty() => {
+                    tracing::warn!(model = %req.model, error = %e, "the answer's stream broke");
+                    return Called {
+                        result: Ok(Completion {
+                            text: partial,
+                            model: req.model.clone(),
+                            status: "incomplete".into(),
+                            incomplete_reason: Some(STREAM_BROKEN.into()),
+                            usage: Usage::default(),
+                            citations: Vec::new(),
+                            response_id: String::new(),
+                            request_id: None,
+                            latency: started.elapsed(),
+                        }),
+                        unconfirmed: unconfirmed + 1,
+                    };
+                }
+                Err(e) => {
+                    unconfirmed += u32::from(e.may_have_been_billed());
+                    if !e.is_retryable() || attempt >= self.max_retries {
+                        return Called {
+                            result: Err(e),
+                            unconfirmed,
+                        };
+                    }
+                    attempt += 1;
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let wait = Duration::from_millis(250 * (1 << attempt.min(6))).mul_f64(jitter);
+                    tracing::warn!(model = %req.model, error = %e, attempt, ?wait,
+                        "provider stream failed, retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// One streamed call; `partial` collects the text sent to `updates`.
+    async fn stream_once(
+        &self,
+        req: &CompletionRequest,
+        updates: &tokio::sync::mpsc::UnboundedSender<StreamUpdate>,
+        partial: &mut String,
+    ) -> Result<Completion, ProviderError> {
+        let (mut response, started, request_id) = self.send(req).await?;
+        let mut parser = stream::SseParser::default();
+        let broken = |message: String| ProviderError::Retryable {
+            status: None,
+            message,
+            retry_after: None,
+            maybe_billed: true,
+        };
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|e| broken(transport_message(e)))?;
+            let Some(chunk) = chunk else {
+                return Err(broken("the stream ended before the response did".into()));
+            };
+            for event in parser.push(&chunk) {
+                match stream::step(&event) {
+                    stream::Step::Delta(text) => {
+                        partial.push_str(&text);
+                        let _ = updates.send(StreamUpdate::Delta(text));
+                    }
+                    stream::Step::Done(parsed) => {
+                        let parsed = parsed?;
+                        return Ok(Completion {
+                            text: parsed.text,
+                            model: req.model.clone(),
+                            status: parsed.status,
+                            incomplete_reason: parsed.incomplete_reason,
+                            usage: parsed.usage,
+                            citations: parsed.citations,
+                            response_id: parsed.id,
+                            request_id,
+                            latency: started.elapsed(),
+                        });
+                    }
+                    stream::Step::Skip => {}
+                }
+            }
+        }
+    }
+
     /// One call, no retries.
     pub async fn complete_once(
         &self,
         req: &CompletionRequest,
     ) -> Result<Completion, ProviderError> {
+        let (response, started, request_id) = self.send(req).await?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Retryable {
+                status: Some(status),
+                message: transport_message(e),
+                retry_after: None,
+                maybe_billed: true,
+            })?;
+        let parsed = parse_response(&bytes)?;
+        Ok(Completion {
+            text: parsed.text,
+            model: req.model.clone(),
+            status: parsed.status,
+            incomplete_reason: parsed.incomplete_reason,
+            usage: parsed.usage,
+            citations: parsed.citations,
+            response_id: parsed.id,
+            request_id,
+            latency: started.elapsed(),
+        })
+    }
+
+    /// Posts the request; returns a 2xx response (its body unread), when it was sent and its
+    /// `x-request-id`, or the typed error of any other answer.
+    async fn send(
+        &self,
+        req: &CompletionRequest,
+    ) -> Result<(reqwest::Response, Instant, Option<String>), ProviderError> {
         let Some(key) = &self.api_key else {
             return Err(ProviderError::Fatal {
                 status: None,
                 message: "XAI_API_KEY is not set".into(),
             });
         };
-        let body = req.body();
         let started = Instant::now();
         let response = self
             .http
             .post(format!("{}/responses", self.base_url))
             .bearer_auth(key)
-            .json(&body)
+            .json(&req.body())
             .send()
             .await
             .map_err(|e| ProviderError::Retryable {
@@ -518,6 +681,9 @@ impl Provider {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        if (200..300).contains(&status) {
+            return Ok((response, started, request_id));
+        }
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -534,25 +700,11 @@ impl Provider {
                 // The body of a refusal costs nothing; any other answer may have.
                 maybe_billed: status == 408 || !(400..500).contains(&status),
             })?;
-        if !(200..300).contains(&status) {
-            return Err(classify_http_error(
-                status,
-                &String::from_utf8_lossy(&bytes),
-                retry_after,
-            ));
-        }
-        let parsed = parse_response(&bytes)?;
-        Ok(Completion {
-            text: parsed.text,
-            model: req.model.clone(),
-            status: parsed.status,
-            incomplete_reason: parsed.incomplete_reason,
-            usage: parsed.usage,
-            citations: parsed.citations,
-            response_id: parsed.id,
-            request_id,
-            latency: started.elapsed(),
-        })
+        Err(classify_http_error(
+            status,
+            &String::from_utf8_lossy(&bytes),
+            retry_after,
+        ))
     }
 }
 

@@ -1,0 +1,1 @@
+ALTER TABLE processed_events DROP COLUMN progress_event_id;
