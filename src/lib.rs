@@ -7,6 +7,7 @@ pub mod cascade;
 pub mod claims;
 pub mod classify;
 pub mod config;
+pub mod context;
 pub mod housekeeping;
 pub mod limiter;
 pub mod matrix;

@@ -66,6 +66,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         user: Some("u1"),
         output_cap: None,
         gate: None,
+        context: None,
     })
     .await
 }
@@ -169,6 +170,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             user: None,
             output_cap: None,
             gate: None,
+            context: None,
         })
         .await;
     assert_eq!(
@@ -184,6 +186,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             user: None,
             output_cap: None,
             gate: None,
+            context: None,
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);

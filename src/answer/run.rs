@@ -1,5 +1,6 @@
-//! The admit, decide, reserve and run stages: the `!usage` command, the router's decision,
-//! a free cached answer, the limiter's reservation, the cascade, and settling what it cost.
+//! The admit, context, decide, reserve and run stages: the `!usage` command, the
+//! conversation's earlier turns, the router's decision, a free cached answer, the limiter's
+//! reservation, the cascade, and settling what it cost.
 
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cascade::{Ask, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
+use crate::context::{self, Conversation};
 use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::provider::ProviderError;
 use crate::state::AppState;
@@ -57,17 +59,39 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
         };
     }
 
+    let mode = context::mode_for(job.request.direct, None, &state.config.context);
+    let conversation = state
+        .context
+        .conversation(&state.matrix, &state.identity, job, mode)
+        .await;
+    let with_context = conversation.as_ref().is_some_and(Conversation::has_turns);
+    if let Some(c) = &conversation {
+        let turns = c.turns.len() as u64;
+        state
+            .metrics
+            .add("context_turns_total", &[("mode", mode.as_str())], turns);
+    }
+
+    // The router decides on the current message alone.
     let mut decision = state.cascade.decide(&job.request.text, Some(&job.room_id));
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
-    // A cached answer costs nothing: serve it without touching the budget.
-    if let Some(outcome) = state.cascade.cached(&decision).await {
-        let row = outcome_row(job, &outcome, state.cascade.prompt_version());
-        return Response::Reply(outcome.text, Box::new(row));
+    // A cached answer costs nothing: serve it without touching the budget. An answer that
+    // reads earlier turns is never shared, so there is none for it.
+    if !with_context {
+        if let Some(outcome) = state.cascade.cached(&decision).await {
+            let row = outcome_row(job, &outcome, state.cascade.prompt_version());
+            return Response::Reply(outcome.text, Box::new(row));
+        }
     }
+    // The estimate covers everything sent: the earlier turns too.
+    let material = match &conversation {
+        Some(c) => c.estimate_material(&decision.text),
+        None => decision.text.clone(),
+    };
     let plans = state
         .limiter
-        .plans(decision.route, &decision.text, decision.ambiguous);
+        .plans(decision.route, &material, decision.ambiguous);
     let (reservation, plan) = match state
         .limiter
         .reserve(&job.event_id, &job.sender, &plans)
@@ -124,6 +148,7 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
         user: Some(&hashed),
         output_cap: plan.output_cap,
         gate: Some(gate),
+        context: conversation.as_ref(),
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
     let settled = if outcome.stage_cost.is_empty() {
