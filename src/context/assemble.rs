@@ -434,7 +434,9 @@ mod tests {
         // Each "x" * 30 is 10 estimated tokens.
         let five = || vec![t(30), t(30), t(30), t(30), t(30)];
         let lens = |v: &[Turn]| v.iter().map(|t| t.text.len()).collect::<Vec<_>>();
-        let cases: Vec<(&str, Vec<Turn>, usize, usize, i64, Vec<usize>)> = vec![
+        // (name, turns, current message bytes, max_messages, max_tokens, kept turn lengths)
+        type Case = (&'static str, Vec<Turn>, usize, usize, i64, Vec<usize>);
+        let cases: Vec<Case> = vec![
             ("everything fits", five(), 30, 10, 1000, vec![30; 5]),
             (
                 "message cap keeps the newest",
