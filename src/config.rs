@@ -99,6 +99,10 @@ pub struct AppserviceConfig {
     /// A message older than this when handled is dropped (with a WARN and a row), not answered.
     #[serde(default = "default_max_message_age", deserialize_with = "de_duration")]
     pub max_message_age: Duration,
+    /// On SIGTERM, how long in-flight answers may run on before they are cancelled and their
+    /// claims handed to other replicas.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AppserviceConfig {
@@ -109,6 +113,7 @@ impl Default for AppserviceConfig {
             claim_lease: default_claim_lease(),
             recovery_interval: default_recovery_interval(),
             max_message_age: default_max_message_age(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -546,6 +551,10 @@ fn default_listen() -> SocketAddr {
 /// Short, renewed every quarter: a dead replica's claims are taken over within seconds.
 fn default_claim_lease() -> Duration {
     Duration::from_secs(10)
+}
+/// Within the 30 s most orchestrators wait after SIGTERM before they kill.
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
 }
 fn default_recovery_interval() -> Duration {
     Duration::from_secs(2)

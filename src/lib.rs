@@ -14,6 +14,7 @@ pub mod matrix;
 pub mod provider;
 pub mod registration;
 pub mod render;
+pub mod shutdown;
 pub mod state;
 pub mod stats;
 pub mod store;

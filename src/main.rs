@@ -302,27 +302,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("shutting down: finishing in-flight answers");
         })
         .await?;
-    state.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(30), state.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight answers did not finish in 30 s; handing them to other replicas");
-    }
-    if tokio::time::timeout(Duration::from_secs(5), state.telemetry.flush())
-        .await
-        .is_err()
-    {
-        tracing::warn!("request_log writes did not finish in 5 s");
-    }
-    // Whatever is still unfinished goes to another replica now, not after its lease.
-    match state.store.release_claims(state.instance_id.clone()).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(released = n, "released unfinished claims"),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not release claims; they expire with their lease")
-        }
-    }
+    grok_appservice::shutdown::drain(&state, state.config.appservice.shutdown_grace).await;
     Ok(())
 }
 

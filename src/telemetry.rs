@@ -211,6 +211,14 @@ const COUNTERS: &[(&str, &str)] = &[
         "Earlier conversation turns sent with answers, by context mode.",
     ),
     (
+        "provider_unconfirmed_attempts_total",
+        "Failed provider attempts that may have been billed, charged at their worst case.",
+    ),
+    (
+        "claims_lost_total",
+        "Workers that stopped because another replica took their claim.",
+    ),
+    (
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),

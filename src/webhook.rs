@@ -398,11 +398,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Shared figures come from the database, so every replica reports the same backlog; a
     // scrape while it is down still serves the process counters.
-    let (claims, held) = match state.store.backlog().await {
-        Ok(b) => (b.claims_pending, b.reservations_held),
+    let (claims, held, overshoot) = match state.store.backlog(state.limiter.today()).await {
+        Ok(b) => (b.claims_pending, b.reservations_held, b.overshoot_ticks),
         Err(e) => {
             tracing::warn!(error = %e, "metrics: backlog unavailable");
-            (-1, -1)
+            (-1, -1, -1)
         }
     };
     let gauges = [
@@ -415,6 +415,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "reservations_held",
             "Budget reservations not yet settled (all replicas; -1: unknown).",
             held,
+        ),
+        (
+            "budget_overshoot_ticks",
+            "Today's (UTC) settled spend past the daily ceiling, in ticks (-1: unknown).",
+            overshoot,
         ),
     ];
     (

@@ -227,5 +227,5 @@ pub fn dispatch(
         // A slot is free: queued claims may be waiting for it.
         worker.slot_freed.notify_one();
     };
-    state.tasks.spawn(task.instrument(span));
+    state.spawn_worker(task.instrument(span));
 }

@@ -60,7 +60,7 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
     for (claim, slot) in taken.into_iter().zip(slots) {
         let worker = state.clone();
         let span = tracing::info_span!("request", event_id = %claim.event_id);
-        state.tasks.spawn(tracing::Instrument::instrument(
+        state.spawn_worker(tracing::Instrument::instrument(
             async move { take_over(worker, claim, slot).await },
             span,
         ));

@@ -199,6 +199,13 @@ fn observe(state: &AppState, outcome: &crate::cascade::Outcome) {
             );
         }
     }
+    if outcome.unconfirmed_attempts > 0 {
+        state.metrics.add(
+            "provider_unconfirmed_attempts_total",
+            &[],
+            u64::from(outcome.unconfirmed_attempts),
+        );
+    }
 }
 
 #[cfg(test)]

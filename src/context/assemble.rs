@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{Role, Turn};
 use crate::answer::render::PART_KEY;
 use crate::classify::{prompt_text, Identity};
-use crate::limiter::estimate_text_tokens;
+use crate::provider::estimate_text_tokens;
 
 /// Removes a rich-reply fallback from a body: the leading `> ` quote lines of the replied-to
 /// message (`> <@user:server> ...`) and the blank line after them. Clients before spec v1.13

@@ -281,6 +281,8 @@ pub struct RoomFacts {
 pub struct Backlog {
     pub claims_pending: i64,
     pub reservations_held: i64,
+    /// How far the day's settled spend went past the daily ceiling (0 when within it).
+    pub overshoot_ticks: i64,
 }
 
 /// A claim row as read back (recovery).
@@ -732,21 +734,29 @@ impl Store {
         .await
     }
 
-    /// How much work is open across all replicas (for `/metrics`).
-    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
-        self.run(|conn| {
+    /// How much work is open across all replicas, and the overshoot of `day` (for `/metrics`).
+    pub async fn backlog(&self, day: String) -> Result<Backlog, StoreError> {
+        self.run(move |conn| {
             db!(conn, |c| {
                 let claims_pending = processed_events::table
                     .filter(processed_events::state.eq_any(ClaimState::open_tokens()))
                     .count()
                     .get_result(c)?;
                 let reservations_held = budget_reservations::table
-                    .filter(budget_reservations::state.eq("held"))
+                    .filter(budget_reservations::state.eq(budget::ReservationState::Held.as_str()))
                     .count()
                     .get_result(c)?;
+                let global: Option<(i64, i64)> = budget_counters::table
+                    .filter(budget_counters::day.eq(&day))
+                    .filter(budget_counters::scope.eq(budget::GLOBAL_SCOPE))
+                    .select((budget_counters::cap_ticks, budget_counters::settled_ticks))
+                    .first(c)
+                    .optional()?;
                 Ok(Backlog {
                     claims_pending,
                     reservations_held,
+                    overshoot_ticks: global
+                        .map_or(0, |(cap, settled)| budget::overshoot(cap, settled)),
                 })
             })
         })

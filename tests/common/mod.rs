@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod proxy;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -270,6 +271,8 @@ struct XaiInner {
     no_cost: bool,
     /// How long each answer takes.
     delay: Duration,
+    /// Requests received, including those still waiting out `delay`.
+    arrived: usize,
 }
 
 /// A fake xAI Responses API.
@@ -335,6 +338,11 @@ impl FakeXai {
         self.inner.lock().unwrap().delay = delay;
     }
 
+    /// Requests received so far, answered or not.
+    pub fn arrived(&self) -> usize {
+        self.inner.lock().unwrap().arrived
+    }
+
     pub fn omit_cost(&self) {
         self.inner.lock().unwrap().no_cost = true;
     }
@@ -345,7 +353,11 @@ impl FakeXai {
 }
 
 async fn xai_responses(State(s): State<Arc<Mutex<XaiInner>>>, h: HeaderMap, b: Bytes) -> Response {
-    let delay = s.lock().unwrap().delay;
+    let delay = {
+        let mut inner = s.lock().unwrap();
+        inner.arrived += 1;
+        inner.delay
+    };
     tokio::time::sleep(delay).await;
     xai_answer(&s, h, b)
 }
@@ -430,8 +442,15 @@ impl Harness {
 
     /// A second process over the same database and fakes (a restart or another replica).
     pub async fn restart(&self) -> Harness {
+        self.replica(|_| {}).await
+    }
+
+    /// Another replica over the same database and fakes, its config changed by `tweak`.
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let mut config = self.state.config.clone();
+        tweak(&mut config);
         Self::build(
-            self.state.config.clone(),
+            config,
             self.state.registration.clone(),
             self.db.clone(),
             self.hs.clone(),
