@@ -3,7 +3,7 @@
 //! redacted, encrypted and non-text events left out, and the parts of one bot answer joined
 //! into one assistant turn.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
@@ -76,7 +76,7 @@ struct Edit {
 /// The newest edit of each edited event by each sender (only the original sender's counts):
 /// from edit events seen among `events`, and from the edits the homeserver bundles in
 /// `unsigned.m.relations.m.replace`.
-fn latest_edits(events: &[Value]) -> HashMap<(String, String), Edit> {
+fn latest_edits(events: &[impl Borrow<Value>]) -> HashMap<(String, String), Edit> {
     let mut edits: HashMap<(String, String), Edit> = HashMap::new();
     let mut note = |target: &str, edit: &Value| {
         let (Some(sender), Some(content)) = (
@@ -98,7 +98,7 @@ fn latest_edits(events: &[Value]) -> HashMap<(String, String), Edit> {
             );
         }
     };
-    for e in events {
+    for e in events.iter().map(Borrow::borrow) {
         if rel_type(e) == Some("m.replace") {
             if let Some(target) = e
                 .pointer("/content/m.relates_to/event_id")
@@ -176,7 +176,7 @@ fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) 
 /// The readable messages among `events` that came before the current message, oldest first,
 /// each once.
 pub fn messages(
-    events: &[Value],
+    events: &[impl Borrow<Value>],
     me: &Identity,
     current_id: &str,
     current_ts: i64,
@@ -185,7 +185,7 @@ pub fn messages(
     let mut seen = HashSet::new();
     let mut out: Vec<Message> = events
         .iter()
-        .filter_map(|raw| message(raw, &edits, me))
+        .filter_map(|raw| message(raw.borrow(), &edits, me))
         .filter(|m| m.event_id != current_id && m.ts <= current_ts)
         .filter(|m| seen.insert(m.event_id.clone()))
         .collect();

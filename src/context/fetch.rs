@@ -143,8 +143,7 @@ impl Fetcher {
                 .await,
         );
 
-        let raw: Vec<Value> = events.iter().map(|e| Value::clone(e)).collect();
-        let messages = assemble::messages(&raw, me, &job.event_id, job.origin_ts);
+        let messages = assemble::messages(&events, me, &job.event_id, job.origin_ts);
         let names = if messages.is_empty() {
             HashMap::new()
         } else {
