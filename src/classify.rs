@@ -7,6 +7,8 @@ use percent_encoding::percent_decode_str;
 use regex::Regex;
 use serde_json::Value;
 
+use crate::context::assemble::{strip_mx_reply, strip_reply_fallback};
+
 /// One timeline event, parsed just far enough to classify it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -166,6 +168,10 @@ pub struct Request {
     pub text: String,
     /// The thread root when the message was in a thread.
     pub thread_root: Option<String>,
+    /// The message it replies to, unless that is only a thread's fallback for old clients.
+    pub reply_to: Option<String>,
+    /// The room counts as a direct chat.
+    pub direct: bool,
 }
 
 /// The verdict for one event.
@@ -261,8 +267,10 @@ fn classify_message(event: &Event, me: &Identity, facts: Facts) -> Verdict {
         "m.notice" => Verdict::Ignore(IgnoreReason::Notice),
         "m.text" | "m.emote" => addressed_or(event, me, facts, |e| {
             Verdict::Addressed(Request {
-                text: prompt_text(e, me),
+                text: prompt_text(&e.content, me),
                 thread_root: thread_root(e),
+                reply_to: reply_to(e),
+                direct: facts.direct_room,
             })
         }),
         t if MEDIA_MSGTYPES.contains(&t) => {
@@ -314,7 +322,9 @@ fn pill_to_me(content: &Value, me: &Identity) -> bool {
     let Some(html) = content.get("formatted_body").and_then(Value::as_str) else {
         return false;
     };
-    let decoded = percent_decode_str(html).decode_utf8_lossy();
+    // A reply's HTML fallback quotes the replied-to message: a pill in the quote is not ours.
+    let html = strip_mx_reply(html);
+    let decoded = percent_decode_str(&html).decode_utf8_lossy();
     let uri_form = format!("matrix:u/{}", me.user_id.trim_start_matches('@'));
     decoded.contains(&format!("matrix.to/#/{}", me.user_id)) || decoded.contains(&uri_form)
 }
@@ -340,6 +350,18 @@ fn strip_name_prefix<'a>(text: &'a str, me: &Identity) -> Option<&'a str> {
         })
 }
 
+fn reply_to(event: &Event) -> Option<String> {
+    let falls_back = event
+        .content
+        .pointer("/m.relates_to/is_falling_back")
+        .and_then(Value::as_bool)
+        == Some(true);
+    if thread_root(event).is_some() && falls_back {
+        return None;
+    }
+    event.in_reply_to().map(str::to_string)
+}
+
 fn thread_root(event: &Event) -> Option<String> {
     let rel = event.content.get("m.relates_to")?;
     if rel.get("rel_type").and_then(Value::as_str) != Some("m.thread") {
@@ -350,18 +372,16 @@ fn thread_root(event: &Event) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The text the model sees: reply fallback and leading mention removed.
-fn prompt_text(event: &Event, me: &Identity) -> String {
-    let mut text = body(&event.content);
-    // Clients before spec v1.13 quote the replied-to message as "> " lines, then a blank line.
-    if event.in_reply_to().is_some() && text.starts_with("> ") {
-        if let Some(end) = text.find("\n\n") {
-            text = &text[end + 2..];
-        }
+/// The text the model sees of a message's content: reply fallback and leading mention
+/// removed (the context reads earlier messages through it too, so they match).
+pub fn prompt_text(content: &Value, me: &Identity) -> String {
+    let mut text = body(content);
+    if content.pointer("/m.relates_to/m.in_reply_to").is_some() {
+        text = strip_reply_fallback(text);
     }
     let text = strip_name_prefix(text, me).unwrap_or(text).trim();
     if text.is_empty() {
-        body(&event.content).trim().to_string()
+        body(content).trim().to_string()
     } else {
         text.to_string()
     }
@@ -443,7 +463,21 @@ mod tests {
         Verdict::Addressed(Request {
             text: t.into(),
             thread_root: None,
+            reply_to: None,
+            direct: false,
         })
+    }
+
+    /// The table checks text and thread; `reply_to` and `direct` have their own test.
+    fn without_context_facts(v: Verdict) -> Verdict {
+        match v {
+            Verdict::Addressed(r) => Verdict::Addressed(Request {
+                reply_to: None,
+                direct: false,
+                ..r
+            }),
+            other => other,
+        }
     }
 
     const GROUP: Facts = Facts {
@@ -602,6 +636,8 @@ mod tests {
                 Verdict::Addressed(Request {
                     text: "in thread".into(),
                     thread_root: Some("$root".into()),
+                    reply_to: None,
+                    direct: false,
                 }),
             ),
             (
@@ -817,8 +853,42 @@ mod tests {
         ];
         assert!(cases.len() >= 30);
         for (name, event, facts, want) in cases {
-            assert_eq!(classify(&event, &me(), facts), want, "case: {name}");
+            let got = without_context_facts(classify(&event, &me(), facts));
+            assert_eq!(got, want, "case: {name}");
         }
+    }
+
+    #[test]
+    fn requests_carry_the_reply_target_and_directness() {
+        let alice = "@alice:example.org";
+        let request =
+            |content: Value, facts: Facts| match classify(&msg(alice, content), &me(), facts) {
+                Verdict::Addressed(r) => (r.reply_to, r.direct),
+                other => panic!("not addressed: {other:?}"),
+            };
+        let reply = json!({"msgtype": "m.text", "body": "grok: and?",
+                           "m.relates_to": {"m.in_reply_to": {"event_id": "$prev"}}});
+        assert_eq!(request(reply, GROUP), (Some("$prev".into()), false));
+        assert_eq!(request(text("hi"), DIRECT), (None, true));
+        // In a thread, `m.in_reply_to` with is_falling_back only serves old clients.
+        let thread = |falls_back: bool| {
+            json!({"msgtype": "m.text", "body": "grok: in thread",
+                   "m.relates_to": {"rel_type": "m.thread", "event_id": "$root",
+                                    "m.in_reply_to": {"event_id": "$x"}, "is_falling_back": falls_back}})
+        };
+        assert_eq!(request(thread(true), GROUP), (None, false));
+        assert_eq!(request(thread(false), GROUP), (Some("$x".into()), false));
+    }
+
+    #[test]
+    fn a_pill_inside_a_quoted_reply_does_not_address_the_bot() {
+        let content = json!({"msgtype": "m.text", "body": "> <@bob:example.org> grok is great\n\nyes",
+            "formatted_body": "<mx-reply><blockquote><a href=\"https://matrix.to/#/@grok:example.org\">Grok</a> is great</blockquote></mx-reply>yes",
+            "m.relates_to": {"m.in_reply_to": {"event_id": "$bob"}}});
+        assert_eq!(
+            classify(&msg("@alice:example.org", content), &me(), GROUP),
+            IGNORE_NA
+        );
     }
 
     #[test]

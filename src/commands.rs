@@ -5,15 +5,13 @@
 use serde_json::Value;
 
 use crate::cascade::Route;
-
-/// The context modes a room can choose (`history`, `chain`, `off`).
-pub const CONTEXT_MODES: [&str; 3] = ["history", "chain", "off"];
+use crate::context::Mode;
 
 /// What a moderator can change in a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// `context history|chain|off|default`; `None` goes back to the config's default.
-    Context(Option<String>),
+    Context(Option<Mode>),
     /// `route auto|<route>`; `None` is automatic routing.
     Route(Option<Route>),
 }
@@ -49,9 +47,10 @@ pub fn parse(text: &str, prefix: &str, usage_command: &str) -> Option<Command> {
         (None | Some("help"), None) => Command::Help,
         (Some("usage"), None) => Command::Usage,
         (Some("context"), Some("default")) => Command::Set(Change::Context(None)),
-        (Some("context"), Some(mode)) if CONTEXT_MODES.contains(&mode) => {
-            Command::Set(Change::Context(Some(mode.to_string())))
-        }
+        (Some("context"), Some(mode)) => match Mode::parse(mode) {
+            Some(m) => Command::Set(Change::Context(Some(m))),
+            None => Command::Unknown,
+        },
         (Some("route"), Some("auto")) => Command::Set(Change::Route(None)),
         (Some("route"), Some(route)) => match Route::parse(route) {
             Some(r) if r != Route::None => Command::Set(Change::Route(Some(r))),
@@ -172,7 +171,7 @@ mod tests {
         assert_eq!(cmd("!usage"), Some(Command::Usage));
         assert_eq!(
             cmd("!grok context OFF"),
-            Some(Command::Set(Change::Context(Some("off".into()))))
+            Some(Command::Set(Change::Context(Some(Mode::Off))))
         );
         assert_eq!(
             cmd("!grok context default"),

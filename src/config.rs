@@ -63,6 +63,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub context: ContextConfig,
+    #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
@@ -386,6 +388,39 @@ impl Default for ReplyConfig {
     }
 }
 
+/// `context.*`: which earlier messages an answer sees, and how many.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextConfig {
+    /// Direct chats: recent history, so a follow-up works without using reply.
+    #[serde(default = "default_dm_mode")]
+    pub dm_mode: crate::context::Mode,
+    /// Group rooms: only the reply chain or thread, so chatter never reaches the model.
+    #[serde(default = "default_group_mode")]
+    pub group_mode: crate::context::Mode,
+    /// Earlier turns sent at most (a split answer of the bot is one turn).
+    #[serde(default = "default_context_messages")]
+    pub max_messages: usize,
+    /// Estimated tokens of the earlier turns and the current message together.
+    #[serde(default = "default_context_tokens")]
+    pub max_tokens: i64,
+    /// In `history` mode, how far back before the current message the room is read.
+    #[serde(default = "default_history_window", deserialize_with = "de_duration")]
+    pub history_window: Duration,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            dm_mode: default_dm_mode(),
+            group_mode: default_group_mode(),
+            max_messages: default_context_messages(),
+            max_tokens: default_context_tokens(),
+            history_window: default_history_window(),
+        }
+    }
+}
+
 fn default_edit_interval() -> Duration {
     Duration::from_millis(1_500)
 }
@@ -637,6 +672,21 @@ fn default_reason_model() -> String {
 fn default_max_output_tokens() -> u32 {
     2048
 }
+fn default_dm_mode() -> crate::context::Mode {
+    crate::context::Mode::History
+}
+fn default_group_mode() -> crate::context::Mode {
+    crate::context::Mode::Chain
+}
+fn default_context_messages() -> usize {
+    20
+}
+fn default_context_tokens() -> i64 {
+    6_000
+}
+fn default_history_window() -> Duration {
+    Duration::from_secs(2 * 3_600)
+}
 fn default_display_name() -> String {
     "Grok".into()
 }
@@ -705,6 +755,8 @@ fn default_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
 }
 const DAY: u64 = 86_400;
+/// Most earlier turns `context.max_messages` allows: each may cost a homeserver fetch.
+const MAX_CONTEXT_MESSAGES: usize = 100;
 fn default_keep_transactions() -> Duration {
     Duration::from_secs(7 * DAY)
 }
@@ -1069,6 +1121,7 @@ impl Config {
             return Err(invalid("limits.usage_command", "must start with `!`"));
         }
         self.validate_retention()?;
+        self.validate_context()?;
         if self.bot.display_name.trim().is_empty() {
             return Err(invalid("bot.display_name", "must not be empty"));
         }
@@ -1083,6 +1136,30 @@ impl Config {
 }
 
 impl Config {
+    /// The context bounds: what one answer may fetch and send stays small.
+    fn validate_context(&self) -> Result<(), ConfigError> {
+        let c = &self.context;
+        if !(1..=MAX_CONTEXT_MESSAGES).contains(&c.max_messages) {
+            return Err(invalid(
+                "context.max_messages",
+                format!("must be between 1 and {MAX_CONTEXT_MESSAGES}"),
+            ));
+        }
+        if !(100..=1_000_000).contains(&c.max_tokens) {
+            return Err(invalid(
+                "context.max_tokens",
+                "must be between 100 and 1000000",
+            ));
+        }
+        if c.history_window.is_zero() || c.history_window > Duration::from_secs(30 * DAY) {
+            return Err(invalid(
+                "context.history_window",
+                "must be more than 0 and at most 30d",
+            ));
+        }
+        Ok(())
+    }
+
     /// Each kept table has a floor below which deleting rows would break something that reads
     /// them; `0` (keep forever) is always allowed.
     fn validate_retention(&self) -> Result<(), ConfigError> {
@@ -1226,6 +1303,37 @@ mod tests {
         let unknown = format!("{MINIMAL}homeservr: {{}}\n");
         let err = load(&unknown, &[]).unwrap_err().to_string();
         assert!(err.contains("homeservr"), "{err}");
+    }
+
+    #[test]
+    fn context_defaults_and_errors() {
+        use crate::context::Mode;
+        let c = load(MINIMAL, &[]).unwrap().context;
+        assert_eq!((c.dm_mode, c.group_mode), (Mode::History, Mode::Chain));
+        assert_eq!((c.max_messages, c.max_tokens), (20, 6_000));
+        assert_eq!(c.history_window, Duration::from_secs(7_200));
+        let c = load(
+            &format!(
+                "{MINIMAL}context: {{dm_mode: off, group_mode: history, history_window: 30m}}\n"
+            ),
+            &[],
+        )
+        .unwrap()
+        .context;
+        assert_eq!((c.dm_mode, c.group_mode), (Mode::Off, Mode::History));
+        assert_eq!(c.history_window, Duration::from_secs(1_800));
+        for (bad, key) in [
+            ("{max_messages: 0}", "context.max_messages"),
+            ("{max_tokens: 10}", "context.max_tokens"),
+            ("{history_window: 0}", "context.history_window"),
+        ] {
+            let text = format!("{MINIMAL}context: {bad}\n");
+            assert_eq!(key_of(load(&text, &[]).unwrap_err()), key, "{bad}");
+        }
+        let err = load(&format!("{MINIMAL}context: {{dm_mode: room}}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dm_mode") || err.contains("room"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod claims;
 pub mod classify;
 pub mod commands;
 pub mod config;
+pub mod context;
 pub mod housekeeping;
 pub mod limiter;
 pub mod matrix;

@@ -1,6 +1,7 @@
 //! Client-server API calls as the bot: register, ping, join/leave, send, typing, members,
-//! fetch an event. A homeserver 429 is waited out (`Retry-After`) a bounded number of times.
+//! fetch an event, read a room's recent messages or a thread. A homeserver 429 is waited out (`Retry-After`) a bounded number of times.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -42,6 +43,14 @@ pub fn reply_txn_id(source_event_id: &str, purpose: &str) -> String {
         "grok.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..24])
     )
+}
+
+/// The events of a paginated answer's `chunk`.
+fn chunk(mut v: Value) -> Vec<Value> {
+    match v["chunk"].take() {
+        Value::Array(events) => events,
+        _ => Vec::new(),
+    }
 }
 
 fn enc(segment: &str) -> String {
@@ -220,14 +229,66 @@ impl MatrixClient {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
-    /// The user ids joined to a room.
-    pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>, MatrixError> {
+    async fn joined(&self, room_id: &str) -> Result<Value, MatrixError> {
         let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room_id));
         let v = self.call(reqwest::Method::GET, &path, None).await?;
-        Ok(v["joined"]
+        Ok(v["joined"].clone())
+    }
+
+    /// The user ids joined to a room.
+    pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>, MatrixError> {
+        let joined = self.joined(room_id).await?;
+        Ok(joined
             .as_object()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default())
+    }
+
+    /// The display names of a room's joined members (members without one are left out).
+    pub async fn member_names(
+        &self,
+        room_id: &str,
+    ) -> Result<HashMap<String, String>, MatrixError> {
+        let joined = self.joined(room_id).await?;
+        Ok(joined
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(user, m)| Some((user.clone(), m["display_name"].as_str()?.to_string())))
+            .collect())
+    }
+
+    /// The room's latest `limit` messages, newest first (`/messages`, backwards from now).
+    pub async fn recent_messages(
+        &self,
+        room_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Value>, MatrixError> {
+        let filter = json!({"types": ["m.room.message"]}).to_string();
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
+            enc(room_id),
+            enc(&filter)
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(chunk(v))
+    }
+
+    /// The latest `limit` messages of the thread under `root` (the root itself not included),
+    /// newest first.
+    pub async fn thread_messages(
+        &self,
+        room_id: &str,
+        root: &str,
+        limit: u32,
+    ) -> Result<Vec<Value>, MatrixError> {
+        let path = format!(
+            "/_matrix/client/v1/rooms/{}/relations/{}/m.thread?dir=b&limit={limit}",
+            enc(room_id),
+            enc(root)
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(chunk(v))
     }
 
     /// Sends an `m.room.message`; the txnId makes a repeated send a no-op at the homeserver.
@@ -316,7 +377,7 @@ impl MatrixClient {
         Ok(found)
     }
 
-    /// Fetches one event (used when recovering a claim whose worker died).
+    /// Fetches one event (recovering a claim whose worker died; a reply chain's links).
     pub async fn event(&self, room_id: &str, event_id: &str) -> Result<Value, MatrixError> {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/event/{}",

@@ -15,6 +15,7 @@ use crate::cascade::Cascade;
 use crate::claims::Working;
 use crate::classify::Identity;
 use crate::config::Config;
+use crate::context::fetch::Fetcher;
 use crate::limiter::{system_clock, Clock, Limiter};
 use crate::matrix::MatrixClient;
 use crate::provider::Provider;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub matrix: MatrixClient,
     pub cascade: Cascade,
     pub limiter: Limiter,
+    /// Reads conversation context from the homeserver, through its event cache.
+    pub context: Fetcher,
     pub telemetry: Telemetry,
     pub metrics: Arc<Metrics>,
     /// This replica's name in claim leases.
@@ -135,6 +138,7 @@ impl AppState {
         let provider = Provider::new(&config.provider, &config.prices);
         let cascade = Cascade::new(&config, provider, store.clone());
         let limiter = Limiter::new(&config, store.clone(), clock);
+        let context = Fetcher::new(&config.context);
         let telemetry = Telemetry::new(sink, config.telemetry.clone(), metrics.clone());
         let instance_id = format!(
             "{}-{}",
@@ -150,6 +154,7 @@ impl AppState {
             matrix,
             cascade,
             limiter,
+            context,
             telemetry,
             metrics,
             instance_id,

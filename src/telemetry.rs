@@ -207,6 +207,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Provider spend in ticks (1 USD = 1e10), by model.",
     ),
     (
+        "context_turns_total",
+        "Earlier conversation turns sent with answers, by context mode.",
+    ),
+    (
         "provider_unconfirmed_attempts_total",
         "Failed provider attempts that may have been billed, charged at their worst case.",
     ),

@@ -67,6 +67,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         output_cap: None,
         gate: None,
         stream: None,
+        context: None,
     })
     .await
 }
@@ -171,6 +172,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             output_cap: None,
             gate: None,
             stream: None,
+            context: None,
         })
         .await;
     assert_eq!(
@@ -187,6 +189,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             output_cap: None,
             gate: None,
             stream: None,
+            context: None,
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);
@@ -428,6 +431,68 @@ async fn unparseable_classifier_output_degrades() {
     );
     let o = ask(&c, text).await;
     assert_eq!(o.degraded, Some("router_failed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_with_context_send_the_turns_and_are_never_cached() {
+    use grok_appservice::context::{Conversation, Role, Turn};
+    let f = Fixture::new().await;
+    let c = f.cascade(|_| {}).await;
+    let conversation = Conversation {
+        key: "!room:example.org $root".into(),
+        turns: vec![
+            Turn {
+                role: Role::User,
+                text: "Alice: my otter is called Zorblax".into(),
+            },
+            Turn {
+                role: Role::Assistant,
+                text: "A fine name.".into(),
+            },
+        ],
+        speaker: "Alice".into(),
+    };
+    let with_context = |text| Ask {
+        text,
+        room_id: Some("!room:example.org"),
+        context: Some(&conversation),
+        ..Ask::default()
+    };
+    // Cached without context first: the answer with context must not be served from it.
+    assert!(!ask(&c, DIRECT_Q).await.cache_hit);
+    assert!(ask(&c, DIRECT_Q).await.cache_hit);
+    let before = f.xai.seen().len();
+    for _ in 0..2 {
+        let o = c.run(&with_context(DIRECT_Q)).await;
+        assert!(o.ok() && !o.cache_hit);
+    }
+    let seen = f.xai.seen();
+    assert_eq!(
+        seen.len(),
+        before + 2,
+        "every answer with context calls the model"
+    );
+    let body = &seen[before].body;
+    assert_eq!(
+        body["input"],
+        json!([
+            {"role": "user", "content": "Alice: my otter is called Zorblax"},
+            {"role": "assistant", "content": "A fine name."},
+            {"role": "user", "content": format!("Alice: {DIRECT_Q}")},
+        ])
+    );
+    assert_eq!(body["prompt_cache_key"], "!room:example.org $root");
+
+    // Both stages of the reasoning route read the conversation.
+    let before = f.xai.seen().len();
+    c.run(&with_context(REASON_Q)).await;
+    let seen = f.xai.seen();
+    assert_eq!(seen.len(), before + 2);
+    for s in &seen[before..] {
+        let input = s.body["input"].as_array().unwrap();
+        assert_eq!(input.len(), 3, "{input:?}");
+        assert_eq!(input[1]["role"], "assistant");
+    }
 }
 
 /// What one failed attempt with this request body is charged: its worst case.

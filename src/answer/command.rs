@@ -1,6 +1,7 @@
 //! The command stage: answers a room command ([`crate::commands`]) without a model or budget.
 
 use crate::commands::{self, Change, Command, HelpFacts};
+use crate::context::{self, Mode};
 use crate::state::AppState;
 use crate::store::room_state::RoomSetting;
 use crate::telemetry::RequestLog;
@@ -58,12 +59,14 @@ async fn help(state: &AppState, job: &Job) -> String {
         .ok()
         .map(|u| crate::limiter::usage_text(&u));
     let config = &state.config;
+    let room_mode = settings.context_mode.as_deref().and_then(Mode::parse);
+    let mode = context::mode_for(job.request.direct, room_mode, &config.context);
     commands::help_text(&HelpFacts {
         bot_name: &config.bot.display_name,
         prefix: &config.bot.command_prefix,
         usage_command: &config.limits.usage_command,
-        context_mode: settings.context_mode.as_deref().unwrap_or("default"),
-        context_set: settings.context_mode.is_some(),
+        context_mode: mode.as_str(),
+        context_set: room_mode.is_some(),
         route: settings.route.as_deref(),
         usage,
     })
@@ -80,11 +83,12 @@ async fn set(state: &AppState, job: &Job, change: Change) -> Result<String, Stri
     }
     let (setting, done) = match change {
         Change::Context(mode) => {
-            let done = match &mode {
-                Some(m) => format!("From now on I read context `{m}` in this room."),
+            let done = match mode {
+                Some(m) => format!("From now on I read context `{}` in this room.", m.as_str()),
                 None => "This room is back to the default context.".to_string(),
             };
-            (RoomSetting::ContextMode(mode), done)
+            let token = mode.map(|m| m.as_str().to_string());
+            (RoomSetting::ContextMode(token), done)
         }
         Change::Route(route) => {
             let token = route.map(|r| r.as_str().to_string());

@@ -148,10 +148,11 @@ fn part_content(
         PART_KEY: {"source": to.event_id, "part": index, "parts": count},
     });
     let relates_to = match (to.thread_root, index) {
+        // In the thread, `m.in_reply_to` is only the fallback for clients without threads.
         (Some(root), _) => Some(json!({
             "rel_type": "m.thread",
             "event_id": root,
-            "is_falling_back": index > 0,
+            "is_falling_back": true,
             "m.in_reply_to": {"event_id": to.event_id},
         })),
         (None, 0) => Some(json!({"m.in_reply_to": {"event_id": to.event_id}})),

@@ -1,6 +1,6 @@
-//! The admit, decide, reserve and run stages: the room's reply limit, room commands (see
-//! [`super::command`]), the router's decision,
-//! a free cached answer, the limiter's reservation, the cascade, and settling what it cost.
+//! The admit, context, decide, reserve and run stages: the room's reply limit, room commands
+//! (see [`super::command`]), the conversation's earlier turns, the router's decision, a free
+//! cached answer, the limiter's reservation, the cascade, and settling what it cost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::cascade::{Ask, Route, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
 use crate::commands;
+use crate::context::{self, Conversation};
 use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::provider::{ProviderError, STREAM_BROKEN};
 use crate::state::AppState;
@@ -121,20 +122,46 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
             tracing::warn!(error = %e, "room settings unavailable; using the defaults");
             Default::default()
         });
+    let room_mode = settings
+        .context_mode
+        .as_deref()
+        .and_then(context::Mode::parse);
+    let mode = context::mode_for(job.request.direct, room_mode, &state.config.context);
+    let conversation = state
+        .context
+        .conversation(&state.matrix, &state.identity, job, mode)
+        .await;
+    let with_context = conversation.as_ref().is_some_and(Conversation::has_turns);
+    if let Some(c) = &conversation {
+        let turns = c.turns.len() as u64;
+        state
+            .metrics
+            .add("context_turns_total", &[("mode", mode.as_str())], turns);
+    }
+
+    // The router decides on the current message alone.
     let room_route = settings.route.as_deref().and_then(Route::parse);
     let mut decision = state
         .cascade
         .decide(&job.request.text, Some(&job.room_id), room_route);
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
-    // A cached answer costs nothing: serve it without touching the budget.
-    if let Some(outcome) = state.cascade.cached(&decision).await {
-        let row = outcome_row(job, &outcome, state.cascade.prompt_version());
-        return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
+    // A cached answer costs nothing: serve it without touching the budget. An answer that
+    // reads earlier turns is never shared, so there is none for it.
+    if !with_context {
+        if let Some(outcome) = state.cascade.cached(&decision).await {
+            let row = outcome_row(job, &outcome, state.cascade.prompt_version());
+            return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
+        }
     }
+    // The estimate covers everything sent: the earlier turns too.
+    let material = match &conversation {
+        Some(c) => c.estimate_material(&decision.text),
+        None => decision.text.clone(),
+    };
     let plans = state
         .limiter
-        .plans(decision.route, &decision.text, decision.ambiguous);
+        .plans(decision.route, &material, decision.ambiguous);
     let (reservation, plan) = match state
         .limiter
         .reserve(&job.event_id, &job.sender, &plans)
@@ -201,6 +228,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         output_cap: plan.output_cap,
         gate: Some(gate),
         stream: progress.as_ref().and_then(Progress::updates),
+        context: conversation.as_ref(),
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
     let first_event = match progress {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::claims::Gate;
 use crate::config::{CacheConfig, CascadeConfig, Config, ModelsConfig};
+use crate::context::Conversation;
 use crate::provider::{
     settle_cost, worst_case_ticks, Completion, CompletionRequest, CostSource, Provider,
     ProviderError, StreamUpdate, STREAM_BROKEN,
@@ -213,7 +214,7 @@ impl Outcome {
 #[derive(Debug, Clone, Default)]
 pub struct Ask<'a> {
     pub text: &'a str,
-    /// The room id: per-room route overrides, and sent as `prompt_cache_key`.
+    /// The room id: per-room route overrides, and sent as `prompt_cache_key` (without context).
     pub room_id: Option<&'a str>,
     /// A hashed user id, sent as `user`.
     pub user: Option<&'a str>,
@@ -223,6 +224,8 @@ pub struct Ask<'a> {
     pub gate: Option<&'a Gate>,
     /// Where the user-facing answer's text is streamed as it is written (`reply.streaming`).
     pub stream: Option<&'a UnboundedSender<StreamUpdate>>,
+    /// The conversation's earlier turns, sent with every answering call (not the classifier).
+    pub context: Option<&'a Conversation>,
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -341,7 +344,11 @@ impl Cascade {
             self.classify(&text, &mut out).await;
         }
 
-        let cache_key = self.cache_key(&text, out.route, self.answer_cap(ask));
+        // An answer that read earlier turns belongs to its conversation: never shared.
+        let cache_key = match ask.context {
+            Some(c) if c.has_turns() => None,
+            _ => self.cache_key(&text, out.route, self.answer_cap(ask)),
+        };
         if let Some(answer) = self.cache_lookup(cache_key.as_deref()).await {
             out.text = answer;
             out.cache_hit = true;
@@ -451,6 +458,11 @@ impl Cascade {
         let mut req = CompletionRequest::new(model, instructions, input, max);
         req.cache_key = ask.room_id.map(str::to_string);
         req.user = ask.user.map(str::to_string);
+        if let Some(c) = ask.context {
+            req.cache_key = Some(c.key.clone());
+            req.turns = c.turns.clone();
+            req.input = c.current_input(input);
+        }
         req
     }
 

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
+use crate::context::Turn;
 
 pub mod stream;
 
@@ -159,11 +160,16 @@ impl CostSource {
 /// Tokens assumed for the instructions and message framing of any call.
 pub const FRAMING_TOKENS: i64 = 300;
 
-/// Prompt tokens of a text, estimated offline from its UTF-8 bytes: 3 bytes a token errs high
-/// for English and code (about 4) and holds for CJK (one 3-byte character is about a token),
-/// so no script is undercounted; high is the safe side for a reservation or a charge.
+/// Tokens of a text, estimated offline from its UTF-8 bytes: 3 bytes a token errs high for
+/// English and code (about 4) and holds for CJK (one 3-byte character is about a token), so
+/// no script is undercounted; high is the safe side for a reservation, a charge or a bound.
+pub fn estimate_text_tokens(text: &str) -> i64 {
+    (text.len() as i64 + 2) / 3
+}
+
+/// Prompt tokens of a call's input text: the text plus the call's framing.
 pub fn estimate_prompt_tokens(text: &str) -> i64 {
-    (text.len() as i64 + 2) / 3 + FRAMING_TOKENS
+    estimate_text_tokens(text) + FRAMING_TOKENS
 }
 
 /// The most one attempt of `req` can have cost: its whole body as input, uncached, and every
@@ -245,6 +251,8 @@ pub fn settle_cost(usage: &Usage, price: Option<&Price>) -> (i64, CostSource) {
 pub struct CompletionRequest {
     pub model: String,
     pub instructions: String,
+    /// Earlier turns of the conversation, oldest first, sent before `input`.
+    pub turns: Vec<Turn>,
     pub input: String,
     pub max_output_tokens: u32,
     /// Keeps a room's calls on one provider cache (`prompt_cache_key`).
@@ -265,6 +273,7 @@ impl CompletionRequest {
         Self {
             model: model.to_string(),
             instructions: instructions.to_string(),
+            turns: Vec::new(),
             input: input.to_string(),
             max_output_tokens,
             cache_key: None,
@@ -275,12 +284,19 @@ impl CompletionRequest {
         }
     }
 
-    /// The JSON body for `POST /responses`.
+    /// The JSON body for `POST /responses`: the turns then the message, oldest first, so a
+    /// conversation's next request starts with this one's input (xAI's prompt cache).
     pub fn body(&self) -> Value {
+        let input: Vec<Value> = self
+            .turns
+            .iter()
+            .map(|t| json!({"role": t.role.as_str(), "content": t.text}))
+            .chain([json!({"role": "user", "content": self.input})])
+            .collect();
         let mut body = json!({
             "model": self.model,
             "instructions": self.instructions,
-            "input": [{"role": "user", "content": self.input}],
+            "input": input,
             "max_output_tokens": self.max_output_tokens,
             "store": false,
         });
@@ -823,6 +839,47 @@ mod tests {
         assert_eq!(b["tools"], json!([{"type": "web_search"}]));
         assert_eq!(b["max_turns"], 2);
         assert_eq!(b["reasoning"]["effort"], "medium");
+    }
+
+    #[test]
+    fn turns_are_laid_out_oldest_first_before_the_message() {
+        use crate::context::Role;
+        let mut req = CompletionRequest::new("grok-4.3", "be brief", "Alice: and now?", 64);
+        req.cache_key = Some("!room:x $root".into());
+        req.turns = vec![
+            Turn {
+                role: Role::User,
+                text: "Alice: my cat is Zorblax".into(),
+            },
+            Turn {
+                role: Role::Assistant,
+                text: "Nice name!".into(),
+            },
+        ];
+        let b = req.body();
+        assert_eq!(b["instructions"], "be brief");
+        assert_eq!(
+            b["input"],
+            json!([
+                {"role": "user", "content": "Alice: my cat is Zorblax"},
+                {"role": "assistant", "content": "Nice name!"},
+                {"role": "user", "content": "Alice: and now?"},
+            ])
+        );
+        assert_eq!(b["prompt_cache_key"], "!room:x $root");
+        // Append-only: the next request's input starts with this one's.
+        let mut next = req.clone();
+        next.turns.push(Turn {
+            role: Role::User,
+            text: req.input.clone(),
+        });
+        next.turns.push(Turn {
+            role: Role::Assistant,
+            text: "Zorblax.".into(),
+        });
+        next.input = "Alice: thanks".into();
+        let (a, b) = (req.body()["input"].clone(), next.body()["input"].clone());
+        assert_eq!(b.as_array().unwrap()[..3], a.as_array().unwrap()[..]);
     }
 
     #[test]

@@ -421,14 +421,16 @@ def scenario_routes(ctx):
 
 
 def scenario_cache(ctx):
-    """h. The same direct question twice: two replies, one provider request, a cache hit."""
+    """h. The same question twice in the group room (no reply, so no context): two replies, one
+    provider request, a cache hit. (In a direct chat the second would carry the first as
+    context, and answers with context are never shared; j4 checks that.)"""
     name = "h. response cache"
-    if not ctx.dm:
-        return report(name, ["skipped: no direct chat (a. failed)"])
-    alice, dm = ctx.alice, ctx.dm
-    question = "What is the chemical symbol for gold?"
-    e1, r1, calls1, row1 = exchange(ctx, alice, dm, question)
-    e2, r2, calls2, row2 = exchange(ctx, alice, dm, question)
+    if not ctx.group:
+        return report(name, ["skipped: no group room (b. failed)"])
+    alice, room = ctx.alice, ctx.group
+    question = "grok: What is the chemical symbol for gold?"
+    e1, r1, calls1, row1 = exchange(ctx, alice, room, question)
+    e2, r2, calls2, row2 = exchange(ctx, alice, room, question)
     if not r1 or not r2:
         return report(name, [f"no bot reply to the {'first' if not r1 else 'second'} question within {REPLY_TIMEOUT}s"])
     problems = reply_problems(r2, alice.user_id)
@@ -580,10 +582,15 @@ def scenario_ceiling(ctx):
     names = ["i1. spend ceiling refuses", "i2. !usage"]
     bob, bot = ctx.bob, ctx.bot
     spent = (budget_counter(bot, "global") or {}).get("settled_ticks", 0)
+    # What bob asked earlier today (j1 has him reply to the bot): !usage counts it too.
+    bob_before = budget_counter(bot, f"user:{bob.user_id}") or {}
     ceiling_ticks = spent + CEILING_HEADROOM_TICKS
     ceiling_usd = ceiling_ticks / TICKS_PER_USD
     ctx.fake.cost_ticks = ANSWER_COST_TICKS
-    code = bot.restart(API_KEY, {"limits": {"daily_ceiling_usd": ceiling_usd}})
+    # dm_mode chain: the checks below compare reservation sizes across bob's questions, which
+    # only holds when none of them carries the earlier ones as context.
+    code = bot.restart(API_KEY, {"limits": {"daily_ceiling_usd": ceiling_usd},
+                                 "context": {"dm_mode": "chain"}})
     L.log(f"e2e: bot restarted (old process exited {code}) with limits.daily_ceiling_usd={ceiling_usd} "
           f"(today's spend {spent} ticks + {CEILING_HEADROOM_TICKS}); answers cost {ANSWER_COST_TICKS} ticks")
 
@@ -663,14 +670,243 @@ def scenario_ceiling(ctx):
     if not reply:
         return report(names[1], [f"no bot reply to !usage within {REPLY_TIMEOUT}s"])
     body = reply["content"].get("body", "")
-    bob_spent = reported_cost([c for ex in answered for c in ex[2]])
+    bob_spent = bob_before.get("settled_ticks", 0) + reported_cost([c for ex in answered for c in ex[2]])
     problems = reply_problems(reply, bob.user_id)
-    want = f"{fmt_usd(bob_spent)} over {len(answered)} request"
+    want = f"{fmt_usd(bob_spent)} over {len(answered) + bob_before.get('requests', 0)} request"
     if want not in body:
         problems.append(f"!usage reply lacks {want!r}: {body!r}")
     if len(ctx.provider_calls()) != before:
         problems.append(f"provider got {len(ctx.provider_calls()) - before} requests for !usage, want 0")
     report(names[1], problems, f"{body!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversation context
+
+# grok-4.3's default input price ($1.25 per 1M tokens) in ticks per token: what a reservation
+# grows by, at least, per estimated context token.
+FINAL_INPUT_TICKS_PER_TOKEN = 12_500
+# The bot's default context.max_tokens (this test does not set it).
+CONTEXT_MAX_TOKENS = 6000
+
+
+def est_tokens(text):
+    """The bot's offline estimate: 3 UTF-8 bytes a token, rounded up."""
+    return (len(text.encode("utf-8")) + 2) // 3
+
+
+def display_name(client, user_id):
+    return client.call("GET", f"/profile/{L.q(user_id)}/displayname").get("displayname") or user_id
+
+
+def turns_of(call):
+    """The (role, content) pairs of a Responses API request's input, oldest first."""
+    inp = sent_body(call).get("input")
+    if not isinstance(inp, list):
+        return []
+    return [(m.get("role"), m.get("content")) for m in inp if isinstance(m, dict)]
+
+
+def call_for(calls, text):
+    """The last provider call whose final input turn holds `text`."""
+    found = [c for c in calls if turns_of(c) and text in str(turns_of(c)[-1][1])]
+    return found[-1] if found else None
+
+
+def reply_content(text, reply_to, mention=True, thread_root=None):
+    content = {"msgtype": "m.text", "body": text}
+    if mention:
+        content["m.mentions"] = {"user_ids": [BOT]}
+    if thread_root:
+        content["m.relates_to"] = {"rel_type": "m.thread", "event_id": thread_root, "is_falling_back": True,
+                                   "m.in_reply_to": {"event_id": reply_to}}
+    elif reply_to:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
+
+
+def with_fallback(quoted_sender, quoted_body, text):
+    """A body with the pre-v1.13 rich-reply fallback: the quoted message, a blank line, the text."""
+    quoted = "\n".join(f"> {line}" for line in f"<{quoted_sender}> {quoted_body}".splitlines())
+    return f"{quoted}\n\n{text}"
+
+
+def scenario_reply_chain(ctx):
+    """j1. A three-turn reply chain in a group room: the third request carries the earlier turns
+    in order, the bot's as assistant turns, reply fallbacks stripped, user turns labelled."""
+    name = "j1. reply-chain context"
+    if not ctx.group:
+        return report(name, ["skipped: no group room (b. failed)"])
+    alice, bob, room = ctx.alice, ctx.bob, ctx.group
+    a_name, b_name = display_name(alice, alice.user_id), display_name(bob, bob.user_id)
+    first, second, third = ("my favourite colour is teal, please remember it", "and mine is orange",
+                            "which colours did we name?")
+    q1 = alice.send(room, reply_content(f"grok: {first}", None))
+    r1 = L.wait_reply(alice, room, q1, REPLY_TIMEOUT)
+    if not r1:
+        return report(name, [f"no bot reply to the first message within {REPLY_TIMEOUT}s"])
+    b1 = r1["content"]["body"]
+    q2 = bob.send(room, reply_content(with_fallback(BOT, b1, second), r1["event_id"], mention=False))
+    r2 = L.wait_reply(alice, room, q2, REPLY_TIMEOUT)
+    if not r2:
+        return report(name, [f"no bot reply to bob's reply to the bot within {REPLY_TIMEOUT}s"])
+    b2 = r2["content"]["body"]
+    before = len(ctx.provider_calls())
+    q3 = alice.send(room, reply_content(with_fallback(BOT, b2, third), r2["event_id"], mention=False))
+    r3 = L.wait_reply(alice, room, q3, REPLY_TIMEOUT)
+    if not r3:
+        return report(name, [f"no bot reply to the third message within {REPLY_TIMEOUT}s"])
+    call = call_for(ctx.provider_calls()[before:], third)
+    if not call:
+        return report(name, ["no provider request carried the third message as its last turn"])
+    got = turns_of(call)
+    want = [("user", f"{a_name}: {first}"), ("assistant", b1.strip()), ("user", f"{b_name}: {second}"),
+            ("assistant", b2.strip()), ("user", f"{a_name}: {third}")]
+    problems = []
+    if got != want:
+        problems.append(f"request input {got!r}, want {want!r}")
+    if any("> <" in str(c) for _, c in got):
+        problems.append("a reply fallback reached the model")
+    if sent_body(call).get("prompt_cache_key") != room:
+        problems.append(f"prompt_cache_key {sent_body(call).get('prompt_cache_key')!r}, want the room id")
+    report(name, problems, f"{len(got)} turns: {[r for r, _ in got]}")
+
+
+def scenario_thread_context(ctx):
+    """j2. A question inside a thread sees the root and the earlier thread messages and is
+    answered in the thread."""
+    name = "j2. thread context"
+    if not ctx.group:
+        return report(name, ["skipped: no group room (b. failed)"])
+    alice, bob, room = ctx.alice, ctx.bob, ctx.group
+    a_name, b_name = display_name(alice, alice.user_id), display_name(bob, bob.user_id)
+    root_text, earlier, question = ("Trip plan: Lisbon in May, by train", "I can only do the second week",
+                                    "which city and month did we pick?")
+    root = alice.say(room, root_text)
+    t1 = bob.send(room, reply_content(earlier, root, mention=False, thread_root=root))
+    # Main-timeline chatter after the root: not part of the thread, so not in its context.
+    bob.say(room, "unrelated: the coffee machine is fixed")
+    before = len(ctx.provider_calls())
+    q = alice.send(room, reply_content(f"grok: {question}", t1, thread_root=root))
+    reply = L.wait_reply(alice, room, q, REPLY_TIMEOUT)
+    if not reply:
+        return report(name, [f"no bot reply within {REPLY_TIMEOUT}s"])
+    problems = reply_problems(reply, alice.user_id)
+    rel = L.relates_to(reply)
+    want_rel = {"rel_type": "m.thread", "event_id": root, "is_falling_back": True, "m.in_reply_to": {"event_id": q}}
+    if rel != want_rel:
+        problems.append(f"reply m.relates_to {rel!r}, want {want_rel!r}")
+    call = call_for(ctx.provider_calls()[before:], question)
+    if not call:
+        problems.append("no provider request carried the question as its last turn")
+    else:
+        got = turns_of(call)
+        want = [("user", f"{a_name}: {root_text}"), ("user", f"{b_name}: {earlier}"), ("user", f"{a_name}: {question}")]
+        if got != want:
+            problems.append(f"request input {got!r}, want {want!r}")
+        key = sent_body(call).get("prompt_cache_key") or ""
+        if room not in key or root not in key:
+            problems.append(f"prompt_cache_key {key!r} should name the room and the thread root")
+    report(name, problems, f"m.relates_to {json.dumps(rel)}")
+
+
+def scenario_dm_followup(ctx):
+    """j3. In a direct chat a follow-up without any reply relation sees the previous question
+    and answer."""
+    name = "j3. direct-chat follow-up"
+    if not ctx.dm:
+        return report(name, ["skipped: no direct chat (a. failed)"])
+    alice, dm = ctx.alice, ctx.dm
+    a_name = display_name(alice, alice.user_id)
+    told, asked = "my cat is called Zorblax", "what is my cat called?"
+    e1, r1, _, _ = exchange(ctx, alice, dm, told)
+    if not r1:
+        return report(name, [f"no bot reply to the first message within {REPLY_TIMEOUT}s"])
+    e2, r2, calls, row = exchange(ctx, alice, dm, asked)
+    if not r2:
+        return report(name, [f"no bot reply to the follow-up within {REPLY_TIMEOUT}s"])
+    problems = []
+    call = call_for(calls, asked)
+    if not call:
+        return report(name, ["no provider request carried the follow-up as its last turn"])
+    got = turns_of(call)
+    want = [("user", f"{a_name}: {told}"), ("assistant", r1["content"]["body"].strip()), ("user", f"{a_name}: {asked}")]
+    if got[-3:] != want:
+        problems.append(f"the request's last turns are {got[-3:]!r}, want {want!r}")
+    roles = [r for r, _ in got]
+    if len(got) > 21:
+        problems.append(f"{len(got)} turns sent, more than context.max_messages (20) plus the message")
+    if row and row["cache_hit"]:
+        problems.append("a follow-up with context was served from the response cache")
+    report(name, problems, f"{len(got)} turns, last roles {roles[-3:]}")
+
+
+def scenario_context_bounds(ctx):
+    """j4. context.max_tokens cuts a long reply chain from its oldest end, and the reservation
+    grows with the context; the same question without context was cached, with context it is
+    not served from the cache."""
+    name = "j4. context bounded, reservation grows"
+    if not ctx.group:
+        return report(name, ["skipped: no group room (b. failed)"])
+    alice, bob, room = ctx.alice, ctx.bob, ctx.group
+    b_name = display_name(bob, bob.user_id)
+    question = "grok: what is the capital of Spain?"
+    # Without context first: its reservation is the baseline, and its answer is cached.
+    e0, r0, calls0, row0 = exchange(ctx, alice, room, question)
+    if not r0:
+        return report(name, [f"no bot reply to the plain question within {REPLY_TIMEOUT}s"])
+    # Six long notes, each replying to the one before (nobody addresses the bot): about 1,500
+    # estimated tokens each, so together far over context.max_tokens.
+    notes, prev = [], None
+    for i in range(6):
+        body = f"note {i}: " + " ".join(f"item{i}-{k}" for k in range(500))
+        prev = bob.send(room, reply_content(body, prev, mention=False))
+        notes.append(body)
+    before = len(ctx.provider_calls())
+    q = alice.send(room, reply_content(question, prev))
+    reply = L.wait_reply(alice, room, q, REPLY_TIMEOUT)
+    if not reply:
+        return report(name, [f"no bot reply within {REPLY_TIMEOUT}s"])
+    problems = []
+    call = call_for(ctx.provider_calls()[before:], "capital of Spain")
+    if not call:
+        return report(name, ["the question with context got no provider request (served from the cache?)"])
+    got = turns_of(call)
+    context = [c for _, c in got[:-1]]
+    kept = len(context)
+    want = [f"{b_name}: {n}" for n in notes[len(notes) - kept:]] if kept else []
+    if not 0 < kept < len(notes) or context != want:
+        problems.append(f"context {[c[:12] for c in context]}, want the newest notes only, in order, "
+                        f"with some dropped from the oldest end")
+    current = got[-1][1] if got else ""
+    total = sum(est_tokens(c) for c in context) + est_tokens(current)
+    if total > CONTEXT_MAX_TOKENS:
+        problems.append(f"context and message are {total} estimated tokens, over {CONTEXT_MAX_TOKENS}")
+    if kept < len(notes) and total + est_tokens(f"{b_name}: {notes[len(notes) - kept - 1]}") <= CONTEXT_MAX_TOKENS:
+        problems.append("a dropped note would still have fitted under context.max_tokens")
+
+    def amount(event):
+        rows = ctx.bot.query("SELECT amount_ticks FROM budget_reservations WHERE id LIKE ? ORDER BY created_at",
+                             (event + "#%",))
+        return rows[0]["amount_ticks"] if rows else None
+
+    base, grown = amount(e0), amount(q)
+    rows = L.wait_until(lambda: ctx.bot.request_log(q), 10, 0.25) or []
+    if base is None or grown is None:
+        problems.append(f"reservations: plain {base}, with context {grown}; want both recorded")
+    else:
+        ctx_tokens = sum(est_tokens(c) for c in context)
+        if grown - base < ctx_tokens * FINAL_INPUT_TICKS_PER_TOKEN:
+            problems.append(f"the reservation grew by {grown - base} ticks for {ctx_tokens} context tokens, "
+                            f"want at least {ctx_tokens * FINAL_INPUT_TICKS_PER_TOKEN}")
+    for label, row in (("plain", row0), ("with context", rows[0] if rows else None)):
+        if row is None or row["route"] != "grok_direct":
+            problems.append(f"{label} question row {row and row['route']!r}, want route grok_direct "
+                            "(the reservations are compared on one route)")
+    if rows and rows[0]["cache_hit"]:
+        problems.append("the question with context was served from the response cache")
+    report(name, problems, f"kept {kept} of {len(notes)} notes ({total} estimated tokens); "
+                           f"reservation {base} -> {grown} ticks")
 
 
 SCENARIOS = [
@@ -684,6 +920,10 @@ SCENARIOS = [
     ("h. response cache", scenario_cache),
     ("h2. budget books", scenario_budget_books),
     ("h3. bot may not post", scenario_no_post),
+    ("j1. reply-chain context", scenario_reply_chain),
+    ("j2. thread context", scenario_thread_context),
+    ("j3. direct-chat follow-up", scenario_dm_followup),
+    ("j4. context bounds", scenario_context_bounds),
     # Last: it restarts the bot with a tiny ceiling that refuses everything after it.
     ("i. spend ceiling", scenario_ceiling),
 ]
