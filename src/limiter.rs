@@ -32,7 +32,12 @@ const WEB_TURN_INPUT_TOKENS: i64 = 4_000;
 /// for English and code (about 4) and holds for CJK (one 3-byte character is about a token),
 /// so no script is undercounted; high is the safe side for a reservation.
 pub fn estimate_prompt_tokens(text: &str) -> i64 {
-    (text.len() as i64 + 2) / 3 + FRAMING_TOKENS
+    estimate_text_tokens(text) + FRAMING_TOKENS
+}
+
+/// Tokens of a text alone (no framing), by the same 3-bytes-a-token rule.
+pub fn estimate_text_tokens(text: &str) -> i64 {
+    (text.len() as i64 + 2) / 3
 }
 
 /// The models, prices and caps the estimates need.

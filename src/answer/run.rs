@@ -62,7 +62,7 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget.
     if let Some(outcome) = state.cascade.cached(&decision).await {
-        let row = outcome_row(job, &outcome, state.cascade.prompt_version());
+        let row = outcome_row(job, &outcome, &state.cascade);
         return Response::Reply(outcome.text, Box::new(row));
     }
     let plans = state
@@ -151,10 +151,7 @@ pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) ->
     } else {
         EMPTY_APOLOGY.to_string()
     };
-    Response::Reply(
-        text,
-        Box::new(outcome_row(job, &outcome, state.cascade.prompt_version())),
-    )
+    Response::Reply(text, Box::new(outcome_row(job, &outcome, &state.cascade)))
 }
 
 /// Provider latency and spend per model in `/metrics`.

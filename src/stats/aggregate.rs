@@ -7,11 +7,13 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::provider::{compute_cost_ticks, Price, Usage};
+use crate::store::budget::{Counter, GLOBAL_SCOPE};
 use crate::store::RequestLogRow;
+use crate::telemetry::{answer_stage, StageUsage};
 
 use super::{
-    Bucket, Counterfactual, Day, Options, Percentiles, Rate, Rates, Report, Spender, Tally,
-    LATENCY_BUCKETS_MS, ROUTER_SOURCES, ROUTES, STAGES,
+    Bucket, CeilingDay, Comparison, Counterfactual, Day, Options, Percentiles, Rate, Rates, Report,
+    Spender, Tally, LATENCY_BUCKETS_MS, ROUTER_SOURCES, ROUTES, STAGES,
 };
 
 impl Tally {
@@ -83,8 +85,9 @@ fn is_answered(row: &RequestLogRow) -> bool {
     is_routed(row) && row.ok
 }
 
-/// Aggregates `rows` (any order; rows before `opts.since` are ignored) into a [`Report`].
-pub fn summarize(rows: &[RequestLogRow], opts: &Options) -> Report {
+/// Aggregates `rows` (any order; rows before `opts.since` are ignored) and the budget
+/// counters of the window (`budget`, any order and scope) into a [`Report`].
+pub fn summarize(rows: &[RequestLogRow], budget: &[Counter], opts: &Options) -> Report {
     let rows: Vec<&RequestLogRow> = rows.iter().filter(|r| r.created_at >= opts.since).collect();
 
     let unknown: BTreeSet<&str> = rows
@@ -227,7 +230,8 @@ pub fn summarize(rows: &[RequestLogRow], opts: &Options) -> Report {
         until: opts.until,
         final_model: opts.final_model.clone(),
         anonymized: opts.anonymize,
-        counterfactual: counterfactual(&rows, opts.final_price.as_ref()),
+        counterfactual: counterfactual(&rows, &routes, opts),
+        ceiling_days: ceiling_days(budget, opts),
         routes,
         days,
         total,
@@ -262,39 +266,105 @@ fn ranking(map: HashMap<String, (u64, i64)>, top: usize) -> Vec<Spender> {
     list
 }
 
-/// The `grok_direct`-only estimate (rules in the module docs).
-fn counterfactual(rows: &[&RequestLogRow], price: Option<&Price>) -> Counterfactual {
-    let answered: Vec<&RequestLogRow> = rows.iter().copied().filter(|r| is_answered(r)).collect();
-    let cache_hits = answered.iter().filter(|r| r.cache_hit).count() as u64;
-    let actual_ticks = answered.iter().map(|r| r.cost_total_ticks).sum();
-    let mut out = Counterfactual {
-        answered: answered.len() as u64,
-        cache_hits,
-        actual_ticks,
-        direct_ticks: None,
-        cache_hit_estimate_ticks: None,
+/// What one answered row adds to the counterfactual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowComparison {
+    /// Both sides priced.
+    Compared(Comparison),
+    /// Written before per-stage tokens were recorded (`direct_*_tokens` -1, no `stage_usage`).
+    WithoutStageUsage,
+    /// A stage's model has no configured price.
+    Unpriced,
+}
+
+/// Prices one answered row on both sides: the cascade side is every stage's tokens at the
+/// price of the model that ran it (`models`); the `grok_direct` side is the row's direct
+/// estimate at `final_price`, its cached input the answering stage's cached tokens up to the
+/// direct input (the system prompt prefix would be cached for `grok_direct` too).
+pub fn compare_row(
+    row: &RequestLogRow,
+    prices: &BTreeMap<String, Price>,
+    final_price: &Price,
+) -> RowComparison {
+    let stages = serde_json::from_str::<BTreeMap<String, StageUsage>>(&row.stage_usage);
+    let (Ok(stages), true) = (
+        stages,
+        row.direct_input_tokens >= 0 && row.direct_output_tokens >= 0,
+    ) else {
+        return RowComparison::WithoutStageUsage;
     };
-    let Some(price) = price else {
+    // A malformed `models` (never written by this program) leaves every stage unpriced.
+    let models: BTreeMap<String, String> = serde_json::from_str(&row.models).unwrap_or_default();
+    let mut cascade_ticks = 0;
+    for (stage, usage) in &stages {
+        let Some(price) = models.get(stage).and_then(|m| prices.get(m)) else {
+            return RowComparison::Unpriced;
+        };
+        cascade_ticks += compute_cost_ticks(&usage.usage(), price);
+    }
+    let cached = answer_stage(&stages).map_or(0, |s| s.cached);
+    let direct = Usage {
+        input_tokens: row.direct_input_tokens,
+        cached_tokens: cached.clamp(0, row.direct_input_tokens),
+        output_tokens: row.direct_output_tokens,
+        ..Usage::default()
+    };
+    RowComparison::Compared(Comparison {
+        rows: 1,
+        cache_hits: row.cache_hit as u64,
+        reported_ticks: row.cost_total_ticks,
+        cascade_ticks,
+        direct_ticks: compute_cost_ticks(&direct, final_price),
+    })
+}
+
+/// The counterfactual over the answered rows among `rows`, per route and in total.
+fn counterfactual(rows: &[&RequestLogRow], routes: &[String], opts: &Options) -> Counterfactual {
+    let answered: Vec<&RequestLogRow> = rows.iter().copied().filter(|r| is_answered(r)).collect();
+    let mut out = Counterfactual {
+        priced: opts.final_price.is_some(),
+        answered: answered.len() as u64,
+        cache_hits: answered.iter().filter(|r| r.cache_hit).count() as u64,
+        actual_ticks: answered.iter().map(|r| r.cost_total_ticks).sum(),
+        by_route: routes
+            .iter()
+            .filter(|r| r.as_str() != "none")
+            .map(|r| (r.clone(), Comparison::default()))
+            .collect(),
+        ..Counterfactual::default()
+    };
+    let Some(final_price) = &opts.final_price else {
         return out;
     };
-    let mut direct: Vec<i64> = answered
+    for row in answered {
+        match compare_row(row, &opts.prices, final_price) {
+            RowComparison::Compared(c) => {
+                out.by_route.entry(row.route.clone()).or_default().add(&c);
+                out.total.add(&c);
+            }
+            RowComparison::WithoutStageUsage => out.without_stage_usage += 1,
+            RowComparison::Unpriced => out.unpriced += 1,
+        }
+    }
+    out
+}
+
+/// The global counters of the window's days that had a ceiling, oldest first. Other scopes,
+/// days outside the window, unparsable days and days without a cap are left out.
+pub fn ceiling_days(counters: &[Counter], opts: &Options) -> Vec<CeilingDay> {
+    let (first, last) = (opts.since.date(), opts.until.date());
+    let mut days: Vec<CeilingDay> = counters
         .iter()
-        .filter(|r| !r.cache_hit)
-        .map(|r| {
-            let usage = Usage {
-                input_tokens: r.prompt_tokens,
-                cached_tokens: r.cached_tokens,
-                output_tokens: r.completion_tokens,
-                ..Usage::default()
-            };
-            compute_cost_ticks(&usage, price)
+        .filter(|c| c.scope == GLOBAL_SCOPE && c.cap_ticks > 0)
+        .filter_map(|c| {
+            let day = NaiveDate::parse_from_str(&c.day, "%Y-%m-%d").ok()?;
+            (first..=last).contains(&day).then_some(CeilingDay {
+                day,
+                cap_ticks: c.cap_ticks,
+                settled_ticks: c.settled_ticks,
+            })
         })
         .collect();
-    direct.sort_unstable();
-    // With no uncached answer to learn from, a cache hit is counted as free: the estimate
-    // then never overstates what the cascade saved.
-    let estimate = nearest_rank(&direct, 50).unwrap_or(0);
-    out.direct_ticks = Some(direct.iter().sum::<i64>() + estimate * cache_hits as i64);
-    out.cache_hit_estimate_ticks = Some(estimate);
-    out
+    days.sort_by_key(|d| d.day);
+    days
 }

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    pct, router_source_order, stamp, usd, Percentiles, Report, Tally, LATENCY_BUCKETS_MS, STAGES,
+    pct, percent, router_source_order, stamp, usd, Comparison, Percentiles, Report, Tally,
+    LATENCY_BUCKETS_MS, STAGES,
 };
 
 /// Escapes text for HTML element content and attribute values.
@@ -245,6 +246,114 @@ svg text{font-size:11px;fill:#5f6368}\
 .legend i{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em}\
 .big{font-size:1.3em;font-weight:600}";
 
+/// The "Is the cascade worth it?" panel: the total saving, then a table per route.
+fn counterfactual_html(report: &Report) -> String {
+    let cf = &report.counterfactual;
+    let mut html = String::from("<h2>Is the cascade worth it?</h2>");
+    if !cf.priced {
+        let _ = write!(
+            html,
+            "<p>No price for {} under <code>prices:</code>, so no estimate.</p>",
+            esc(&report.final_model)
+        );
+        return html;
+    }
+    let t = &cf.total;
+    let _ = write!(
+        html,
+        "<p class=\"big\" id=\"saving\">saving {} ({})</p>\
+         <p>Both sides are tokens at the configured prices: the cascade's every stage at its \
+         model's price; <code>grok_direct</code> each prompt in and each answer's length out at \
+         {} prices. Reported spend of the compared rows: {}.</p>",
+        esc(&usd(t.saving_ticks(), 6)),
+        esc(&percent(t.saving_pct())),
+        esc(&report.final_model),
+        esc(&usd(t.reported_ticks, 6))
+    );
+    let row = |label: &str, c: &Comparison| {
+        vec![
+            label.to_string(),
+            c.rows.to_string(),
+            c.cache_hits.to_string(),
+            usd(c.cascade_ticks, 6),
+            usd(c.direct_ticks, 6),
+            usd(c.saving_ticks(), 6),
+            percent(c.saving_pct()),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = report
+        .routed_routes()
+        .map(|r| row(r, &cf.by_route.get(r).copied().unwrap_or_default()))
+        .collect();
+    rows.push(row("total", t));
+    html.push_str(&html_table(
+        &[
+            "route",
+            "compared",
+            "cache hits",
+            "cascade",
+            "grok_direct",
+            "saving",
+            "%",
+        ]
+        .map(String::from),
+        &rows,
+    ));
+    for (n, what) in [
+        (
+            cf.without_stage_usage,
+            "older rows without per-stage tokens",
+        ),
+        (
+            cf.unpriced,
+            "rows with a model not under <code>prices:</code>",
+        ),
+    ] {
+        if n > 0 {
+            let _ = write!(html, "<p>{n} {what} not compared.</p>");
+        }
+    }
+    html
+}
+
+/// The daily ceiling's overshoot per day that had a ceiling, and the total.
+fn overshoot_html(report: &Report) -> String {
+    let mut html = String::from("<h2>Daily ceiling overshoot</h2>");
+    if report.ceiling_days.is_empty() {
+        html.push_str("<p>No day with a ceiling in this window.</p>");
+        return html;
+    }
+    let mut rows: Vec<Vec<String>> = report
+        .ceiling_days
+        .iter()
+        .map(|d| {
+            vec![
+                d.day.to_string(),
+                usd(d.cap_ticks, 6),
+                usd(d.settled_ticks, 6),
+                usd(d.overshoot_ticks(), 6),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        "total".into(),
+        String::new(),
+        String::new(),
+        usd(report.overshoot_total_ticks(), 6),
+    ]);
+    let _ = write!(
+        html,
+        "<p id=\"overshoot\">overshoot {} in total: admission holds an estimate and \
+         settlement adds the real cost, so a day can end above its ceiling.</p>",
+        esc(&usd(report.overshoot_total_ticks(), 6))
+    );
+    html.push_str(&html_table(
+        &["day", "ceiling", "settled", "overshoot"].map(String::from),
+        &rows,
+    ));
+    html
+}
+
 /// One self-contained HTML file: inline CSS and SVG, no scripts, fonts or external links,
 /// so it opens offline. Charts: `#chart-route-mix` (`data-chart="route-mix"`), `#chart-spend`
 /// (`data-chart="spend-by-route"`) and `#chart-latency` (`data-chart="latency-histogram"`).
@@ -277,44 +386,8 @@ pub fn render_html(report: &Report) -> String {
         }
     );
 
-    let cf = &report.counterfactual;
-    html.push_str("<h2>Is the cascade worth it?</h2>");
-    match (cf.direct_ticks, cf.saving_ticks()) {
-        (Some(direct), Some(saving)) => {
-            let _ = write!(
-                html,
-                "<p class=\"big\" id=\"saving\">saving {} ({})</p>",
-                esc(&usd(saving, 6)),
-                cf.saving_pct()
-                    .map(|p| format!("{p:.1}%"))
-                    .unwrap_or_else(|| "-".into())
-            );
-            html.push_str(&html_table(
-                &["".into(), "USD".into()],
-                &[
-                    vec![
-                        format!("cascade spend ({} answered requests)", cf.answered),
-                        usd(cf.actual_ticks, 6),
-                    ],
-                    vec![
-                        format!("grok_direct only ({} prices)", report.final_model),
-                        usd(direct, 6),
-                    ],
-                    vec![
-                        format!("each of {} cache hits counted at", cf.cache_hits),
-                        usd(cf.cache_hit_estimate_ticks.unwrap_or(0), 6),
-                    ],
-                ],
-            ));
-        }
-        _ => {
-            let _ = write!(
-                html,
-                "<p>No price for {} under <code>prices:</code>, so no estimate.</p>",
-                esc(&report.final_model)
-            );
-        }
-    }
+    html.push_str(&counterfactual_html(report));
+    html.push_str(&overshoot_html(report));
 
     let routes: Vec<&String> = report.routes.iter().collect();
     let count_series: Vec<Series> = routes

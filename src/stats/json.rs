@@ -3,7 +3,9 @@
 use chrono::NaiveDateTime;
 use serde_json::{json, Map, Value};
 
-use super::{Percentiles, Rate, Report, Spender, Tally, JSON_VERSION, STAGES};
+use super::{
+    Comparison, Counterfactual, Percentiles, Rate, Report, Spender, Tally, JSON_VERSION, STAGES,
+};
 
 fn ts(t: NaiveDateTime) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
@@ -43,6 +45,46 @@ fn spenders_json(list: &[Spender]) -> Value {
         .collect()
 }
 
+/// One comparison; its money is `null` without a price for the final model.
+fn comparison_json(c: &Comparison, priced: bool) -> Value {
+    let money = |v: i64| if priced { json!(v) } else { Value::Null };
+    json!({
+        "compared": c.rows,
+        "cache_hits": c.cache_hits,
+        "reported_ticks": c.reported_ticks,
+        "cascade_ticks": money(c.cascade_ticks),
+        "grok_direct_ticks": money(c.direct_ticks),
+        "saving_ticks": money(c.saving_ticks()),
+        "saving_pct": c.saving_pct().map(|p| round_to(p, 2)),
+    })
+}
+
+/// The counterfactual: the totals at the top level, then `not_compared` and `by_route`.
+fn counterfactual_json(cf: &Counterfactual) -> Value {
+    let mut v = comparison_json(&cf.total, cf.priced);
+    let by_route: Map<String, Value> = cf
+        .by_route
+        .iter()
+        .map(|(route, c)| (route.clone(), comparison_json(c, cf.priced)))
+        .collect();
+    let extra = json!({
+        "method": "tokens_at_configured_prices",
+        "priced": cf.priced,
+        "answered": cf.answered,
+        "answered_cache_hits": cf.cache_hits,
+        "actual_ticks": cf.actual_ticks,
+        "not_compared": {
+            "without_stage_usage": cf.without_stage_usage,
+            "unpriced": cf.unpriced,
+        },
+        "by_route": by_route,
+    });
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    v
+}
+
 /// The report as JSON (shape version [`JSON_VERSION`], documented in the README). Money is
 /// integer ticks (1 USD = 10^10); every route, stage and router-source key is always present.
 pub fn render_json(report: &Report) -> Value {
@@ -77,15 +119,15 @@ pub fn render_json(report: &Report) -> Value {
             v
         }).collect::<Vec<_>>(),
         "router_sources": report.router_sources,
-        "counterfactual": {
-            "priced": cf.direct_ticks.is_some(),
-            "answered": cf.answered,
-            "cache_hits": cf.cache_hits,
-            "actual_ticks": cf.actual_ticks,
-            "grok_direct_ticks": cf.direct_ticks,
-            "cache_hit_estimate_ticks": cf.cache_hit_estimate_ticks,
-            "saving_ticks": cf.saving_ticks(),
-            "saving_pct": cf.saving_pct().map(|p| round_to(p, 2)),
+        "counterfactual": counterfactual_json(cf),
+        "overshoot": {
+            "total_ticks": report.overshoot_total_ticks(),
+            "days": report.ceiling_days.iter().map(|d| json!({
+                "day": d.day.to_string(),
+                "cap_ticks": d.cap_ticks,
+                "settled_ticks": d.settled_ticks,
+                "overshoot_ticks": d.overshoot_ticks(),
+            })).collect::<Vec<_>>(),
         },
         "latency_ms": {
             "method": "nearest_rank",

@@ -33,7 +33,7 @@ pub use json::render_json;
 pub use text::render_text;
 
 /// Version of the JSON shape; bumped only when a key changes meaning or disappears.
-pub const JSON_VERSION: u64 = 1;
+pub const JSON_VERSION: u64 = 2;
 /// The route tokens (DESIGN section 5) in display order.
 pub const ROUTES: [&str; 5] = [
     "none",
@@ -58,10 +58,13 @@ pub struct Options {
     pub since: NaiveDateTime,
     /// The end of the window (shown in the header only).
     pub until: NaiveDateTime,
-    /// `models.final`: whose price the counterfactual uses.
+    /// `models.final`: whose price the counterfactual's `grok_direct` side uses.
     pub final_model: String,
     /// The final model's price; `None` when the config has none (no counterfactual then).
     pub final_price: Option<Price>,
+    /// Model id -> configured price: the counterfactual's cascade side prices each stage's
+    /// tokens at the price of the model that ran it.
+    pub prices: BTreeMap<String, Price>,
     /// Replace user ids with their hash.
     pub anonymize: bool,
     /// Length of the room and user spend rankings.
@@ -77,11 +80,17 @@ impl Options {
         anonymize: bool,
     ) -> Self {
         let final_model = config.models.final_model.clone();
+        let prices: BTreeMap<String, Price> = config
+            .prices
+            .iter()
+            .map(|(model, p)| (model.clone(), Price::from(p)))
+            .collect();
         Self {
             since,
             until,
-            final_price: config.prices.get(&final_model).map(Price::from),
+            final_price: prices.get(&final_model).copied(),
             final_model,
+            prices,
             anonymize,
             top: DEFAULT_TOP,
         }
@@ -175,33 +184,81 @@ pub struct Rates {
     pub per_user_cap_hit: Rate,
 }
 
-/// What sending every answered request to `grok_direct` would have cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// The cascade against `grok_direct` alone over a set of rows, both sides priced from tokens
+/// at the configured prices (never from the reported spend, which is only shown beside).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comparison {
+    /// Rows compared.
+    pub rows: u64,
+    /// Of those, cache hits.
+    pub cache_hits: u64,
+    /// Their settled spend (`cost_total_ticks`, mostly xAI-reported): shown, not compared.
+    pub reported_ticks: i64,
+    /// Every stage's tokens at the price of the model that ran the stage.
+    pub cascade_ticks: i64,
+    /// The `grok_direct` estimate (prompt in, answer out) at the final model's price.
+    pub direct_ticks: i64,
+}
+
+impl Comparison {
+    /// `direct - cascade`: positive when the cascade saved money.
+    pub fn saving_ticks(&self) -> i64 {
+        self.direct_ticks - self.cascade_ticks
+    }
+
+    /// The saving as a percentage of the `grok_direct` side; `None` when that is zero.
+    pub fn saving_pct(&self) -> Option<f64> {
+        (self.direct_ticks > 0)
+            .then(|| self.saving_ticks() as f64 * 100.0 / self.direct_ticks as f64)
+    }
+
+    /// Adds one row's figures.
+    pub fn add(&mut self, other: &Comparison) {
+        self.rows += other.rows;
+        self.cache_hits += other.cache_hits;
+        self.reported_ticks += other.reported_ticks;
+        self.cascade_ticks += other.cascade_ticks;
+        self.direct_ticks += other.direct_ticks;
+    }
+}
+
+/// Is the cascade worth it: answered rows compared with `grok_direct` alone, per route.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counterfactual {
+    /// Whether the final model has a price (without one nothing is compared).
+    pub priced: bool,
     /// Answered rows (routed and `ok`).
     pub answered: u64,
     /// Of those, cache hits.
     pub cache_hits: u64,
-    /// Actual spend of the answered rows.
+    /// Settled spend of all answered rows.
     pub actual_ticks: i64,
-    /// Their estimated cost on `grok_direct`; `None` when the final model has no price.
-    pub direct_ticks: Option<i64>,
-    /// The estimate each cache hit was counted at (median of the other answered rows).
-    pub cache_hit_estimate_ticks: Option<i64>,
+    /// Answered rows left out: written before per-stage tokens were recorded.
+    pub without_stage_usage: u64,
+    /// Answered rows left out: a stage's model has no price under `prices:`.
+    pub unpriced: u64,
+    /// Routed route -> its compared rows; every routed route of [`Report::routes`] present.
+    pub by_route: BTreeMap<String, Comparison>,
+    /// All compared rows.
+    pub total: Comparison,
 }
 
-impl Counterfactual {
-    /// `direct - actual`: positive when the cascade saved money.
-    pub fn saving_ticks(&self) -> Option<i64> {
-        self.direct_ticks.map(|d| d - self.actual_ticks)
-    }
+/// One UTC day's global budget counter, when it had a ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CeilingDay {
+    /// The UTC date.
+    pub day: NaiveDate,
+    /// The day's ceiling (`daily_ceiling_usd` when the counter was made).
+    pub cap_ticks: i64,
+    /// Spend settled against it.
+    pub settled_ticks: i64,
+}
 
-    /// The saving as a percentage of the `grok_direct` estimate.
-    pub fn saving_pct(&self) -> Option<f64> {
-        match (self.saving_ticks(), self.direct_ticks) {
-            (Some(s), Some(d)) if d > 0 => Some(s as f64 * 100.0 / d as f64),
-            _ => None,
-        }
+impl CeilingDay {
+    /// How far settlement went past the cap: admission holds an estimate, settlement adds the
+    /// real cost, so a day can end above its ceiling.
+    pub fn overshoot_ticks(&self) -> i64 {
+        (self.settled_ticks - self.cap_ticks).max(0)
     }
 }
 
@@ -235,8 +292,10 @@ pub struct Report {
     pub total: Tally,
     /// Router source -> rows; [`ROUTER_SOURCES`] always present.
     pub router_sources: BTreeMap<String, u64>,
-    /// The `grok_direct`-only estimate.
+    /// The cascade against `grok_direct` alone.
     pub counterfactual: Counterfactual,
+    /// Days of the window whose global counter had a ceiling (cap > 0), oldest first.
+    pub ceiling_days: Vec<CeilingDay>,
     /// Routed route -> latency percentiles (`None`: no samples).
     pub latency_by_route: BTreeMap<String, Option<Percentiles>>,
     /// Stage -> latency percentiles; [`STAGES`] always present.
@@ -254,6 +313,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// The overshoot of the daily ceiling summed over the window.
+    pub fn overshoot_total_ticks(&self) -> i64 {
+        self.ceiling_days
+            .iter()
+            .map(CeilingDay::overshoot_ticks)
+            .sum()
+    }
+
     /// Routes a model runs on (all but `none`), in display order.
     pub fn routed_routes(&self) -> impl Iterator<Item = &String> {
         self.routes.iter().filter(|r| r.as_str() != "none")
@@ -295,9 +362,14 @@ pub fn usd(ticks: i64, decimals: u32) -> String {
     }
 }
 
+/// A fraction as a percentage with one place, `-` when undefined.
 fn pct(rate: Option<f64>) -> String {
-    rate.map(|r| format!("{:.1}%", r * 100.0))
-        .unwrap_or_else(|| "-".into())
+    percent(rate.map(|r| r * 100.0))
+}
+
+/// A percentage with one place, `-` when undefined.
+fn percent(p: Option<f64>) -> String {
+    p.map(|p| format!("{p:.1}%")).unwrap_or_else(|| "-".into())
 }
 
 fn stamp(t: NaiveDateTime) -> String {

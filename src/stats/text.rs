@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use super::{pct, router_source_order, stamp, usd, Percentiles, Report, Tally, ROUTES, STAGES};
+use super::{
+    pct, percent, router_source_order, stamp, usd, Comparison, Percentiles, Report, Tally, ROUTES,
+    STAGES,
+};
 
 /// Width of a money column in the terminal table.
 const MONEY_W: usize = 10;
@@ -26,6 +29,7 @@ pub fn render_text(report: &Report) -> String {
     );
     if report.days.is_empty() {
         out.push_str("\nNo requests in this window.\n");
+        overshoot_text(report, &mut out);
         return out;
     }
 
@@ -139,35 +143,8 @@ pub fn render_text(report: &Report) -> String {
     let sum = stages.iter().sum();
     let _ = writeln!(out, "{}", money_row("total", stages, sum));
 
-    let cf = &report.counterfactual;
-    let _ = writeln!(
-        out,
-        "\nCascade vs grok_direct only ({} answered, {} cache hits)",
-        cf.answered, cf.cache_hits
-    );
-    let _ = writeln!(out, "  cascade spend       {:>14}", usd(cf.actual_ticks, 6));
-    match (cf.direct_ticks, cf.saving_ticks()) {
-        (Some(direct), Some(saving)) => {
-            let _ = writeln!(
-                out,
-                "  grok_direct only    {:>14}  (same tokens, {} prices)",
-                usd(direct, 6),
-                fit(&report.final_model, 24)
-            );
-            let pct = cf
-                .saving_pct()
-                .map(|p| format!("{p:.1}%"))
-                .unwrap_or_else(|| "-".into());
-            let _ = writeln!(out, "  saving              {:>14}  {pct}", usd(saving, 6));
-        }
-        _ => {
-            let _ = writeln!(
-                out,
-                "  grok_direct only    n/a (no price for {} under prices:)",
-                fit(&report.final_model, 30)
-            );
-        }
-    }
+    counterfactual_text(report, &mut out);
+    overshoot_text(report, &mut out);
 
     let _ = writeln!(
         out,
@@ -258,6 +235,101 @@ pub fn render_text(report: &Report) -> String {
         }
     }
     out
+}
+
+/// "Is the cascade worth it?": per route and in total, both sides from tokens at configured
+/// prices, with the reported spend and the rows left out below.
+fn counterfactual_text(report: &Report, out: &mut String) {
+    let cf = &report.counterfactual;
+    out.push_str("\nIs the cascade worth it? (both sides: tokens at configured prices)\n");
+    if !cf.priced {
+        let _ = writeln!(
+            out,
+            "  n/a: no price for {} under prices: ({} answered)",
+            fit(&report.final_model, 30),
+            cf.answered
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:>8} {:>11}  {:>11}  {:>11} {:>8}",
+        "route", "compared", "cascade", "grok_direct", "saving", "%"
+    );
+    let line = |label: &str, c: &Comparison| {
+        format!(
+            "{:<16} {:>8} {:>11}  {:>11}  {:>11} {:>8}",
+            fit(label, 16),
+            c.rows,
+            usd_fit(c.cascade_ticks, 11),
+            usd_fit(c.direct_ticks, 11),
+            usd_fit(c.saving_ticks(), 11),
+            percent(c.saving_pct())
+        )
+    };
+    for route in report.routed_routes() {
+        let c = cf.by_route.get(route).copied().unwrap_or_default();
+        let _ = writeln!(out, "{}", line(route, &c));
+    }
+    let _ = writeln!(out, "{}", line("total", &cf.total));
+    let _ = writeln!(
+        out,
+        "  grok_direct = each prompt in, each answer's length out, {} prices",
+        fit(&report.final_model, 16)
+    );
+    let _ = writeln!(
+        out,
+        "  {} answered ({} cache hits); reported spend of the compared rows {}",
+        cf.answered,
+        cf.cache_hits,
+        usd_fit(cf.total.reported_ticks, 10)
+    );
+    if cf.without_stage_usage > 0 {
+        let _ = writeln!(
+            out,
+            "  not compared: {} older rows without per-stage tokens",
+            cf.without_stage_usage
+        );
+    }
+    if cf.unpriced > 0 {
+        let _ = writeln!(
+            out,
+            "  not compared: {} rows with a model not under prices:",
+            cf.unpriced
+        );
+    }
+}
+
+/// The daily ceiling's overshoot per day that had a ceiling, and the total.
+fn overshoot_text(report: &Report, out: &mut String) {
+    if report.ceiling_days.is_empty() {
+        out.push_str("\nDaily ceiling overshoot: no day with a ceiling in this window\n");
+        return;
+    }
+    out.push_str("\nDaily ceiling overshoot (spend settled past the day's ceiling)\n");
+    let _ = writeln!(
+        out,
+        "{:<10} {:>12} {:>12} {:>12}",
+        "day", "ceiling", "settled", "overshoot"
+    );
+    for d in &report.ceiling_days {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>12} {:>12} {:>12}",
+            d.day.to_string(),
+            usd_fit(d.cap_ticks, 12),
+            usd_fit(d.settled_ticks, 12),
+            usd_fit(d.overshoot_ticks(), 12)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<10} {:>12} {:>12} {:>12}",
+        "total",
+        "",
+        "",
+        usd_fit(report.overshoot_total_ticks(), 12)
+    );
 }
 
 /// USD with 6 places, or fewer (down to 2) when that is wider than `width`.
