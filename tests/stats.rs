@@ -97,13 +97,12 @@ fn spend(
     r
 }
 
-/// Per-stage tokens as the bot records them: `(stage, model, [input, cached, output,
-/// reasoning, web_search_calls])`, and the `grok_direct` estimate `(input, output)`.
-fn tokens(
-    mut r: RequestLogRow,
-    stages: &[(&str, &str, [i64; 5])],
-    direct: (i64, i64),
-) -> RequestLogRow {
+/// One stage as the bot records it: `(stage, model, [input, cached, output, reasoning,
+/// web_search_calls])`.
+type StageTokens<'a> = (&'a str, &'a str, [i64; 5]);
+
+/// A row with per-stage tokens and the `grok_direct` estimate `(input, output)`.
+fn tokens(mut r: RequestLogRow, stages: &[StageTokens], direct: (i64, i64)) -> RequestLogRow {
     let mut models = serde_json::Map::new();
     let mut usage = serde_json::Map::new();
     for (stage, model, [input, cached, output, reasoning, web]) in stages {
@@ -317,7 +316,7 @@ fn seed() -> Vec<RequestLogRow> {
     // What the bot recorded per stage for the answered rows (the counterfactual's inputs,
     // priced in `assert_known_answer`). e9 is a row from before per-stage tokens existed
     // (the migration's defaults); e14's trivial model has no price.
-    let recorded: Vec<(&str, Vec<(&str, &str, [i64; 5])>, (i64, i64))> = vec![
+    let recorded: Vec<(&str, Vec<StageTokens>, (i64, i64))> = vec![
         (
             "$e1",
             vec![("final", FINAL, [1_000, 200, 400, 0, 0])],

@@ -157,6 +157,14 @@ pub fn finish(state: &AppState, row: RequestLog) {
 mod tests {
     use super::*;
 
+    /// (route, cache hit, stages that ran, expected estimate).
+    type Case = (
+        Route,
+        bool,
+        Vec<(&'static str, StageUsage)>,
+        Option<DirectEstimate>,
+    );
+
     fn usage(input: i64, cached: i64, output: i64, reasoning: i64) -> StageUsage {
         StageUsage {
             input,
@@ -173,7 +181,7 @@ mod tests {
         let d = |input, output| Some(DirectEstimate { input, output });
         // (route, cache hit, stages, expected) with a prompt estimate of 500 tokens and a
         // cached answer of 120.
-        let cases: Vec<(Route, bool, Vec<(&str, StageUsage)>, Option<DirectEstimate>)> = vec![
+        let cases: Vec<Case> = vec![
             // grok_direct: the final stage's real tokens, reasoning and router ignored.
             (
                 Route::GrokDirect,
