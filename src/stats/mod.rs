@@ -14,6 +14,10 @@
 //!   `stage_ms`.
 //! - Escalation, fallback and cache-hit rates are over routed rows; ceiling-hit and per-user-cap
 //!   rates are over all rows (a capped request may never get a route).
+//! - Counterfactual: per route, the cascade's stage tokens against what `grok_direct` alone
+//!   would have sent and written (the row's direct estimate), both at configured prices; the
+//!   reported spend is shown beside, never compared (see [`aggregate::compare_row`]).
+//! - Overshoot: per UTC day with a ceiling, settled spend past the global counter's cap.
 
 pub mod aggregate;
 mod html;
