@@ -81,6 +81,8 @@ pub struct Identity {
     pub display_name: String,
     /// The appservice's user namespaces: senders inside them are bots of this service.
     pub namespaces: Vec<Regex>,
+    /// `rooms.ignore_senders`: senders never answered.
+    pub ignored_senders: Vec<Regex>,
     /// Servers whose users may invite and address the bot.
     pub allowed_servers: Vec<String>,
 }
@@ -91,10 +93,17 @@ impl Identity {
     }
 }
 
+/// Whether a room is a direct chat: exactly two joined members, the bot and one person. The
+/// invite's `is_direct` only stands in while the member count is unknown (0): a member cannot
+/// flag a busy group room as direct and have the bot answer every message in it.
+pub fn is_direct_room(invited_direct: bool, joined_members: i64) -> bool {
+    joined_members == 2 || (invited_direct && joined_members <= 0)
+}
+
 /// What the webhook knows about the event's room and its reply target.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Facts {
-    /// The invite was `is_direct`, or the room has exactly two joined members.
+    /// The room is a direct chat ([`is_direct_room`]).
     pub direct_room: bool,
     /// The event replies to a message the bot sent.
     pub replies_to_bot: bool,
@@ -125,6 +134,7 @@ pub enum IgnoreReason {
     NotAddressed,
     OwnEcho,
     Namespace,
+    IgnoredSender,
     Notice,
     Edit,
     Redaction,
@@ -139,6 +149,7 @@ impl IgnoreReason {
             IgnoreReason::NotAddressed => "not_addressed",
             IgnoreReason::OwnEcho => "own_echo",
             IgnoreReason::Namespace => "namespace",
+            IgnoreReason::IgnoredSender => "ignored_sender",
             IgnoreReason::Notice => "notice",
             IgnoreReason::Edit => "edit",
             IgnoreReason::Redaction => "redaction",
@@ -203,6 +214,13 @@ pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     }
     if me.namespaces.iter().any(|re| re.is_match(&event.sender)) {
         return Verdict::Ignore(IgnoreReason::Namespace);
+    }
+    if me
+        .ignored_senders
+        .iter()
+        .any(|re| re.is_match(&event.sender))
+    {
+        return Verdict::Ignore(IgnoreReason::IgnoredSender);
     }
     match event.kind.as_str() {
         "m.room.redaction" => Verdict::Ignore(IgnoreReason::Redaction),
@@ -362,8 +380,42 @@ mod tests {
             localpart: "grok".into(),
             display_name: "Grok Bot".into(),
             namespaces: vec![Regex::new(r"^@grok:example\.org$").unwrap()],
+            ignored_senders: vec![Regex::new(r"^@.*bot:example\.org$").unwrap()],
             allowed_servers: vec!["example.org".into(), "friends.org".into()],
         }
+    }
+
+    #[test]
+    fn only_two_member_rooms_are_direct() {
+        assert!(is_direct_room(false, 2));
+        assert!(is_direct_room(true, 2));
+        assert!(
+            is_direct_room(true, 0),
+            "the invite's hint while the count is unknown"
+        );
+        assert!(
+            !is_direct_room(true, 5),
+            "a group room flagged direct at invite time"
+        );
+        assert!(!is_direct_room(true, 1), "the other person left");
+        assert!(!is_direct_room(false, 0));
+    }
+
+    #[test]
+    fn ignored_senders_are_never_answered() {
+        let dm = Facts {
+            direct_room: true,
+            replies_to_bot: false,
+        };
+        let text = json!({"msgtype": "m.text", "body": "hello"});
+        assert_eq!(
+            classify(&msg("@otherbot:example.org", text.clone()), &me(), dm),
+            Verdict::Ignore(IgnoreReason::IgnoredSender)
+        );
+        assert!(matches!(
+            classify(&msg("@alice:example.org", text), &me(), dm),
+            Verdict::Addressed(_)
+        ));
     }
 
     fn msg(sender: &str, content: Value) -> Event {

@@ -97,6 +97,10 @@ pub struct AppserviceConfig {
     /// A message older than this when handled is dropped (with a WARN and a row), not answered.
     #[serde(default = "default_max_message_age", deserialize_with = "de_duration")]
     pub max_message_age: Duration,
+    /// On SIGTERM, how long in-flight answers may run on before they are cancelled and their
+    /// claims handed to other replicas.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AppserviceConfig {
@@ -107,6 +111,7 @@ impl Default for AppserviceConfig {
             claim_lease: default_claim_lease(),
             recovery_interval: default_recovery_interval(),
             max_message_age: default_max_message_age(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -294,6 +299,9 @@ pub struct RoomsConfig {
     /// Empty in the file means "the bot's own server" (filled in by validation).
     #[serde(default)]
     pub allowed_servers: Vec<String>,
+    /// Senders never answered (regexes over the full user id), e.g. other bots.
+    #[serde(default)]
+    pub ignore_senders: Vec<String>,
 }
 
 /// The msgtype of the bot's replies.
@@ -321,6 +329,15 @@ pub struct BotConfig {
     /// waiting on the network, so this bounds memory and the database pool, not the CPU.
     #[serde(default = "default_max_concurrent_answers")]
     pub max_concurrent_answers: usize,
+    /// An `mxc://` URI set as the bot's avatar at start.
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    /// Room commands start with this word (`!grok help`).
+    #[serde(default = "default_command_prefix")]
+    pub command_prefix: String,
+    /// Replies per room per minute; past it one notice, then silence until the minute ends.
+    #[serde(default = "default_room_answers_per_minute")]
+    pub room_answers_per_minute: u32,
 }
 
 impl Default for BotConfig {
@@ -330,6 +347,9 @@ impl Default for BotConfig {
             reply_msgtype: default_msgtype(),
             system_prompt: default_system_prompt(),
             max_concurrent_answers: default_max_concurrent_answers(),
+            avatar_url: None,
+            command_prefix: default_command_prefix(),
+            room_answers_per_minute: default_room_answers_per_minute(),
         }
     }
 }
@@ -512,8 +532,18 @@ fn default_listen() -> SocketAddr {
 fn default_claim_lease() -> Duration {
     Duration::from_secs(10)
 }
+/// Within the 30 s most orchestrators wait after SIGTERM before they kill.
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
+}
 fn default_recovery_interval() -> Duration {
     Duration::from_secs(2)
+}
+fn default_command_prefix() -> String {
+    "!grok".into()
+}
+fn default_room_answers_per_minute() -> u32 {
+    20
 }
 fn default_max_concurrent_answers() -> usize {
     64
@@ -913,6 +943,26 @@ impl Config {
                 "cascade.grounding_cap_per_day",
                 "must not be negative",
             ));
+        }
+        for pattern in &self.rooms.ignore_senders {
+            if let Err(e) = regex::Regex::new(pattern) {
+                return Err(invalid("rooms.ignore_senders", format!("{pattern}: {e}")));
+            }
+        }
+        if let Some(url) = &self.bot.avatar_url {
+            if !crate::render::is_mxc(url) {
+                return Err(invalid("bot.avatar_url", "must be an mxc:// URI"));
+            }
+        }
+        let prefix = self.bot.command_prefix.trim();
+        if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "bot.command_prefix",
+                "must be one word, e.g. !grok",
+            ));
+        }
+        if self.bot.room_answers_per_minute == 0 {
+            return Err(invalid("bot.room_answers_per_minute", "must be at least 1"));
         }
         if self.rooms.allowed_servers.is_empty() {
             self.rooms.allowed_servers = vec![self.homeserver.server_name.clone()];

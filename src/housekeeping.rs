@@ -39,11 +39,16 @@ pub enum Table {
     Notices,
     /// `budget_counters`: counters of old UTC days.
     BudgetCounters,
+    /// `room_answer_windows`: per-room reply counts of past minutes.
+    AnswerWindows,
 }
+
+/// Reply windows last a minute; an hour of them is kept to look at, then they go.
+const KEEP_ANSWER_WINDOWS: Duration = Duration::from_secs(3600);
 
 impl Table {
     /// Every pruned table, in the order a run visits them.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Transactions,
         Table::Claims,
         Table::BotEvents,
@@ -51,6 +56,7 @@ impl Table {
         Table::Reservations,
         Table::Notices,
         Table::BudgetCounters,
+        Table::AnswerWindows,
     ];
 
     /// The table's name (also the `table` label of `housekeeping_deleted_total`).
@@ -63,6 +69,7 @@ impl Table {
             Table::Reservations => "budget_reservations",
             Table::Notices => "room_notices",
             Table::BudgetCounters => "budget_counters",
+            Table::AnswerWindows => "room_answer_windows",
         }
     }
 
@@ -77,6 +84,7 @@ impl Table {
             Table::Reservations => r.reservations,
             Table::Notices => r.notices,
             Table::BudgetCounters => r.budget_days,
+            Table::AnswerWindows => KEEP_ANSWER_WINDOWS,
         };
         (!keep.is_zero()).then_some(keep)
     }
@@ -99,6 +107,7 @@ impl Table {
                 let day = cutoff.format("%Y-%m-%d").to_string();
                 store.prune_budget_counters(day, batch).await
             }
+            Table::AnswerWindows => store.prune_answer_windows(cutoff, batch).await,
         }
     }
 }

@@ -23,22 +23,11 @@ pub fn system_clock() -> Clock {
     Arc::new(Utc::now)
 }
 
-/// Tokens assumed for the instructions and message framing of any call.
-const FRAMING_TOKENS: i64 = 300;
 /// Extra input per web-search turn: search results come back into the context.
 const WEB_TURN_INPUT_TOKENS: i64 = 4_000;
 
-/// Prompt tokens of a text, estimated offline from its UTF-8 bytes: 3 bytes a token errs high
-/// for English and code (about 4) and holds for CJK (one 3-byte character is about a token),
-/// so no script is undercounted; high is the safe side for a reservation.
-pub fn estimate_prompt_tokens(text: &str) -> i64 {
-    estimate_text_tokens(text) + FRAMING_TOKENS
-}
-
-/// Tokens of a text alone (no framing), by the same 3-bytes-a-token rule.
-pub fn estimate_text_tokens(text: &str) -> i64 {
-    (text.len() as i64 + 2) / 3
-}
+pub use crate::provider::estimate_prompt_tokens;
+use crate::provider::FRAMING_TOKENS;
 
 /// The models, prices and caps the estimates need.
 #[derive(Debug, Clone)]

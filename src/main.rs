@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 let config = Config::load(&config)?;
                 let store = Store::connect(&config.database.url, 1)?;
                 let provider = Provider::new(&config.provider, &config.prices);
-                Cascade::new(&config, provider, store).decide(&text, room.as_deref())
+                Cascade::new(&config, provider, store).decide(&text, room.as_deref(), None)
             } else if room.is_some() {
                 anyhow::bail!(
                     "--room needs the config file ({} not found)",
@@ -304,27 +304,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("shutting down: finishing in-flight answers");
         })
         .await?;
-    state.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(30), state.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight answers did not finish in 30 s; handing them to other replicas");
-    }
-    if tokio::time::timeout(Duration::from_secs(5), state.telemetry.flush())
-        .await
-        .is_err()
-    {
-        tracing::warn!("request_log writes did not finish in 5 s");
-    }
-    // Whatever is still unfinished goes to another replica now, not after its lease.
-    match state.store.release_claims(state.instance_id.clone()).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(released = n, "released unfinished claims"),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not release claims; they expire with their lease")
-        }
-    }
+    grok_appservice::shutdown::drain(&state, state.config.appservice.shutdown_grace).await;
     Ok(())
 }
 
@@ -346,6 +326,11 @@ async fn announce(state: std::sync::Arc<AppState>) {
         .await
     {
         tracing::warn!(error = %e, "setting the display name failed");
+    }
+    if let Some(avatar) = &state.config.bot.avatar_url {
+        if let Err(e) = state.matrix.set_avatar_url(avatar).await {
+            tracing::warn!(error = %e, "setting the avatar failed");
+        }
     }
     for attempt in 1..=6 {
         match state.matrix.ping(&state.registration.id).await {

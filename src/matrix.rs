@@ -164,6 +164,21 @@ impl MatrixClient {
         .map(|_| ())
     }
 
+    /// Sets the bot's avatar (an `mxc://` URI).
+    pub async fn set_avatar_url(&self, mxc: &str) -> Result<(), MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/avatar_url",
+            enc(&self.user_id)
+        );
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&json!({"avatar_url": mxc})),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Asks the homeserver to ping the appservice; returns the round trip in ms. A success
     /// also makes Synapse resend transactions it queued while the appservice was down.
     pub async fn ping(&self, appservice_id: &str) -> Result<u64, MatrixError> {
@@ -188,6 +203,21 @@ impl MatrixClient {
         self.call(reqwest::Method::POST, &path, Some(&json!({})))
             .await
             .map(|_| ())
+    }
+
+    /// Forgets a room the bot is no longer in, so it leaves the bot's room list for good.
+    pub async fn forget(&self, room_id: &str) -> Result<(), MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/forget", enc(room_id));
+        self.call(reqwest::Method::POST, &path, Some(&json!({})))
+            .await
+            .map(|_| ())
+    }
+
+    /// The room's current state events (power levels and creators, for room commands).
+    pub async fn room_state(&self, room_id: &str) -> Result<Vec<Value>, MatrixError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/state", enc(room_id));
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(v.as_array().cloned().unwrap_or_default())
     }
 
     /// The user ids joined to a room.

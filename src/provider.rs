@@ -20,6 +20,8 @@ pub enum ProviderError {
         status: Option<u16>,
         message: String,
         retry_after: Option<Duration>,
+        /// The request reached xAI and may have been billed with no usage to say what.
+        maybe_billed: bool,
     },
     /// Trying again cannot help: bad request, auth, unknown model, gone, exhausted credits.
     #[error("provider rejected the request ({status:?}): {message}")]
@@ -37,6 +39,19 @@ impl ProviderError {
     /// Whether a retry (or a fallback model) could succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProviderError::Retryable { .. })
+    }
+
+    /// Whether the failed attempt may have been billed: the request reached xAI and the
+    /// answer was neither a refusal (4xx, 429) nor a usage report. Such attempts are charged at
+    /// their worst case ([`worst_case_ticks`]) so the ceiling holds.
+    pub fn may_have_been_billed(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Retryable {
+                maybe_billed: true,
+                ..
+            }
+        )
     }
 
     /// The HTTP status, when the provider answered at all.
@@ -71,6 +86,9 @@ pub fn classify_http_error(
             status: Some(status),
             message,
             retry_after,
+            // A 5xx or a request timeout may come after the model ran; a 409 or 429 is a
+            // refusal before it.
+            maybe_billed: status == 408 || status >= 500,
         },
         _ => ProviderError::Fatal {
             status: Some(status),
@@ -110,14 +128,17 @@ pub struct Usage {
     pub reported_cost_ticks: Option<i64>,
 }
 
-/// Where a cost figure came from (`request_log.cost_source`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a cost figure came from (`request_log.cost_source`), from the most to the least
+/// exact: a request's figure is as exact as its least exact stage (the maximum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CostSource {
     /// `cost_in_usd_ticks` from the response.
     Reported,
     /// Computed from the configured price table.
     Computed,
-    /// Neither: no price is configured for the model.
+    /// Includes an attempt that failed after reaching xAI, charged at its worst case.
+    Estimated,
+    /// No price is configured for a model that ran.
     Unknown,
 }
 
@@ -127,9 +148,46 @@ impl CostSource {
         match self {
             CostSource::Reported => "reported",
             CostSource::Computed => "computed",
+            CostSource::Estimated => "estimated",
             CostSource::Unknown => "unknown",
         }
     }
+}
+
+/// Tokens assumed for the instructions and message framing of any call.
+pub const FRAMING_TOKENS: i64 = 300;
+
+/// Prompt tokens of a text, estimated offline from its UTF-8 bytes: 3 bytes a token errs high
+/// for English and code (about 4) and holds for CJK (one 3-byte character is about a token),
+/// so no script is undercounted; high is the safe side for a reservation or a charge.
+pub fn estimate_prompt_tokens(text: &str) -> i64 {
+    estimate_text_tokens(text) + FRAMING_TOKENS
+}
+
+/// Tokens of a text alone (no framing), by the same 3-bytes-a-token rule.
+pub fn estimate_text_tokens(text: &str) -> i64 {
+    (text.len() as i64 + 2) / 3
+}
+
+/// The most one attempt of `req` can have cost: its whole body as input, uncached, and every
+/// output token it allowed, plus every web search it allowed. Failed attempts that may have been
+/// billed are charged this, so spend never hides below the ceiling.
+pub fn worst_case_ticks(req: &CompletionRequest, price: &Price) -> i64 {
+    let usage = Usage {
+        input_tokens: estimate_prompt_tokens(&req.body().to_string()),
+        output_tokens: i64::from(req.max_output_tokens),
+        web_search_calls: i64::from(req.web_search_turns.unwrap_or(0)),
+        ..Usage::default()
+    };
+    compute_cost_ticks(&usage, price)
+}
+
+/// The result of a call with retries, and the failed attempts that may have been billed.
+#[derive(Debug)]
+pub struct Called {
+    pub result: Result<Completion, ProviderError>,
+    /// Attempts that failed after reaching xAI ([`ProviderError::may_have_been_billed`]).
+    pub unconfirmed: u32,
 }
 
 /// A model's price in integer ticks per token (and per web-search call).
@@ -335,12 +393,14 @@ pub fn parse_response(body: &[u8]) -> Result<ParsedResponse, ProviderError> {
             status: None,
             message: format!("unreadable response body: {e}"),
             retry_after: None,
+            maybe_billed: true,
         })?;
     if parsed.status == "failed" {
         return Err(ProviderError::Retryable {
             status: None,
             message: "response status failed".into(),
             retry_after: None,
+            maybe_billed: true,
         });
     }
     Ok(ParsedResponse {
@@ -393,16 +453,22 @@ impl Provider {
         self.prices.get(model)
     }
 
-    /// Calls the model, retrying retryable failures with jittered exponential backoff.
-    pub async fn complete(&self, req: &CompletionRequest) -> Result<Completion, ProviderError> {
+    /// Calls the model, retrying retryable failures with jittered exponential backoff, and
+    /// counts the failed attempts that may have been billed.
+    pub async fn complete(&self, req: &CompletionRequest) -> Called {
         let mut attempt = 0;
+        let mut unconfirmed = 0;
         loop {
-            match self.complete_once(req).await {
-                Ok(c) => return Ok(c),
+            let result = self.complete_once(req).await;
+            if let Err(e) = &result {
+                unconfirmed += u32::from(e.may_have_been_billed());
+            }
+            match result {
                 Err(ProviderError::Retryable {
                     retry_after,
                     status,
                     message,
+                    ..
                 }) if attempt < self.max_retries => {
                     attempt += 1;
                     let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
@@ -414,7 +480,12 @@ impl Provider {
                         "provider call failed, retrying");
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => return Err(e),
+                result => {
+                    return Called {
+                        result,
+                        unconfirmed,
+                    }
+                }
             }
         }
     }
@@ -441,6 +512,8 @@ impl Provider {
             .await
             .map_err(|e| ProviderError::Retryable {
                 status: None,
+                // A request that never connected cannot have been billed.
+                maybe_billed: !e.is_connect(),
                 message: transport_message(e),
                 retry_after: None,
             })?;
@@ -463,6 +536,8 @@ impl Provider {
                 status: Some(status),
                 message: transport_message(e),
                 retry_after: None,
+                // The body of a refusal costs nothing; any other answer may have.
+                maybe_billed: status == 408 || !(400..500).contains(&status),
             })?;
         if !(200..300).contains(&status) {
             return Err(classify_http_error(
@@ -520,6 +595,40 @@ mod tests {
         }
         let e = classify_http_error(401, r#"{"code": "x", "error": "Incorrect API key"}"#, None);
         assert!(e.to_string().contains("Incorrect API key"));
+    }
+
+    #[test]
+    fn only_attempts_that_may_have_run_count_as_billed() {
+        let billed = |s| classify_http_error(s, "{}", None).may_have_been_billed();
+        for s in [500, 502, 503, 504, 408] {
+            assert!(billed(s), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 429] {
+            assert!(!billed(s), "{s}");
+        }
+        assert!(parse_response(b"not json")
+            .unwrap_err()
+            .may_have_been_billed());
+        assert!(!ProviderError::ClaimLost.may_have_been_billed());
+    }
+
+    #[test]
+    fn the_worst_case_covers_the_whole_body_and_every_allowed_token() {
+        let price = Price {
+            input: 2,
+            cached_input: 1,
+            output: 10,
+            web_search_call: 1_000,
+        };
+        let mut req = CompletionRequest::new("m", "be brief", "hello", 100);
+        let input = estimate_prompt_tokens(&req.body().to_string());
+        assert_eq!(worst_case_ticks(&req, &price), input * 2 + 100 * 10);
+        req.web_search_turns = Some(3);
+        let input = estimate_prompt_tokens(&req.body().to_string());
+        assert_eq!(
+            worst_case_ticks(&req, &price),
+            input * 2 + 100 * 10 + 3 * 1_000
+        );
     }
 
     #[test]

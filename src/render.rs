@@ -113,6 +113,13 @@ fn scheme(url: &str) -> Option<&str> {
     valid.then_some(scheme)
 }
 
+/// Whether `url` is a well-formed `mxc://<server>/<media id>` content URI.
+pub fn is_mxc(url: &str) -> bool {
+    url.strip_prefix("mxc://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(server, id)| !server.is_empty() && !id.is_empty() && !id.contains('/'))
+}
+
 fn has_scheme(url: &str, wanted: &str) -> bool {
     scheme(url).is_some_and(|s| s.eq_ignore_ascii_case(wanted))
 }
@@ -599,6 +606,20 @@ mod tests {
                 html.contains(&format!("<a href=\"{href}\">")),
                 "{md} -> {html}"
             );
+        }
+    }
+
+    #[test]
+    fn content_uris_are_recognised() {
+        assert!(is_mxc("mxc://example.org/abc123"));
+        for bad in [
+            "mxc://example.org/",
+            "mxc:///abc",
+            "https://x/y",
+            "mxc://a/b/c",
+            "",
+        ] {
+            assert!(!is_mxc(bad), "{bad}");
         }
     }
 

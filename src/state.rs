@@ -8,6 +8,7 @@ use std::time::Duration;
 use regex::Regex;
 use ruma::api::appservice::Registration;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cascade::Cascade;
@@ -67,6 +68,9 @@ pub struct AppState {
     pub timings: Timings,
     /// Answer workers in flight, awaited on shutdown.
     pub tasks: TaskTracker,
+    /// Cancelled when the shutdown grace period ends: workers stop where they are and their
+    /// claims go to other replicas.
+    pub cancel: CancellationToken,
     /// Cleared when shutdown starts, so `/ready` takes the replica out of the load balancer.
     pub accepting: AtomicBool,
     /// Worker slots (`bot.max_concurrent_answers`): a claim without one waits in the database.
@@ -112,11 +116,18 @@ impl AppState {
             .iter()
             .map(|ns| Regex::new(&ns.regex))
             .collect::<Result<Vec<_>, _>>()?;
+        let ignored_senders = config
+            .rooms
+            .ignore_senders
+            .iter()
+            .map(|p| Regex::new(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let identity = Identity {
             user_id: user_id.clone(),
             localpart: registration.sender_localpart.clone(),
             display_name: config.bot.display_name.clone(),
             namespaces,
+            ignored_senders,
             allowed_servers: config.rooms.allowed_servers.clone(),
         };
         let metrics = Arc::new(Metrics::default());
@@ -144,11 +155,29 @@ impl AppState {
             instance_id,
             timings,
             tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
             accepting: AtomicBool::new(true),
             slots: Arc::new(Semaphore::new(config_slots)),
             working: Arc::new(Working::default()),
             queued: AtomicBool::new(false),
             slot_freed: Notify::new(),
         }))
+    }
+}
+
+impl AppState {
+    /// Runs a worker as a tracked task that stops at once when shutdown cancels it. A
+    /// cancelled worker sends nothing more; its claim is released for another replica.
+    pub fn spawn_worker<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = work => {}
+                () = cancel.cancelled() => tracing::info!("worker cancelled by shutdown"),
+            }
+        });
     }
 }

@@ -257,6 +257,14 @@ const COUNTERS: &[(&str, &str)] = &[
         "Provider spend in ticks (1 USD = 1e10), by model.",
     ),
     (
+        "provider_unconfirmed_attempts_total",
+        "Failed provider attempts that may have been billed, charged at their worst case.",
+    ),
+    (
+        "claims_lost_total",
+        "Workers that stopped because another replica took their claim.",
+    ),
+    (
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),

@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::answer;
 use crate::claims::Fence;
-use crate::classify::{classify, Event, Facts, Verdict};
+use crate::classify::{classify, is_direct_room, Event, Facts, Verdict};
 use crate::state::AppState;
 use crate::store::{ClaimKind, MemberChange, NewClaim, TxnWrite};
 
@@ -230,6 +230,11 @@ async fn transaction(
         }
     }
     for room in planned.left_rooms {
+        // Kicked, banned or gone: drop the room from the bot's list and from the database, so
+        // nothing more is recorded for it and a later invite starts afresh.
+        if let Err(e) = state.matrix.forget(&room).await {
+            tracing::warn!(error = %e, "could not forget a room on the homeserver");
+        }
         if let Err(e) = state.store.forget_room(room).await {
             tracing::warn!(error = %e, "could not forget a room the bot left");
         }
@@ -306,7 +311,7 @@ async fn plan(
         }
         let room = rooms.get(&event.room_id);
         let facts = Facts {
-            direct_room: room.is_some_and(|(direct, count)| *direct || *count == 2),
+            direct_room: room.is_some_and(|(direct, count)| is_direct_room(*direct, *count)),
             replies_to_bot: event
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),
@@ -398,11 +403,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Shared figures come from the database, so every replica reports the same backlog; a
     // scrape while it is down still serves the process counters.
-    let (claims, held) = match state.store.backlog().await {
-        Ok(b) => (b.claims_pending, b.reservations_held),
+    let (claims, held, overshoot) = match state.store.backlog(state.limiter.today()).await {
+        Ok(b) => (b.claims_pending, b.reservations_held, b.overshoot_ticks),
         Err(e) => {
             tracing::warn!(error = %e, "metrics: backlog unavailable");
-            (-1, -1)
+            (-1, -1, -1)
         }
     };
     let gauges = [
@@ -415,6 +420,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "reservations_held",
             "Budget reservations not yet settled (all replicas; -1: unknown).",
             held,
+        ),
+        (
+            "budget_overshoot_ticks",
+            "Today's (UTC) settled spend past the daily ceiling, in ticks (-1: unknown).",
+            overshoot,
         ),
     ];
     (

@@ -432,3 +432,89 @@ async fn unparseable_classifier_output_degrades() {
     let o = ask(&c, text).await;
     assert_eq!(o.degraded, Some("router_failed"));
 }
+
+/// What one failed attempt with this request body is charged: its worst case.
+fn worst_case_of(body: &serde_json::Value, model: &str) -> i64 {
+    let config =
+        Config::parse("homeserver: {url: 'http://h', server_name: example.org}\n").unwrap();
+    let price = grok_appservice::provider::Price::from(&config.prices[model]);
+    let usage = grok_appservice::provider::Usage {
+        input_tokens: grok_appservice::provider::estimate_prompt_tokens(&body.to_string()),
+        output_tokens: body["max_output_tokens"].as_i64().unwrap(),
+        ..Default::default()
+    };
+    grok_appservice::provider::compute_cost_ticks(&usage, &price)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_attempts_that_may_have_been_billed_are_charged() {
+    let f = Fixture::new().await;
+    let c = f.cascade(|_| {}).await;
+    // A 429 is refused before the model runs; a 500 may come after it ran.
+    f.xai.script(429, json!({"error": "slow down"}));
+    f.xai.script(500, json!({"error": "down"}));
+    let o = ask(&c, DIRECT_Q).await;
+    let seen = f.xai.seen();
+    assert!(o.ok());
+    assert_eq!(seen.len(), 3, "two failures, then the answer");
+    assert_eq!(o.unconfirmed_attempts, 1);
+    let worst = worst_case_of(&seen[1].body, "grok-4.3");
+    assert!(worst > FAKE_COST_TICKS);
+    assert_eq!(o.stage_cost.get("final"), Some(&(FAKE_COST_TICKS + worst)));
+    assert_eq!(o.cost_total(), FAKE_COST_TICKS + worst);
+    assert_eq!(o.cost_source, Some(CostSource::Estimated));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_primary_before_a_fallback_is_charged() {
+    let f = Fixture::new().await;
+    let c = f.cascade(|_| {}).await;
+    // max_retries 2: three failed attempts of the final model, then the fallback answers.
+    for _ in 0..3 {
+        f.xai.script(503, json!({"error": "overloaded"}));
+    }
+    let o = ask(&c, DIRECT_Q).await;
+    assert!(o.ok() && o.fallback_fired);
+    assert_eq!(
+        f.models(),
+        vec![
+            "grok-4.3",
+            "grok-4.3",
+            "grok-4.3",
+            "grok-4.20-non-reasoning"
+        ]
+    );
+    let worst = worst_case_of(&f.xai.seen()[0].body, "grok-4.3");
+    assert_eq!(o.unconfirmed_attempts, 3);
+    assert_eq!(
+        o.stage_cost.get("final"),
+        Some(&(3 * worst + FAKE_COST_TICKS))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_and_unsent_attempts_cost_nothing() {
+    let f = Fixture::new().await;
+    let c = f.cascade(|_| {}).await;
+    f.xai.script(400, json!({"error": "bad request"}));
+    let o = ask(&c, DIRECT_Q).await;
+    assert!(!o.ok());
+    assert_eq!((o.unconfirmed_attempts, o.cost_total()), (0, 0));
+    assert!(
+        o.stage_cost.is_empty(),
+        "nothing to settle: the reservation is released"
+    );
+
+    // Nothing listens on the port: no request reached xAI.
+    let f = Fixture::new().await;
+    let c = f
+        .cascade(|cfg| {
+            cfg.provider.base_url = "http://127.0.0.1:1/v1".into();
+            cfg.provider.max_retries = 0;
+            cfg.models.fallback = None;
+        })
+        .await;
+    let o = ask(&c, DIRECT_Q).await;
+    assert!(o.error.is_some());
+    assert_eq!((o.unconfirmed_attempts, o.cost_total()), (0, 0));
+}

@@ -304,3 +304,130 @@ async fn claims_beyond_the_worker_slots_wait_in_the_database() {
     recovery.abort();
     assert_eq!(h.xai.seen().len(), 4, "each paid once");
 }
+
+/// The byte range of `host:port` in a PostgreSQL URL.
+fn authority(url: &str) -> std::ops::Range<usize> {
+    let at = url.find('@').map_or("postgres://".len(), |i| i + 1);
+    let end = url[at..].find('/').map_or(url.len(), |i| at + i);
+    at..end
+}
+
+/// `url` with its `host:port` replaced by `addr`.
+fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let r = authority(url);
+    format!("{}{addr}{}", &url[..r.start], &url[r.end..])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_cut_off_from_the_database_past_its_lease_never_sends() {
+    let Some(db) = common::db::postgres() else {
+        eprintln!("TEST_DATABASE_URL unset: skipping the database outage test");
+        return;
+    };
+    let direct = db.url.clone();
+    let upstream = tokio::net::lookup_host(&direct[authority(&direct)])
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = common::proxy::CutProxy::start(upstream).await;
+    let proxied = via(&direct, proxy.addr);
+    let lease = Duration::from_secs(3);
+    let h = Harness::with(db, |c| {
+        c.database.url = proxied.clone();
+        c.appservice.claim_lease = lease;
+    })
+    .await;
+    h.known_room(DM, true, &[BOT, ALICE]).await;
+    // Another replica that still reaches the database.
+    let other = h.replica(|c| c.database.url = direct.clone()).await;
+
+    h.xai.set_delay(Duration::from_secs(5));
+    let event = text_event("$cut", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    h.put_txn("c1", vec![event]).await;
+    wait_for_claim(&other, "$cut", ClaimState::Answering).await;
+    wait_for("the first model call", || h.xai.arrived() == 1).await;
+    proxy.cut();
+
+    // Past the lease the other replica takes the claim and answers it.
+    h.xai.set_delay(Duration::ZERO);
+    tokio::time::sleep(lease + Duration::from_millis(500)).await;
+    assert_eq!(recover_once(&other.state).await, 1);
+    other.settle().await;
+    assert_eq!(h.hs.sent().len(), 1, "the new holder replied");
+
+    // The first worker's call returns into an outage that outlasts its lease; then the
+    // database comes back and its renewal finds the claim taken.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.restore();
+    h.settle().await;
+    assert_eq!(h.hs.sent().len(), 1, "the cut-off worker never sent");
+    assert_eq!(
+        (h.xai.arrived(), h.xai.seen().len()),
+        (2, 2),
+        "its call in flight, then the new holder's: no other call"
+    );
+    assert_eq!(h.state.metrics.get("claims_lost_total", &[]), 1);
+    let claim = other
+        .state
+        .store
+        .claim("$cut".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (claim.claim_state(), claim.generation),
+        (ClaimState::Answered, 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_cancels_answers_past_the_grace_and_hands_them_over() {
+    use grok_appservice::shutdown::{drain, Drained};
+    let h = dm_harness(|_| {}).await;
+    h.xai.set_delay(Duration::from_secs(60));
+    let event = text_event("$slow", DM, ALICE, "tell me about otters");
+    h.hs.add_event(event.clone());
+    h.put_txn("s1", vec![event]).await;
+    wait_for("the model call", || h.xai.arrived() == 1).await;
+
+    let drained = drain(&h.state, Duration::from_millis(300)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            cancelled: true,
+            released: 1
+        }
+    );
+    assert!(h.state.tasks.is_empty(), "no worker outlives the shutdown");
+    assert!(h.hs.sent().is_empty());
+    let claim = h.state.store.claim("$slow".into()).await.unwrap().unwrap();
+    assert!(!claim.claim_state().is_final(), "{claim:?}");
+    assert!(claim.lease_expires_at < grok_appservice::store::now());
+
+    // Another replica takes it at its next sweep, not after a lease, and answers once.
+    h.xai.set_delay(Duration::ZERO);
+    let other = h.restart().await;
+    assert_eq!(recover_once(&other.state).await, 1);
+    other.settle().await;
+    assert_eq!(h.hs.sent().len(), 1);
+
+    // With nothing outlasting the grace, nothing is cancelled.
+    let quiet = dm_harness(|_| {}).await;
+    quiet
+        .put_txn(
+            "q1",
+            vec![text_event("$q", DM, ALICE, "tell me about otters")],
+        )
+        .await;
+    let drained = drain(&quiet.state, Duration::from_secs(20)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            cancelled: false,
+            released: 0
+        }
+    );
+    assert_eq!(quiet.hs.sent().len(), 1, "the answer in flight finished");
+}

@@ -273,10 +273,17 @@ async fn a_run_works_in_batches_of_the_configured_size() {
             "INSERT INTO bot_events (event_id, room_id, created_at) VALUES ('b{i}', '!r:x', '{OLD}');"
         ));
     }
+    // A reply window from long ago, and one of this minute (which stays).
+    conn.exec(&format!(
+        "INSERT INTO room_answer_windows (room_id, window_start, answers) VALUES \
+         ('!r:x', '{OLD}', 3), ('!r:x', '{}', 1);",
+        grok_appservice::store::now().format("%Y-%m-%d %H:%M:00")
+    ));
     let report = run_once(&h.state).await;
     assert_eq!(report.deleted(Table::BotEvents), 5);
-    // Three passes over bot_events, one (short) pass over each of the other six tables.
-    assert_eq!(report.batches, 3 + 6, "{report:?}");
+    assert_eq!(report.deleted(Table::AnswerWindows), 1);
+    // Three passes over bot_events, one (short) pass over each of the other seven tables.
+    assert_eq!(report.batches, 3 + 7, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

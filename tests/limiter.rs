@@ -645,3 +645,49 @@ async fn without_the_budget_store_no_model_is_called() {
     assert!(body.contains("temporarily unavailable"), "{body}");
     assert_eq!(h.row("$f1").await.degraded, "reserve_error");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settling_past_the_ceiling_is_shown_as_overshoot() {
+    for db in db::all() {
+        let store = open(&db).await;
+        let config = Config::parse(
+            "homeserver: {url: 'http://h', server_name: example.org}\n\
+             limits: {daily_ceiling_usd: 0.000001, per_user_daily_usd: 1}\n",
+        )
+        .unwrap();
+        let ceiling = TICKS_PER_USD / 1_000_000;
+        let (clk, _) = clock("2026-11-28T10:00:00Z");
+        let limiter = Limiter::new(&config, store.clone(), clk);
+        let plan = Plan {
+            route: Route::GrokDirect,
+            output_cap: None,
+            estimate_ticks: ceiling / 2,
+            shrunk: false,
+        };
+        let Admission::Granted { reservation_id, .. } =
+            limiter.reserve("$a", "@u:example.org", &[plan]).await
+        else {
+            panic!("[{}] half the ceiling fits", db.label)
+        };
+        let before = store.backlog(limiter.today()).await.unwrap();
+        assert_eq!(before.overshoot_ticks, 0, "[{}]", db.label);
+        // The real cost came out larger than the whole ceiling.
+        limiter
+            .settle(&reservation_id, ceiling + 777)
+            .await
+            .unwrap();
+        let after = store.backlog(limiter.today()).await.unwrap();
+        assert_eq!(after.overshoot_ticks, 777, "[{}]", db.label);
+        assert_eq!(
+            store
+                .backlog("2026-11-29".into())
+                .await
+                .unwrap()
+                .overshoot_ticks,
+            0,
+            "[{}] another day has its own ceiling",
+            db.label
+        );
+        assert_books_balance(&store, "2026-11-28", db.label).await;
+    }
+}

@@ -4,6 +4,7 @@
 //! [`record`] (the `request_log` row). [`recover`] takes over claims of dead workers;
 //! [`notice`] handles skip notices and invites. Every claim change is fenced ([`crate::claims`]).
 
+pub mod command;
 pub mod deliver;
 pub mod notice;
 pub mod record;
@@ -122,9 +123,19 @@ pub async fn answer(state: Arc<AppState>, job: Job, fence: Fence) {
         _ = gate.lost() => Response::Lost,
     };
     typing.stop(&state, &job.room_id).await;
-    let Response::Reply(text, mut row) = response else {
-        lost(&state, &fence);
-        return;
+    let (text, mut row, msgtype) = match response {
+        Response::Reply(text, row) => (text, row, state.config.bot.reply_msgtype),
+        Response::Notice(text, row) => (text, row, crate::config::ReplyMsgtype::Notice),
+        Response::Silent(row) => {
+            if close(&state, &fence, ClaimState::Done, None).await {
+                record::finish(&state, *row);
+            }
+            return;
+        }
+        Response::Lost => {
+            lost(&state, &fence);
+            return;
+        }
     };
     row.latency_ms = started.elapsed().as_millis() as i64;
     if !state.config.telemetry.store_text {
@@ -135,13 +146,7 @@ pub async fn answer(state: Arc<AppState>, job: Job, fence: Fence) {
         sender: &job.sender,
         thread_root: job.request.thread_root.as_deref(),
     };
-    let outbox = Outbox::new(
-        state.config.bot.reply_msgtype,
-        &text,
-        &target,
-        "reply",
-        *row,
-    );
+    let outbox = Outbox::new(msgtype, &text, &target, "reply", *row);
     if !deliver::store_outbox(&state, &fence, &gate, &outbox).await {
         lost(&state, &fence);
         return;
@@ -227,5 +232,5 @@ pub fn dispatch(
         // A slot is free: queued claims may be waiting for it.
         worker.slot_freed.notify_one();
     };
-    state.tasks.spawn(task.instrument(span));
+    state.spawn_worker(task.instrument(span));
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::cascade::{Cascade, Outcome, Route, RouterSource};
 use crate::classify::SkipReason;
-use crate::limiter::estimate_text_tokens;
+use crate::provider::estimate_text_tokens;
 use crate::state::AppState;
 use crate::store;
 use crate::telemetry::{answer_stage, RequestLog, StageUsage};

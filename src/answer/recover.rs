@@ -60,7 +60,7 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
     for (claim, slot) in taken.into_iter().zip(slots) {
         let worker = state.clone();
         let span = tracing::info_span!("request", event_id = %claim.event_id);
-        state.tasks.spawn(tracing::Instrument::instrument(
+        state.spawn_worker(tracing::Instrument::instrument(
             async move { take_over(worker, claim, slot).await },
             span,
         ));
@@ -250,7 +250,7 @@ async fn recovered_row(state: &AppState, claim: &ClaimRow) -> RequestLog {
             .pointer("/content/body")
             .and_then(serde_json::Value::as_str)
             .unwrap_or("");
-        let decision = state.cascade.decide(body, Some(&claim.room_id));
+        let decision = state.cascade.decide(body, Some(&claim.room_id), None);
         row.route = decision.route.as_str().into();
         row.router_source = decision.source.as_str().into();
         row.router_confidence = decision.confidence;

@@ -1,12 +1,14 @@
-//! The admit, decide, reserve and run stages: the `!usage` command, the router's decision,
+//! The admit, decide, reserve and run stages: the room's reply limit, room commands (see
+//! [`super::command`]), the router's decision,
 //! a free cached answer, the limiter's reservation, the cascade, and settling what it cost.
 
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::cascade::{Ask, RouterSource};
+use crate::cascade::{Ask, Route, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
+use crate::commands;
 use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::provider::ProviderError;
 use crate::state::AppState;
@@ -17,14 +19,70 @@ use super::Job;
 
 const APOLOGY: &str = "Sorry, I couldn't answer that just now. Please try again in a moment.";
 const EMPTY_APOLOGY: &str = "Sorry, I came up empty on that one. Could you rephrase it?";
-const UNAVAILABLE: &str = "Sorry, I'm temporarily unavailable. Please try again in a few minutes.";
+/// The reply when the database or homeserver a step needs cannot be reached.
+pub const UNAVAILABLE: &str =
+    "Sorry, I'm temporarily unavailable. Please try again in a few minutes.";
+const ROOM_LIMIT_NOTICE: &str =
+    "I'm answering a lot in this room right now, so I'll pause until the minute is over.";
+/// The `room_notices` reason of the room reply limit's notice.
+const ROOM_LIMIT_REASON: &str = "room_rate_limited";
 
 /// What the worker does next.
 pub enum Response {
     /// Send this text; the row is written once it is sent.
     Reply(String, Box<RequestLog>),
+    /// Send this text as an `m.notice`, which bots do not answer.
+    Notice(String, Box<RequestLog>),
+    /// Send nothing; only record the row.
+    Silent(Box<RequestLog>),
     /// The claim was lost on the way: stop without sending.
     Lost,
+}
+
+/// The start of the UTC minute of `t`: the room reply limit counts per minute.
+fn minute_start(t: chrono::NaiveDateTime) -> chrono::NaiveDateTime {
+    use chrono::Timelike;
+    t.with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap_or(t)
+}
+
+/// The admit stage's room check: within `bot.room_answers_per_minute`, or one notice per
+/// minute past it and silence after, so two bots cannot loop and a flood cannot drain the
+/// budget. A store error lets the reply through (the budget still guards the spend).
+async fn room_limit(state: &AppState, job: &Job, row: &RequestLog) -> Option<Response> {
+    let allowed = state
+        .store
+        .take_room_answer(
+            job.room_id.clone(),
+            minute_start(crate::store::now()),
+            state.config.bot.room_answers_per_minute,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "room reply limit unavailable; replying");
+            true
+        });
+    if allowed {
+        return None;
+    }
+    let mut row = Box::new(row.clone());
+    row.degraded = ROOM_LIMIT_REASON.into();
+    let notice = state
+        .store
+        .take_notice_slot(
+            job.room_id.clone(),
+            ROOM_LIMIT_REASON.into(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or(false);
+    tracing::info!(room_id = %job.room_id, notice, "room reply limit reached");
+    Some(if notice {
+        Response::Notice(ROOM_LIMIT_NOTICE.to_string(), row)
+    } else {
+        Response::Silent(row)
+    })
 }
 
 /// An opaque id for the provider's abuse tracking: never the Matrix id itself.
@@ -32,32 +90,36 @@ pub fn hashed_user(user_id: &str) -> String {
     hex::encode(&Sha256::digest(user_id.as_bytes())[..12])
 }
 
-/// Decides what to answer: the `!usage` command, a refusal from the limiter, or the cascade's
-/// answer within a reservation.
+/// Decides what to answer: nothing past the room's reply limit, a room command, a refusal
+/// from the limiter, or the cascade's answer within a reservation.
 pub async fn respond(state: &AppState, job: &Job, fence: &Fence, gate: &Gate) -> Response {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.query_text = job.request.text.clone();
     row.prompt_version = state.cascade.prompt_version().to_string();
-    if job
-        .request
-        .text
-        .trim()
-        .eq_ignore_ascii_case(&state.config.limits.usage_command)
-    {
-        return match state.limiter.usage(&job.sender).await {
-            Ok(u) => {
-                row.ok = true;
-                Response::Reply(crate::limiter::usage_text(&u), Box::new(row))
-            }
-            Err(e) => {
-                row.degraded = "reserve_error".into();
-                row.err = e.to_string();
-                Response::Reply(UNAVAILABLE.to_string(), Box::new(row))
-            }
-        };
+    if let Some(limited) = room_limit(state, job, &row).await {
+        return limited;
+    }
+    let config = &state.config;
+    if let Some(command) = commands::parse(
+        &job.request.text,
+        &config.bot.command_prefix,
+        &config.limits.usage_command,
+    ) {
+        return super::command::answer(state, job, command, Box::new(row)).await;
     }
 
-    let mut decision = state.cascade.decide(&job.request.text, Some(&job.room_id));
+    let settings = state
+        .store
+        .room_settings(job.room_id.clone())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "room settings unavailable; using the defaults");
+            Default::default()
+        });
+    let room_route = settings.route.as_deref().and_then(Route::parse);
+    let mut decision = state
+        .cascade
+        .decide(&job.request.text, Some(&job.room_id), room_route);
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget.
@@ -170,6 +232,13 @@ fn observe(state: &AppState, outcome: &crate::cascade::Outcome) {
                 (*cost).max(0) as u64,
             );
         }
+    }
+    if outcome.unconfirmed_attempts > 0 {
+        state.metrics.add(
+            "provider_unconfirmed_attempts_total",
+            &[],
+            u64::from(outcome.unconfirmed_attempts),
+        );
     }
 }
 

@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::claims::Gate;
 use crate::config::{CacheConfig, CascadeConfig, Config, ModelsConfig};
 use crate::provider::{
-    settle_cost, Completion, CompletionRequest, CostSource, Provider, ProviderError,
+    settle_cost, worst_case_ticks, Completion, CompletionRequest, CostSource, Provider,
+    ProviderError,
 };
 use crate::store::Store;
 use crate::telemetry::StageUsage;
@@ -108,6 +109,8 @@ pub struct Outcome {
     pub escalated: bool,
     pub fallback_fired: bool,
     pub cache_hit: bool,
+    /// Failed attempts that may have been billed, charged at their worst case.
+    pub unconfirmed_attempts: u32,
     /// A call stopped at its output cap (the answer may be cut short).
     pub truncated: bool,
     /// A degrade token (DESIGN section 5), if the answer is not the normal one.
@@ -137,6 +140,7 @@ impl Outcome {
             escalated: false,
             fallback_fired: false,
             cache_hit: false,
+            unconfirmed_attempts: 0,
             truncated: false,
             degraded: None,
             provider_request_id: String::new(),
@@ -166,22 +170,37 @@ impl Outcome {
         self.cached_tokens += c.usage.cached_tokens;
         self.completion_tokens += c.usage.output_tokens;
         self.reasoning_tokens += c.usage.reasoning_tokens;
-        self.cost_source = Some(match (self.cost_source, source) {
-            (None | Some(CostSource::Reported), s) => s,
-            (Some(prev), CostSource::Reported) => prev,
-            (Some(CostSource::Unknown), s) | (Some(s), CostSource::Unknown) => {
-                if s == CostSource::Unknown {
-                    CostSource::Unknown
-                } else {
-                    CostSource::Computed
-                }
-            }
-            (Some(_), s) => s,
-        });
+        self.note_source(source);
         self.provider_request_id = c
             .request_id
             .clone()
             .unwrap_or_else(|| c.response_id.clone());
+    }
+
+    /// Keeps the least exact cost source seen.
+    fn note_source(&mut self, source: CostSource) {
+        self.cost_source = Some(self.cost_source.map_or(source, |prev| prev.max(source)));
+    }
+
+    /// Charges `attempts` failed attempts of `req` that may have been billed at their worst
+    /// case: xAI sent no usage, and the ceiling must not hide what it may have cost.
+    fn charge_unconfirmed(
+        &mut self,
+        stage: &'static str,
+        req: &CompletionRequest,
+        attempts: u32,
+        provider: &Provider,
+    ) {
+        if attempts == 0 {
+            return;
+        }
+        let (ticks, source) = match provider.price(&req.model) {
+            Some(price) => (worst_case_ticks(req, price), CostSource::Estimated),
+            None => (0, CostSource::Unknown),
+        };
+        *self.stage_cost.entry(stage).or_default() += ticks * i64::from(attempts);
+        self.unconfirmed_attempts += attempts;
+        self.note_source(source);
     }
 
     /// Notes a failed stage's model and time.
@@ -292,12 +311,15 @@ impl Cascade {
         &self.system_prompt
     }
 
-    /// The pure routing decision: a room override, else the heuristic router.
-    pub fn decide(&self, text: &str, room_id: Option<&str>) -> Decision {
+    /// The pure routing decision: a forced prefix, else the room's route (a moderator's
+    /// `room_route`, else `cascade.room_routes`), else the heuristic router.
+    pub fn decide(&self, text: &str, room_id: Option<&str>, room_route: Option<Route>) -> Decision {
         let mut decision = router::decide(text, &self.router);
-        let forced_by_room = room_id
-            .and_then(|r| self.settings.room_routes.get(r))
-            .and_then(|t| Route::parse(t));
+        let forced_by_room = room_route.or_else(|| {
+            room_id
+                .and_then(|r| self.settings.room_routes.get(r))
+                .and_then(|t| Route::parse(t))
+        });
         if let (Some(route), false) = (forced_by_room, decision.source == RouterSource::Forced) {
             decision.route = route;
             decision.source = RouterSource::Forced;
@@ -310,7 +332,7 @@ impl Cascade {
 
     /// Answers one message.
     pub async fn run(&self, ask: &Ask<'_>) -> Outcome {
-        self.run_decided(self.decide(ask.text, ask.room_id), ask)
+        self.run_decided(self.decide(ask.text, ask.room_id, None), ask)
             .await
     }
 
@@ -436,19 +458,24 @@ impl Cascade {
         req
     }
 
-    /// One provider call (with the provider's retries), made only while the worker's claim is
-    /// confirmed held: a worker that lost its claim never pays for another call.
+    /// One provider call for `stage` (with the provider's retries), made only while the
+    /// worker's claim is confirmed held: a worker that lost its claim never pays for another
+    /// call. Failed attempts that may have been billed are charged to the stage.
     async fn call(
         &self,
+        stage: &'static str,
         req: &CompletionRequest,
         ask: &Ask<'_>,
+        out: &mut Outcome,
     ) -> Result<Completion, ProviderError> {
         if let Some(gate) = ask.gate {
             gate.ready(CLAIM_PATIENCE)
                 .await
                 .map_err(|_| ProviderError::ClaimLost)?;
         }
-        self.provider.complete(req).await
+        let called = self.provider.complete(req).await;
+        out.charge_unconfirmed(stage, req, called.unconfirmed, &self.provider);
+        called.result
     }
 
     /// Asks the router model; a failure or timeout degrades to the default route.
@@ -464,10 +491,14 @@ impl Cascade {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "router classifier failed");
+                let attempts = u32::from(e.may_have_been_billed());
+                out.charge_unconfirmed("router", &req, attempts, &self.provider);
                 None
             }
             Err(_) => {
+                // The request went out and may still be billed after we stopped waiting.
                 tracing::warn!(?timeout, "router classifier timed out");
+                out.charge_unconfirmed("router", &req, 1, &self.provider);
                 None
             }
         };
@@ -497,13 +528,13 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        let mut result = self.call(&req, ask).await;
+        let mut result = self.call("final", &req, ask, out).await;
         if let (Err(e), Some(fallback)) = (&result, &self.models.fallback) {
             if e.is_retryable() {
                 tracing::warn!(model = %req.model, %fallback, error = %e, "final model failed, trying the fallback");
                 req.model = fallback.clone();
                 out.fallback_fired = true;
-                result = self.call(&req, ask).await;
+                result = self.call("final", &req, ask, out).await;
             }
         }
         match result {
@@ -529,7 +560,7 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.call(&req, ask).await {
+        match self.call("trivial", &req, ask, out).await {
             Ok(c) => {
                 out.absorb("trivial", &c, &self.provider);
                 let truncated = c.status == "incomplete" || c.incomplete_reason.is_some();
@@ -577,7 +608,7 @@ impl Cascade {
         );
         req.web_search_turns = Some(self.settings.web_max_turns);
         let started = Instant::now();
-        let result = self.call(&req, ask).await;
+        let result = self.call("web", &req, ask, out).await;
         let used = result
             .as_ref()
             .map(|c| c.usage.web_search_calls)
@@ -612,7 +643,7 @@ impl Cascade {
         );
         req.reasoning_effort = Some(self.settings.reason_effort.clone());
         let started = Instant::now();
-        let analysis = match self.call(&req, ask).await {
+        let analysis = match self.call("reason", &req, ask, out).await {
             Ok(c) if !c.text.trim().is_empty() => {
                 out.absorb("reason", &c, &self.provider);
                 c.text
@@ -643,7 +674,7 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.call(&final_req, ask).await {
+        match self.call("final", &final_req, ask, out).await {
             Ok(c) => {
                 out.absorb("final", &c, &self.provider);
                 out.text = c.text;

@@ -11,6 +11,12 @@ use super::{Conn, Store, StoreError};
 /// The scope of the all-users counter.
 pub const GLOBAL_SCOPE: &str = "global";
 
+/// How far settled spend went past its cap. Admission never grants past the cap, but the real
+/// cost of a call is only known after it (a longer answer, a retry billed at its worst case).
+pub fn overshoot(cap_ticks: i64, settled_ticks: i64) -> i64 {
+    (settled_ticks - cap_ticks).max(0)
+}
+
 /// The counter scope of one user.
 pub fn user_scope(user_id: &str) -> String {
     format!("user:{user_id}")
@@ -67,6 +73,34 @@ pub struct AuditMismatch {
 /// `(user_id, state, amount_ticks, actual_ticks)` of one reservation, for the audit.
 type AuditRow = (String, String, i64, i64);
 
+/// The life of a reservation row (`budget_reservations.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationState {
+    /// Counted at its estimate until it ends.
+    Held,
+    /// Its call ran and its real cost is counted.
+    Settled,
+    /// Its call never went out; it counts nothing.
+    Released,
+    /// Its worker died; counted at its estimate if its call went out, else at zero.
+    Expired,
+}
+
+impl ReservationState {
+    /// Every state that ends a reservation.
+    pub const FINISHED: [ReservationState; 3] = [Self::Settled, Self::Released, Self::Expired];
+
+    /// The stored token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Settled => "settled",
+            Self::Released => "released",
+            Self::Expired => "expired",
+        }
+    }
+}
+
 /// How a reservation ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -98,7 +132,7 @@ macro_rules! finish_one {
     ($c:expr, $id:expr, $state:expr, $actual:expr, $now:expr) => {{
         let row: Option<(String, String, i64, bool)> = budget_reservations::table
             .find($id)
-            .filter(budget_reservations::state.eq("held"))
+            .filter(budget_reservations::state.eq(ReservationState::Held.as_str()))
             .select((
                 budget_reservations::day,
                 budget_reservations::user_id,
@@ -114,7 +148,7 @@ macro_rules! finish_one {
                 let n = diesel::update(
                     budget_reservations::table
                         .find($id)
-                        .filter(budget_reservations::state.eq("held")),
+                        .filter(budget_reservations::state.eq(ReservationState::Held.as_str())),
                 )
                 .set((
                     budget_reservations::state.eq($state),
@@ -185,7 +219,7 @@ impl Store {
                     let recent: i64 = budget_reservations::table
                         .filter(budget_reservations::user_id.eq(&r.user_id))
                         .filter(budget_reservations::created_at.gt(hour_ago))
-                        .filter(budget_reservations::state.ne("released"))
+                        .filter(budget_reservations::state.ne(ReservationState::Released.as_str()))
                         .count()
                         .get_result(c)?;
                     if recent >= i64::from(per_hour) {
@@ -200,7 +234,7 @@ impl Store {
                         budget_reservations::day.eq(&r.day),
                         budget_reservations::user_id.eq(&r.user_id),
                         budget_reservations::amount_ticks.eq(r.amount_ticks),
-                        budget_reservations::state.eq("held"),
+                        budget_reservations::state.eq(ReservationState::Held.as_str()),
                         budget_reservations::created_at.eq(r.now),
                         budget_reservations::expires_at.eq(r.expires_at),
                     ))
@@ -236,8 +270,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.run(move |conn| {
             let (state, actual) = match how {
-                Finish::Settled => ("settled", actual_ticks),
-                Finish::Released => ("released", 0),
+                Finish::Settled => (ReservationState::Settled.as_str(), actual_ticks),
+                Finish::Released => (ReservationState::Released.as_str(), 0),
             };
             db_tx!(conn, |c| finish_one!(c, &id, state, |_, _| actual, now))
         })
@@ -253,7 +287,7 @@ impl Store {
             match conn {
                 Conn::Postgres(pooled) => pooled.transaction(|c| {
                     let ids: Vec<String> = budget_reservations::table
-                        .filter(budget_reservations::state.eq("held"))
+                        .filter(budget_reservations::state.eq(ReservationState::Held.as_str()))
                         .filter(budget_reservations::expires_at.lt(now))
                         .order(budget_reservations::expires_at)
                         .limit(limit)
@@ -263,13 +297,19 @@ impl Store {
                         .load(c)?;
                     let mut n = 0;
                     for id in &ids {
-                        n += usize::from(finish_one!(c, id, "expired", charge, now)?);
+                        n += usize::from(finish_one!(
+                            c,
+                            id,
+                            ReservationState::Expired.as_str(),
+                            charge,
+                            now
+                        )?);
                     }
                     Ok(n)
                 }),
                 Conn::Sqlite(pooled) => pooled.immediate_transaction(|c| {
                     let ids: Vec<String> = budget_reservations::table
-                        .filter(budget_reservations::state.eq("held"))
+                        .filter(budget_reservations::state.eq(ReservationState::Held.as_str()))
                         .filter(budget_reservations::expires_at.lt(now))
                         .order(budget_reservations::expires_at)
                         .limit(limit)
@@ -277,7 +317,13 @@ impl Store {
                         .load(c)?;
                     let mut n = 0;
                     for id in &ids {
-                        n += usize::from(finish_one!(c, id, "expired", charge, now)?);
+                        n += usize::from(finish_one!(
+                            c,
+                            id,
+                            ReservationState::Expired.as_str(),
+                            charge,
+                            now
+                        )?);
                     }
                     Ok(n)
                 }),
@@ -294,7 +340,7 @@ impl Store {
             let actual: Vec<i64> = db!(conn, |c| budget_reservations::table
                 .filter(budget_reservations::id.ge(&low))
                 .filter(budget_reservations::id.lt(&high))
-                .filter(budget_reservations::state.ne("held"))
+                .filter(budget_reservations::state.ne(ReservationState::Held.as_str()))
                 .select(budget_reservations::actual_ticks)
                 .load(c))?;
             Ok(actual.into_iter().sum())
@@ -357,7 +403,7 @@ impl Store {
             })?;
             let mut totals: std::collections::HashMap<String, (i64, i64)> = Default::default();
             for (user, state, amount, actual) in rows {
-                let (settled, reserved) = if state == "held" {
+                let (settled, reserved) = if state == ReservationState::Held.as_str() {
                     (0, amount)
                 } else {
                     (actual, 0)

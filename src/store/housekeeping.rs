@@ -13,15 +13,13 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text, Timestamp};
 
+use super::budget::ReservationState;
 use super::schema::leases;
 use super::{chrono_dur, now, ClaimState, Conn, Store, StoreError};
 
 /// Claim states nothing will move on from: only these are ever deleted.
 const FINAL_CLAIM_STATES: [ClaimState; 3] =
     [ClaimState::Answered, ClaimState::Failed, ClaimState::Done];
-
-/// Reservation states of a finished reservation (`held` is the only unfinished one).
-const FINISHED_RESERVATION_STATES: [&str; 3] = ["settled", "released", "expired"];
 
 /// The value a prune compares rows with.
 enum Cutoff {
@@ -204,7 +202,7 @@ impl Store {
         batch: i64,
     ) -> Result<usize, StoreError> {
         self.run(move |conn| {
-            let finished = sql_list(&FINISHED_RESERVATION_STATES);
+            let finished = sql_list(&ReservationState::FINISHED.map(ReservationState::as_str));
             let condition = format!("state IN ({finished}) AND finished_at < {{cutoff}}");
             delete_batch(
                 conn,
@@ -231,6 +229,25 @@ impl Store {
                 "room_notices",
                 "room_id, reason",
                 condition,
+                Cutoff::At(cutoff),
+                batch,
+            )
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` per-room reply windows that started before `cutoff`.
+    pub async fn prune_answer_windows(
+        &self,
+        cutoff: NaiveDateTime,
+        batch: i64,
+    ) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            delete_batch(
+                conn,
+                "room_answer_windows",
+                "room_id, window_start",
+                "window_start < {cutoff}",
                 Cutoff::At(cutoff),
                 batch,
             )

@@ -205,6 +205,7 @@ mod analytics;
 pub mod budget;
 mod claims;
 mod housekeeping;
+pub mod room_state;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
@@ -281,6 +282,8 @@ pub struct RoomFacts {
 pub struct Backlog {
     pub claims_pending: i64,
     pub reservations_held: i64,
+    /// How far the day's settled spend went past the daily ceiling (0 when within it).
+    pub overshoot_ticks: i64,
 }
 
 /// A claim row as read back (recovery).
@@ -703,6 +706,14 @@ impl Store {
                 diesel::delete(rooms::table.find(&room_id)).execute(c)?;
                 diesel::delete(room_members::table.filter(room_members::room_id.eq(&room_id)))
                     .execute(c)?;
+                // A later invite starts the room afresh: no settings or counts carry over.
+                diesel::delete(room_settings::table.find(&room_id)).execute(c)?;
+                diesel::delete(
+                    room_answer_windows::table.filter(room_answer_windows::room_id.eq(&room_id)),
+                )
+                .execute(c)?;
+                diesel::delete(room_notices::table.filter(room_notices::room_id.eq(&room_id)))
+                    .execute(c)?;
                 Ok::<_, StoreError>(())
             })
         })
@@ -745,21 +756,29 @@ impl Store {
         .await
     }
 
-    /// How much work is open across all replicas (for `/metrics`).
-    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
-        self.run(|conn| {
+    /// How much work is open across all replicas, and the overshoot of `day` (for `/metrics`).
+    pub async fn backlog(&self, day: String) -> Result<Backlog, StoreError> {
+        self.run(move |conn| {
             db!(conn, |c| {
                 let claims_pending = processed_events::table
                     .filter(processed_events::state.eq_any(ClaimState::open_tokens()))
                     .count()
                     .get_result(c)?;
                 let reservations_held = budget_reservations::table
-                    .filter(budget_reservations::state.eq("held"))
+                    .filter(budget_reservations::state.eq(budget::ReservationState::Held.as_str()))
                     .count()
                     .get_result(c)?;
+                let global: Option<(i64, i64)> = budget_counters::table
+                    .filter(budget_counters::day.eq(&day))
+                    .filter(budget_counters::scope.eq(budget::GLOBAL_SCOPE))
+                    .select((budget_counters::cap_ticks, budget_counters::settled_ticks))
+                    .first(c)
+                    .optional()?;
                 Ok(Backlog {
                     claims_pending,
                     reservations_held,
+                    overshoot_ticks: global
+                        .map_or(0, |(cap, settled)| budget::overshoot(cap, settled)),
                 })
             })
         })

@@ -52,6 +52,24 @@ diesel::table! {
 }
 
 diesel::table! {
+    room_settings (room_id) {
+        room_id -> Text,
+        context_mode -> Nullable<Text>,
+        route -> Nullable<Text>,
+        updated_by -> Text,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    room_answer_windows (room_id, window_start) {
+        room_id -> Text,
+        window_start -> Timestamp,
+        answers -> Integer,
+    }
+}
+
+diesel::table! {
     room_notices (room_id, reason) {
         room_id -> Text,
         reason -> Text,
@@ -163,4 +181,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     budget_counters,
     budget_reservations,
     leases,
+    room_settings,
+    room_answer_windows,
 );

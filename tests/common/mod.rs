@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod db;
+pub mod proxy;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ struct HsInner {
     seen: Vec<Seen>,
     sent_by_txn: HashMap<String, String>,
     members: HashMap<String, Vec<String>>,
+    /// Room id -> its state events (`GET /rooms/{room}/state`).
+    state: HashMap<String, Vec<Value>>,
     events: HashMap<String, Value>,
     send_script: VecDeque<Scripted>,
     next_id: u64,
@@ -78,6 +81,8 @@ impl FakeHs {
             .route("/_matrix/client/v1/appservice/{id}/ping", post(hs_ping))
             .route("/_matrix/client/v3/rooms/{room}/join", post(hs_join))
             .route("/_matrix/client/v3/rooms/{room}/leave", post(hs_ok))
+            .route("/_matrix/client/v3/rooms/{room}/forget", post(hs_ok))
+            .route("/_matrix/client/v3/rooms/{room}/state", get(hs_state))
             .route(
                 "/_matrix/client/v3/rooms/{room}/joined_members",
                 get(hs_members),
@@ -108,6 +113,11 @@ impl FakeHs {
         self.lock()
             .members
             .insert(room.into(), members.iter().map(|m| m.to_string()).collect());
+    }
+
+    /// Sets a room's state events (power levels, create event).
+    pub fn set_state(&self, room: &str, events: Vec<Value>) {
+        self.lock().state.insert(room.into(), events);
     }
 
     pub fn add_event(&self, event: Value) {
@@ -182,6 +192,10 @@ async fn hs_join(
 ) -> Json<Value> {
     record(&s, "POST", format!("/join/{room}"), &h, &b);
     Json(json!({"room_id": room}))
+}
+async fn hs_state(State(s): HsState, Path(room): Path<String>) -> Json<Value> {
+    let events = s.lock().unwrap().state.get(&room).cloned();
+    Json(Value::Array(events.unwrap_or_default()))
 }
 async fn hs_members(State(s): HsState, Path(room): Path<String>) -> Json<Value> {
     let members = s
@@ -270,6 +284,8 @@ struct XaiInner {
     no_cost: bool,
     /// How long each answer takes.
     delay: Duration,
+    /// Requests received, including those still waiting out `delay`.
+    arrived: usize,
 }
 
 /// A fake xAI Responses API.
@@ -335,6 +351,11 @@ impl FakeXai {
         self.inner.lock().unwrap().delay = delay;
     }
 
+    /// Requests received so far, answered or not.
+    pub fn arrived(&self) -> usize {
+        self.inner.lock().unwrap().arrived
+    }
+
     pub fn omit_cost(&self) {
         self.inner.lock().unwrap().no_cost = true;
     }
@@ -345,7 +366,11 @@ impl FakeXai {
 }
 
 async fn xai_responses(State(s): State<Arc<Mutex<XaiInner>>>, h: HeaderMap, b: Bytes) -> Response {
-    let delay = s.lock().unwrap().delay;
+    let delay = {
+        let mut inner = s.lock().unwrap();
+        inner.arrived += 1;
+        inner.delay
+    };
     tokio::time::sleep(delay).await;
     xai_answer(&s, h, b)
 }
@@ -430,8 +455,15 @@ impl Harness {
 
     /// A second process over the same database and fakes (a restart or another replica).
     pub async fn restart(&self) -> Harness {
+        self.replica(|_| {}).await
+    }
+
+    /// Another replica over the same database and fakes, its config changed by `tweak`.
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let mut config = self.state.config.clone();
+        tweak(&mut config);
         Self::build(
-            self.state.config.clone(),
+            config,
             self.state.registration.clone(),
             self.db.clone(),
             self.hs.clone(),

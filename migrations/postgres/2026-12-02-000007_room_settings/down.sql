@@ -1,0 +1,2 @@
+DROP TABLE room_answer_windows;
+DROP TABLE room_settings;
