@@ -252,8 +252,10 @@ async fn main() -> anyhow::Result<()> {
             let until = grok_appservice::store::now();
             let since = until - chrono::Duration::from_std(window).context("--since")?;
             let rows = store.request_log_since(since).await?;
+            let day = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d").to_string();
+            let budget = store.budget_global_days(day(since), day(until)).await?;
             let opts = stats::Options::from_config(&config, since, until, anonymize);
-            let report = stats::summarize(&rows, &opts);
+            let report = stats::summarize(&rows, &budget, &opts);
             if let Some(path) = &html {
                 std::fs::write(path, stats::render_html(&report))
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -1,6 +1,7 @@
 //! The `request_log` analytics rows, written off the answer path, plus the process counters
 //! served at `/metrics`.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,10 +13,59 @@ use chrono::NaiveDateTime;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::TelemetryConfig;
+use crate::provider::Usage;
 use crate::store::{self, Store, StoreError};
 
 /// One analytics row (DESIGN section 5); zero values mean "did not apply".
 pub type RequestLog = store::RequestLogRow;
+
+/// One stage's tokens, as stored per stage in `request_log.stage_usage`
+/// (`{"final": {"input": .., "cached": .., "output": .., "reasoning": .., "web_search_calls": ..}}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StageUsage {
+    /// Input tokens, cached ones included.
+    pub input: i64,
+    /// Cached input tokens.
+    pub cached: i64,
+    /// Output tokens, reasoning ones included.
+    pub output: i64,
+    /// Reasoning tokens (part of `output`).
+    pub reasoning: i64,
+    /// Server-side web-search calls.
+    pub web_search_calls: i64,
+}
+
+impl StageUsage {
+    /// Adds one call's usage.
+    pub fn add(&mut self, u: &Usage) {
+        self.input += u.input_tokens;
+        self.cached += u.cached_tokens;
+        self.output += u.output_tokens;
+        self.reasoning += u.reasoning_tokens;
+        self.web_search_calls += u.web_search_calls;
+    }
+
+    /// The same tokens as provider usage (no reported cost), to price them.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.input,
+            cached_tokens: self.cached,
+            output_tokens: self.output,
+            reasoning_tokens: self.reasoning,
+            web_search_calls: self.web_search_calls,
+            reported_cost_ticks: None,
+        }
+    }
+}
+
+/// The stage whose output the user got: `final` when it ran, else the route's own stage
+/// (`web`, `reason` or `trivial`; a route runs at most one of them). The router never answers.
+pub fn answer_stage<K: Borrow<str> + Ord>(stages: &BTreeMap<K, StageUsage>) -> Option<&StageUsage> {
+    ["final", "web", "reason", "trivial"]
+        .into_iter()
+        .find_map(|s| stages.get(s))
+}
 
 /// How often (in writes) the retention trim runs.
 pub const TRIM_EVERY: u64 = 200;

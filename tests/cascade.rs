@@ -114,6 +114,12 @@ async fn each_route_calls_its_models() {
         o.text
     );
     assert_eq!(o.stage_cost.get("web"), Some(&FAKE_COST_TICKS));
+    // The stage's tokens are kept for the stats counterfactual, searches included.
+    let web = o.stage_usage["web"];
+    assert_eq!(
+        (web.input, web.cached, web.output, web.web_search_calls),
+        (120, 20, 30, 1)
+    );
     // Two turns were reserved, one search was made: the counter settles at the truth.
     assert_eq!(c_grounding(&f).await, 1);
 

@@ -22,9 +22,10 @@ use serde_json::{json, Value};
 use grok_appservice::config::Config;
 use grok_appservice::provider::Price;
 use grok_appservice::stats::{
-    self, nearest_rank, render_html, render_json, render_text, summarize, Options, Percentiles,
-    Rate, Report, Spender,
+    self, nearest_rank, render_html, render_json, render_text, summarize, Comparison, Options,
+    Percentiles, Rate, Report, Spender,
 };
+use grok_appservice::store::budget::{Counter, GLOBAL_SCOPE};
 use grok_appservice::store::{RequestLogRow, Store, StoreError};
 
 const ALPHA: &str = "!alpha:example.org";
@@ -96,15 +97,34 @@ fn spend(
     r
 }
 
+/// One stage as the bot records it: `(stage, model, [input, cached, output, reasoning,
+/// web_search_calls])`.
+type StageTokens<'a> = (&'a str, &'a str, [i64; 5]);
+
+/// A row with per-stage tokens and the `grok_direct` estimate `(input, output)`.
+fn tokens(mut r: RequestLogRow, stages: &[StageTokens], direct: (i64, i64)) -> RequestLogRow {
+    let mut models = serde_json::Map::new();
+    let mut usage = serde_json::Map::new();
+    for (stage, model, [input, cached, output, reasoning, web]) in stages {
+        models.insert(stage.to_string(), json!(model));
+        usage.insert(
+            stage.to_string(),
+            json!({"input": input, "cached": cached, "output": output,
+                   "reasoning": reasoning, "web_search_calls": web}),
+        );
+    }
+    r.models = Value::Object(models).to_string();
+    r.stage_usage = Value::Object(usage).to_string();
+    (r.direct_input_tokens, r.direct_output_tokens) = direct;
+    r
+}
+
+const FINAL: &str = "grok-4.3";
+const CHEAP: &str = "grok-4.20-non-reasoning";
+const REASON: &str = "grok-4.5";
+
 /// The seeded rows, the out-of-window one (`e0`) first.
 fn seed() -> Vec<RequestLogRow> {
-    let m = |stages: &[(&str, &str)]| -> String {
-        let map: serde_json::Map<String, Value> = stages
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        Value::Object(map).to_string()
-    };
     let mut rows = Vec::new();
     rows.push(spend(
         row(
@@ -121,7 +141,7 @@ fn seed() -> Vec<RequestLogRow> {
         json!({"final": 60_000}),
     ));
     // Day 1.
-    let mut e1 = spend(
+    let e1 = spend(
         row(
             "$e1",
             at(20, 9, 0),
@@ -135,7 +155,6 @@ fn seed() -> Vec<RequestLogRow> {
         2_000,
         json!({"final": 1_900}),
     );
-    e1.models = m(&[("final", "grok-4.3")]);
     rows.push(e1);
     rows.push(spend(
         row(
@@ -180,7 +199,6 @@ fn seed() -> Vec<RequestLogRow> {
         json!({"router": 300, "reason": 6_500, "final": 2_100}),
     );
     e4.reasoning_tokens = 2_500;
-    e4.models = m(&[("final", "grok-4.3"), ("reason", "grok-4.5")]);
     rows.push(e4);
     let mut e5 = row("$e5", at(20, 9, 28), ALPHA, BOB, "none", "default");
     e5.degraded = "media".into();
@@ -294,6 +312,69 @@ fn seed() -> Vec<RequestLogRow> {
     let mut e15 = row("$e15", at(21, 10, 49), DELTA, FRANK, "none", "default");
     e15.degraded = "media".into();
     rows.push(e15);
+
+    // What the bot recorded per stage for the answered rows (the counterfactual's inputs,
+    // priced in `assert_known_answer`). e9 is a row from before per-stage tokens existed
+    // (the migration's defaults); e14's trivial model has no price.
+    let recorded: Vec<(&str, Vec<StageTokens>, (i64, i64))> = vec![
+        (
+            "$e1",
+            vec![("final", FINAL, [1_000, 200, 400, 0, 0])],
+            (1_000, 400),
+        ),
+        (
+            "$e2",
+            vec![("trivial", CHEAP, [300, 0, 40, 0, 0])],
+            (250, 40),
+        ),
+        (
+            "$e3",
+            vec![("web", FINAL, [6_000, 1_000, 500, 0, 1])],
+            (400, 500),
+        ),
+        (
+            "$e4",
+            vec![
+                ("router", CHEAP, [200, 0, 10, 0, 0]),
+                ("reason", REASON, [1_000, 0, 3_000, 2_500, 0]),
+                ("final", FINAL, [1_500, 500, 400, 0, 0]),
+            ],
+            (300, 400),
+        ),
+        ("$e6", vec![], (600, 200)),
+        (
+            "$e7",
+            vec![
+                ("trivial", CHEAP, [400, 0, 50, 0, 0]),
+                ("final", FINAL, [400, 100, 350, 0, 0]),
+            ],
+            (250, 350),
+        ),
+        (
+            "$e8",
+            vec![("final", FINAL, [1_500, 500, 600, 0, 0])],
+            (1_500, 600),
+        ),
+        (
+            "$e13",
+            vec![("router", CHEAP, [200, 0, 10, 0, 0])],
+            (300, 100),
+        ),
+        (
+            "$e14",
+            vec![("trivial", "grok-unpriced", [250, 0, 30, 0, 0])],
+            (200, 30),
+        ),
+    ];
+    for (id, stages, direct) in recorded {
+        if let Some(i) = rows.iter().position(|r| r.id == id) {
+            rows[i] = tokens(rows[i].clone(), &stages, direct);
+        }
+    }
+    if let Some(e9) = rows.iter_mut().find(|r| r.id == "$e9") {
+        e9.stage_usage = "{}".into();
+        (e9.direct_input_tokens, e9.direct_output_tokens) = (-1, -1);
+    }
     rows
 }
 
@@ -452,24 +533,70 @@ fn assert_known_answer(r: &Report, label: &str) {
         ctx("day 2 stages")
     );
 
-    // Counterfactual: the 8 answered non-cache rows priced at grok-4.3:
-    // e1 20.4M, e2 4.75M, e3 87.5M, e4 89.5M, e7 18.75M, e8 28.5M, e9 18.3M, e14 3.875M
-    // (sum 271.575M); median (rank 4 of 8) 18.75M for each of the 2 cache hits (e6, e13).
+    // Counterfactual, both sides tokens at the default prices (per token: grok-4.3 and
+    // grok-4.20-non-reasoning 12 500 in, 2 000 cached, 25 000 out; grok-4.5 20 000, 3 000,
+    // 60 000; 50M a web search). The grok_direct side's cached input is the answering
+    // stage's, up to the direct input.
+    // grok_direct: e1 20.4M vs 20.4M; e8 28.5M vs 28.5M; e6 (cache hit) 0 vs 600 in + 200 out
+    //   = 12.5M.
+    // trivial_direct: e2 4.75M vs 250 in + 40 out = 4.125M; e7 trivial 6.25M + final 12.7M
+    //   vs 150 in + 100 cached + 350 out = 10.825M. (e14: unpriced.)
+    // web_then_grok: e3 5 000 in + 1 000 cached + 500 out + 1 search = 127M vs 400 cached +
+    //   500 out = 13.3M. (e9: no per-stage tokens.)
+    // reason_then_grok: e4 router 2.75M + reason 200M + final 23.5M vs 300 cached + 400 out
+    //   = 10.6M; e13 (cache hit) router 2.75M vs 300 in + 100 out = 6.25M.
     let cf = &r.counterfactual;
+    assert!(cf.priced);
     assert_eq!(cf.answered, 10, "{}", ctx("answered"));
     assert_eq!(cf.cache_hits, 2);
-    assert_eq!(cf.cache_hit_estimate_ticks, Some(18_750_000));
-    assert_eq!(
-        cf.direct_ticks,
-        Some(309_075_000),
-        "{}",
-        ctx("counterfactual")
-    );
     assert_eq!(cf.actual_ticks, 248_900_000, "{}", ctx("actual")); // all spend but e12's
-    assert_eq!(cf.saving_ticks(), Some(60_175_000));
-    let saving = cf.saving_pct().unwrap();
+    assert_eq!(cf.without_stage_usage, 1, "{}", ctx("e9"));
+    assert_eq!(cf.unpriced, 1, "{}", ctx("e14"));
+    let cmp = |rows, cache_hits, reported_ticks, cascade_ticks, direct_ticks| Comparison {
+        rows,
+        cache_hits,
+        reported_ticks,
+        cascade_ticks,
+        direct_ticks,
+    };
+    let expected = [
+        ("grok_direct", cmp(3, 1, 50_000_000, 48_900_000, 61_400_000)),
+        (
+            "reason_then_grok",
+            cmp(2, 1, 85_800_000, 229_000_000, 16_850_000),
+        ),
+        (
+            "trivial_direct",
+            cmp(2, 0, 13_500_000, 23_700_000, 14_950_000),
+        ),
+        (
+            "web_then_grok",
+            cmp(1, 0, 85_000_000, 127_000_000, 13_300_000),
+        ),
+    ];
+    let compared: Vec<(&str, Comparison)> =
+        cf.by_route.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(compared, expected, "{}", ctx("counterfactual by route"));
+    assert_eq!(
+        cf.total,
+        cmp(8, 2, 234_300_000, 428_600_000, 106_500_000),
+        "{}",
+        ctx("counterfactual total")
+    );
+    assert_eq!(cf.by_route["grok_direct"].saving_ticks(), 12_500_000);
+    assert_eq!(cf.total.saving_ticks(), -322_100_000);
+    for (route, pct) in [
+        ("grok_direct", 20.358_306),
+        ("trivial_direct", -58.528_428),
+        ("web_then_grok", -854.887_218),
+        ("reason_then_grok", -1_259.050_445),
+    ] {
+        let got = cf.by_route[route].saving_pct().unwrap();
+        assert!((got - pct).abs() < 1e-5, "{}: {got}", ctx(route));
+    }
+    let saving = cf.total.saving_pct().unwrap();
     assert!(
-        (saving - 19.469_384).abs() < 1e-5,
+        (saving - -302.441_314).abs() < 1e-5,
         "{}: {saving}",
         ctx("saving %")
     );
@@ -567,7 +694,7 @@ async fn seeded_request_log_gives_the_known_answer_on_every_backend() {
         assert_eq!(ids, expected, "[{}] rows in created_at order", db.label);
         // The rows survive the round trip through the database unchanged.
         assert_eq!(rows, seed()[1..].to_vec(), "[{}] round trip", db.label);
-        assert_known_answer(&summarize(&rows, &options(at(20, 0, 0))), db.label);
+        assert_known_answer(&summarize(&rows, &[], &options(at(20, 0, 0))), db.label);
     }
 }
 
@@ -591,17 +718,17 @@ async fn since_filters_in_the_store_and_in_the_summary() {
             .unwrap()
             .is_empty());
 
-        let report = summarize(&rows, &options(at(21, 0, 0)));
+        let report = summarize(&rows, &[], &options(at(21, 0, 0)));
         assert_eq!(report.days.len(), 1);
         assert_eq!(report.days[0].day, day(21));
         assert_eq!(report.total.requests_total(), 8);
         assert_eq!(report.total.cost_total(), 56_150_000);
         // The summary applies the window too, so a wider read gives the same report.
         let wide = store.request_log_since(at(19, 0, 0)).await.unwrap();
-        assert_eq!(summarize(&wide, &options(at(21, 0, 0))), report);
+        assert_eq!(summarize(&wide, &[], &options(at(21, 0, 0))), report);
     }
     // And the old row really is left out of the full window.
-    let report = summarize(&seed(), &options(at(20, 0, 0)));
+    let report = summarize(&seed(), &[], &options(at(20, 0, 0)));
     assert_eq!(report.total.requests_total(), 15);
     assert_known_answer(&report, "pure");
 }
@@ -628,7 +755,7 @@ fn anonymize_hashes_user_ids_and_nothing_else() {
     let mut opts = options(at(20, 0, 0));
     opts.anonymize = true;
     opts.top = 3;
-    let report = summarize(&seed(), &opts);
+    let report = summarize(&seed(), &[], &opts);
     let hash = |u: &str| {
         use sha2::Digest;
         hex::encode(&sha2::Sha256::digest(u.as_bytes())[..12])
@@ -660,7 +787,7 @@ fn anonymize_hashes_user_ids_and_nothing_else() {
 
 #[test]
 fn text_report_fits_80_columns() {
-    let report = summarize(&seed(), &options(at(20, 0, 0)));
+    let report = summarize(&seed(), &[], &options(at(20, 0, 0)));
     let text = render_text(&report);
     for line in text.lines() {
         assert!(line.chars().count() <= 80, "too wide: {line:?}");
@@ -669,9 +796,10 @@ fn text_report_fits_80_columns() {
         "15 requests, $0.026015 spent; final model grok-4.3",
         "2026-11-20       1       2       2       1       1       7",
         "2026-11-21       3       2       1       1       1       8",
-        "  cascade spend            $0.024890",
-        "  grok_direct only         $0.030908  (same tokens, grok-4.3 prices)",
-        "  saving                   $0.006018  19.5%",
+        "grok_direct             3   $0.004890    $0.006140    $0.001250    20.4%",
+        "total                   8   $0.042860    $0.010650   -$0.032210  -302.4%",
+        "  not compared: 1 older rows without per-stage tokens",
+        "  not compared: 1 rows with a model not under prices:",
         "2026-11-20  $0.002000  $0.001350  $0.008500  $0.008550  $0.020400",
         "total       $0.000080  $0.000210  $0.006000  $0.007000  $0.012725  $0.026015",
         "  route grok_direct               4     1200     3000     3000     3000",
@@ -696,7 +824,7 @@ fn text_report_fits_80_columns() {
     big.cost_final_ticks = 9_876 * 10_000_000_000;
     big.cost_total_ticks = big.cost_final_ticks;
     rows.push(big);
-    let report = summarize(&rows, &options(at(20, 0, 0)));
+    let report = summarize(&rows, &[], &options(at(20, 0, 0)));
     assert!(report.routes.contains(&"mystery_route".to_string()));
     let text = render_text(&report);
     for line in text.lines() {
@@ -707,7 +835,7 @@ fn text_report_fits_80_columns() {
 
 #[test]
 fn json_shape_is_stable() {
-    let report = summarize(&seed(), &options(at(20, 0, 0)));
+    let report = summarize(&seed(), &[], &options(at(20, 0, 0)));
     let j = render_json(&report);
     let keys = |v: &Value| -> Vec<String> {
         let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
@@ -724,6 +852,7 @@ fn json_shape_is_stable() {
             "degraded",
             "final_model",
             "latency_ms",
+            "overshoot",
             "rates",
             "requests",
             "router_sources",
@@ -736,7 +865,7 @@ fn json_shape_is_stable() {
             "version",
         ]
     );
-    assert_eq!(j["version"], 1);
+    assert_eq!(j["version"], 2);
     assert_eq!(j["since"], "2026-11-20T00:00:00Z");
     assert_eq!(j["until"], "2026-11-22T00:00:00Z");
     assert_eq!(j["final_model"], "grok-4.3");
@@ -756,11 +885,30 @@ fn json_shape_is_stable() {
     assert_eq!(
         j["counterfactual"],
         json!({
-            "priced": true, "answered": 10, "cache_hits": 2, "actual_ticks": 248_900_000,
-            "grok_direct_ticks": 309_075_000, "cache_hit_estimate_ticks": 18_750_000,
-            "saving_ticks": 60_175_000, "saving_pct": 19.47,
+            "method": "tokens_at_configured_prices", "priced": true,
+            "answered": 10, "answered_cache_hits": 2, "actual_ticks": 248_900_000,
+            "compared": 8, "cache_hits": 2, "reported_ticks": 234_300_000,
+            "cascade_ticks": 428_600_000, "grok_direct_ticks": 106_500_000,
+            "saving_ticks": -322_100_000, "saving_pct": -302.44,
+            "not_compared": {"without_stage_usage": 1, "unpriced": 1},
+            "by_route": {
+                "grok_direct": {"compared": 3, "cache_hits": 1, "reported_ticks": 50_000_000,
+                    "cascade_ticks": 48_900_000, "grok_direct_ticks": 61_400_000,
+                    "saving_ticks": 12_500_000, "saving_pct": 20.36},
+                "trivial_direct": {"compared": 2, "cache_hits": 0, "reported_ticks": 13_500_000,
+                    "cascade_ticks": 23_700_000, "grok_direct_ticks": 14_950_000,
+                    "saving_ticks": -8_750_000, "saving_pct": -58.53},
+                "web_then_grok": {"compared": 1, "cache_hits": 0, "reported_ticks": 85_000_000,
+                    "cascade_ticks": 127_000_000, "grok_direct_ticks": 13_300_000,
+                    "saving_ticks": -113_700_000, "saving_pct": -854.89},
+                "reason_then_grok": {"compared": 2, "cache_hits": 1,
+                    "reported_ticks": 85_800_000, "cascade_ticks": 229_000_000,
+                    "grok_direct_ticks": 16_850_000, "saving_ticks": -212_150_000,
+                    "saving_pct": -1259.05},
+            },
         })
     );
+    assert_eq!(j["overshoot"], json!({"total_ticks": 0, "days": []}));
     assert_eq!(j["latency_ms"]["method"], "nearest_rank");
     assert_eq!(
         j["latency_ms"]["by_route"]["grok_direct"],
@@ -812,12 +960,20 @@ fn json_shape_is_stable() {
 fn without_a_price_there_is_no_counterfactual() {
     let mut opts = options(at(20, 0, 0));
     opts.final_price = None;
-    let report = summarize(&seed(), &opts);
-    assert_eq!(report.counterfactual.direct_ticks, None);
-    assert_eq!(report.counterfactual.actual_ticks, 248_900_000);
+    let report = summarize(&seed(), &[], &opts);
+    let cf = &report.counterfactual;
+    assert!(!cf.priced);
+    assert_eq!(cf.total, Comparison::default());
+    assert_eq!((cf.without_stage_usage, cf.unpriced), (0, 0));
+    assert_eq!(cf.actual_ticks, 248_900_000);
     let j = render_json(&report);
     assert_eq!(j["counterfactual"]["priced"], false);
     assert_eq!(j["counterfactual"]["saving_pct"], Value::Null);
+    assert_eq!(j["counterfactual"]["grok_direct_ticks"], Value::Null);
+    assert_eq!(
+        j["counterfactual"]["by_route"]["web_then_grok"]["cascade_ticks"],
+        Value::Null
+    );
     assert!(render_text(&report).contains("n/a"));
     // Options::from_config took grok-4.3's default price.
     assert_eq!(
@@ -833,7 +989,7 @@ fn without_a_price_there_is_no_counterfactual() {
 
 #[test]
 fn an_empty_window_renders() {
-    let report = summarize(&[], &options(at(20, 0, 0)));
+    let report = summarize(&[], &[], &options(at(20, 0, 0)));
     assert!(report.days.is_empty());
     assert!(render_text(&report).contains("No requests in this window."));
     let j = render_json(&report);
@@ -862,7 +1018,7 @@ const LATENCY_BARS: usize = 10;
 
 #[test]
 fn html_report_is_self_contained_with_three_charts() {
-    let report = summarize(&seed(), &options(at(20, 0, 0)));
+    let report = summarize(&seed(), &[], &options(at(20, 0, 0)));
     let html = render_html(&report);
     assert!(html.starts_with("<!DOCTYPE html>"));
     for (id, kind, bars) in [
@@ -881,7 +1037,8 @@ fn html_report_is_self_contained_with_three_charts() {
     ] {
         assert!(!without_ns.contains(needle), "the report contains {needle}");
     }
-    assert!(html.contains("saving $0.006018 (19.5%)"));
+    assert!(html.contains("saving -$0.032210 (-302.4%)"));
+    assert!(html.contains("<td>web_then_grok</td><td>1</td><td>0</td><td>$0.012700</td>"));
     assert!(html.contains("<title>2026-11-20: web_then_grok, $0.008500</title>"));
 }
 
@@ -889,7 +1046,7 @@ fn html_report_is_self_contained_with_three_charts() {
 fn html_escapes_ids() {
     let mut rows = seed();
     rows[1].room_id = "!<script>alert(1)</script>:example.org".into();
-    let html = render_html(&summarize(&rows, &options(at(20, 0, 0))));
+    let html = render_html(&summarize(&rows, &[], &options(at(20, 0, 0))));
     assert!(!html.contains("<script>"));
     assert!(html.contains("!&lt;script&gt;alert(1)&lt;/script&gt;:example.org"));
 }
@@ -980,7 +1137,7 @@ fn headless_chromium_renders_the_charts() {
         eprintln!("SKIP headless_chromium_renders_the_charts: chromium not on PATH");
         return;
     };
-    let report = summarize(&seed(), &options(at(20, 0, 0)));
+    let report = summarize(&seed(), &[], &options(at(20, 0, 0)));
     let html = render_html(&report).replace("</body>", &format!("{PROBE}</body>"));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("report.html");
@@ -1111,5 +1268,428 @@ async fn long_windows_are_read_page_by_page_without_gaps_or_repeats() {
         let expected: Vec<String> = (0..N).map(|i| format!("$p{i:05}")).collect();
         assert_eq!(ids.len(), N, "[{}] row count", db.label);
         assert!(ids == expected, "[{}] order or duplicates", db.label);
+    }
+}
+
+/// A price of `input`, `cached` and `output` ticks per token and `web` per search.
+fn price(input: i64, cached: i64, output: i64, web: i64) -> Price {
+    Price {
+        input,
+        cached_input: cached,
+        output,
+        web_search_call: web,
+    }
+}
+
+#[test]
+fn each_row_is_priced_from_tokens_on_both_sides() {
+    use stats::aggregate::{compare_row, RowComparison};
+    let prices = std::collections::BTreeMap::from([
+        ("final".to_string(), price(10, 1, 100, 1_000)),
+        ("cheap".to_string(), price(2, 1, 5, 0)),
+        ("deep".to_string(), price(20, 2, 300, 0)),
+    ]);
+    let final_price = prices["final"];
+    let base = |route: &str| {
+        let mut r = row("$c", at(20, 12, 0), ALPHA, ALICE, route, "heuristic");
+        r.cost_total_ticks = 77; // reported: carried beside, never priced
+        r
+    };
+    let compared = |rows, cache_hits, cascade_ticks, direct_ticks| {
+        RowComparison::Compared(Comparison {
+            rows,
+            cache_hits,
+            reported_ticks: 77,
+            cascade_ticks,
+            direct_ticks,
+        })
+    };
+    let mut hit = tokens(base("grok_direct"), &[], (30, 8));
+    hit.cache_hit = true;
+    let cases: Vec<(&str, RequestLogRow, RowComparison)> = vec![
+        (
+            // 90 uncached * 10 + 10 cached * 1 + 20 out * 100, on both sides.
+            "grok_direct",
+            tokens(
+                base("grok_direct"),
+                &[("final", "final", [100, 10, 20, 0, 0])],
+                (100, 20),
+            ),
+            compared(1, 0, 2_910, 2_910),
+        ),
+        (
+            // router 50*2 + 4*5 = 120 on top of the same final call.
+            "grok_direct after the classifier",
+            tokens(
+                base("grok_direct"),
+                &[
+                    ("router", "cheap", [50, 0, 4, 0, 0]),
+                    ("final", "final", [100, 10, 20, 0, 0]),
+                ],
+                (100, 20),
+            ),
+            compared(1, 0, 3_030, 2_910),
+        ),
+        (
+            // trivial 40*2 + 6*5 = 110; direct 30 in * 10 + 6 out * 100 = 900.
+            "trivial",
+            tokens(
+                base("trivial_direct"),
+                &[("trivial", "cheap", [40, 0, 6, 0, 0])],
+                (30, 6),
+            ),
+            compared(1, 0, 110, 900),
+        ),
+        (
+            // web 500 uncached * 10 + 100 cached + 2 searches * 1 000 + 50 out * 100 = 12 100;
+            // direct: 100 cached capped at the 60 direct input: 60 * 1 + 50 * 100 = 5 060.
+            "web",
+            tokens(
+                base("web_then_grok"),
+                &[("web", "final", [600, 100, 50, 0, 2])],
+                (60, 50),
+            ),
+            compared(1, 0, 12_100, 5_060),
+        ),
+        (
+            // reason 100*20 + 1 000*300 = 302 000, final 190*10 + 10*1 + 40*100 = 5 910;
+            // direct: final's 10 cached, 70 uncached: 700 + 10 + 4 000 = 4 710.
+            "reason",
+            tokens(
+                base("reason_then_grok"),
+                &[
+                    ("reason", "deep", [100, 0, 1_000, 800, 0]),
+                    ("final", "final", [200, 10, 40, 0, 0]),
+                ],
+                (80, 40),
+            ),
+            compared(1, 0, 307_910, 4_710),
+        ),
+        // A cache hit ran nothing: 30 * 10 + 8 * 100 on the direct side only.
+        ("cache hit", hit, compared(1, 1, 0, 1_100)),
+        (
+            "a model without a price",
+            tokens(
+                base("trivial_direct"),
+                &[("trivial", "unknown", [40, 0, 6, 0, 0])],
+                (30, 6),
+            ),
+            RowComparison::Unpriced,
+        ),
+        (
+            "a row from before: migration defaults",
+            {
+                let mut r = base("grok_direct");
+                r.stage_usage = "{}".into();
+                (r.direct_input_tokens, r.direct_output_tokens) = (-1, -1);
+                r
+            },
+            RowComparison::WithoutStageUsage,
+        ),
+        (
+            "a row without stage_usage",
+            base("grok_direct"),
+            RowComparison::WithoutStageUsage,
+        ),
+        (
+            "an unknown output estimate",
+            tokens(base("grok_direct"), &[], (30, -1)),
+            RowComparison::WithoutStageUsage,
+        ),
+    ];
+    for (what, r, expected) in cases {
+        assert_eq!(compare_row(&r, &prices, &final_price), expected, "{what}");
+    }
+}
+
+#[test]
+fn per_route_savings_add_up_exactly() {
+    // Two routes at the default prices (12 500 in, 2 000 cached, 25 000 out per token).
+    let rows = vec![
+        // cascade 1 000 * 12 500 + 100 * 25 000 = 15M; direct 400 * 12 500 + 100 * 25 000 = 7.5M
+        tokens(
+            row(
+                "$a",
+                at(20, 1, 0),
+                ALPHA,
+                ALICE,
+                "web_then_grok",
+                "heuristic",
+            ),
+            &[("web", FINAL, [1_000, 0, 100, 0, 0])],
+            (400, 100),
+        ),
+        // cascade 2 000 * 12 500 + 300 * 25 000 = 32.5M; direct 500 * 12 500 + 300 * 25 000 = 13.75M
+        tokens(
+            row(
+                "$b",
+                at(20, 2, 0),
+                ALPHA,
+                ALICE,
+                "web_then_grok",
+                "heuristic",
+            ),
+            &[("web", FINAL, [2_000, 0, 300, 0, 0])],
+            (500, 300),
+        ),
+        // cascade 100 * 12 500 + 10 * 25 000 = 1.5M; direct 1 000 * 12 500 + 400 * 25 000 = 22.5M
+        tokens(
+            row(
+                "$c",
+                at(20, 3, 0),
+                ALPHA,
+                ALICE,
+                "trivial_direct",
+                "heuristic",
+            ),
+            &[("trivial", CHEAP, [100, 0, 10, 0, 0])],
+            (1_000, 400),
+        ),
+    ];
+    let cf = summarize(&rows, &[], &options(at(20, 0, 0))).counterfactual;
+    let web = cf.by_route["web_then_grok"];
+    assert_eq!(
+        (web.rows, web.cascade_ticks, web.direct_ticks),
+        (2, 47_500_000, 21_250_000)
+    );
+    assert_eq!(web.saving_ticks(), -26_250_000);
+    assert!((web.saving_pct().unwrap() - -123.529_412).abs() < 1e-5);
+    let trivial = cf.by_route["trivial_direct"];
+    assert_eq!(
+        (trivial.cascade_ticks, trivial.direct_ticks),
+        (1_500_000, 22_500_000)
+    );
+    assert!((trivial.saving_pct().unwrap() - 93.333_333).abs() < 1e-5);
+    assert_eq!(cf.total.cascade_ticks, 49_000_000);
+    assert_eq!(cf.total.direct_ticks, 43_750_000);
+    assert_eq!(cf.total.saving_ticks(), -5_250_000);
+    assert!((cf.total.saving_pct().unwrap() - -12.0).abs() < 1e-9);
+    // Routes without rows are there with zeros and no percentage.
+    assert_eq!(cf.by_route["grok_direct"], Comparison::default());
+    assert_eq!(cf.by_route["grok_direct"].saving_pct(), None);
+    assert!(!cf.by_route.contains_key("none"));
+}
+
+#[test]
+fn grok_direct_alone_saves_minus_the_router() {
+    let direct = |id: &str, router: Option<[i64; 5]>, fin: [i64; 5]| {
+        let mut stages = vec![("final", FINAL, fin)];
+        if let Some(r) = router {
+            stages.insert(0, ("router", CHEAP, r));
+        }
+        tokens(
+            row(id, at(20, 1, 0), ALPHA, ALICE, "grok_direct", "classifier"),
+            &stages,
+            (fin[0], fin[2]),
+        )
+    };
+    // No router ran: both sides are the same final calls.
+    let plain = vec![
+        direct("$p1", None, [1_000, 300, 200, 0, 0]),
+        direct("$p2", None, [5_000, 0, 900, 100, 0]),
+    ];
+    let cf = summarize(&plain, &[], &options(at(20, 0, 0))).counterfactual;
+    assert_eq!(cf.total.rows, 2);
+    assert!(cf.total.direct_ticks > 0);
+    assert_eq!(cf.total.saving_ticks(), 0);
+    assert_eq!(cf.total.saving_pct(), Some(0.0));
+
+    // The classifier ran on two of three: the saving is minus what it cost
+    // (300 * 12 500 + 20 * 25 000 = 4.25M, and 100 * 12 500 + 10 * 25 000 = 1.5M).
+    let routed = vec![
+        direct("$r1", Some([300, 0, 20, 0, 0]), [1_000, 300, 200, 0, 0]),
+        direct("$r2", Some([100, 0, 10, 0, 0]), [5_000, 0, 900, 100, 0]),
+        direct("$r3", None, [2_000, 1_500, 50, 0, 0]),
+    ];
+    let cf = summarize(&routed, &[], &options(at(20, 0, 0))).counterfactual;
+    assert_eq!(cf.total.rows, 3);
+    assert_eq!(cf.total.saving_ticks(), -5_750_000);
+    assert_eq!(cf.by_route["grok_direct"], cf.total);
+}
+
+#[test]
+fn rows_without_per_stage_tokens_are_left_out_and_counted() {
+    let new = tokens(
+        row("$n", at(20, 1, 0), ALPHA, ALICE, "grok_direct", "heuristic"),
+        &[("final", FINAL, [1_000, 0, 100, 0, 0])],
+        (1_000, 100),
+    );
+    let mut migrated = row("$m", at(20, 2, 0), ALPHA, ALICE, "grok_direct", "heuristic");
+    migrated.stage_usage = "{}".into();
+    (migrated.direct_input_tokens, migrated.direct_output_tokens) = (-1, -1);
+    migrated.cost_total_ticks = 99_000_000;
+    let mut unanswered = migrated.clone();
+    unanswered.id = "$u".into();
+    unanswered.ok = false;
+    let rows = vec![new, migrated.clone(), migrated.clone(), unanswered];
+    let rows: Vec<RequestLogRow> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.id = format!("$r{i}");
+            r
+        })
+        .collect();
+    let report = summarize(&rows, &[], &options(at(20, 0, 0)));
+    let cf = &report.counterfactual;
+    assert_eq!(cf.answered, 3);
+    assert_eq!(
+        cf.without_stage_usage, 2,
+        "the unanswered row is not counted"
+    );
+    assert_eq!(cf.total.rows, 1);
+    assert_eq!(
+        cf.total.reported_ticks, 0,
+        "the old rows' spend is not compared"
+    );
+    assert_eq!(cf.total.direct_ticks, 1_000 * 12_500 + 100 * 25_000);
+    assert_eq!(cf.actual_ticks, 2 * 99_000_000);
+    assert_eq!(
+        render_json(&report)["counterfactual"]["not_compared"]["without_stage_usage"],
+        2
+    );
+    assert!(render_text(&report).contains("not compared: 2 older rows without per-stage tokens"));
+    assert!(
+        render_html(&report).contains("<p>2 older rows without per-stage tokens not compared.</p>")
+    );
+}
+
+fn counter(day: &str, scope: &str, cap_ticks: i64, settled_ticks: i64) -> Counter {
+    Counter {
+        day: day.into(),
+        scope: scope.into(),
+        cap_ticks,
+        settled_ticks,
+        reserved_ticks: 0,
+        requests: 1,
+    }
+}
+
+#[test]
+fn overshoot_is_settled_spend_past_each_days_cap() {
+    let budget = [
+        counter("2026-11-21", GLOBAL_SCOPE, 1_000, 1_000), // exactly at the cap: 0
+        counter("2026-11-20", GLOBAL_SCOPE, 1_000, 1_750), // 750 over
+        counter("2026-11-22", GLOBAL_SCOPE, 1_000, 1_200), // `until`'s day: 200 over
+        counter("2026-11-20", "user:@alice:example.org", 100, 900), // not the ceiling
+        counter("2026-11-19", GLOBAL_SCOPE, 1_000, 5_000), // before the window
+        counter("2026-11-23", GLOBAL_SCOPE, 1_000, 5_000), // after it
+        counter("2026-11-21", "global-typo", 1, 5_000),
+        counter("not a day", GLOBAL_SCOPE, 1, 5_000),
+        counter("2026-11-20", GLOBAL_SCOPE, 0, 5_000), // no ceiling configured
+    ];
+    let report = summarize(&seed(), &budget, &options(at(20, 0, 0)));
+    let days: Vec<(NaiveDate, i64)> = report
+        .ceiling_days
+        .iter()
+        .map(|d| (d.day, d.overshoot_ticks()))
+        .collect();
+    assert_eq!(days, vec![(day(20), 750), (day(21), 0), (day(22), 200)]);
+    assert_eq!(report.overshoot_total_ticks(), 950);
+
+    let j = render_json(&report);
+    assert_eq!(j["overshoot"]["total_ticks"], 950);
+    assert_eq!(
+        j["overshoot"]["days"][0],
+        json!({"day": "2026-11-20", "cap_ticks": 1_000, "settled_ticks": 1_750,
+               "overshoot_ticks": 750})
+    );
+    // Dollars, so the renderers show the numbers; a window without request rows still shows
+    // its ceiling days.
+    let usd = 10_000_000_000;
+    let big = vec![
+        counter("2026-11-20", GLOBAL_SCOPE, 5 * usd, 5 * usd + usd / 8),
+        counter("2026-11-21", GLOBAL_SCOPE, 5 * usd, 4 * usd),
+    ];
+    let report = summarize(&[], &big, &options(at(20, 0, 0)));
+    let text = render_text(&report);
+    for needle in [
+        "2026-11-20    $5.000000    $5.125000    $0.125000",
+        "2026-11-21    $5.000000    $4.000000    $0.000000",
+        "total                                   $0.125000",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    for line in text.lines() {
+        assert!(line.chars().count() <= 80, "too wide: {line:?}");
+    }
+    let html = render_html(&report);
+    assert!(html.contains("overshoot $0.125000 in total"));
+    assert!(
+        html.contains("<td>2026-11-20</td><td>$5.000000</td><td>$5.125000</td><td>$0.125000</td>")
+    );
+    let none = render_text(&summarize(&seed(), &[], &options(at(20, 0, 0))));
+    assert!(none.contains("no day with a ceiling in this window"));
+}
+
+#[tokio::test]
+async fn the_global_counters_of_the_window_are_read_on_every_backend() {
+    use grok_appservice::store::budget::{Finish, ReserveRequest};
+    for db in db::all() {
+        let store = Store::connect(&db.url, 2).unwrap();
+        store.migrate().await.unwrap();
+        for (i, (day, cap, estimate, actual)) in [
+            ("2026-11-19", 1_000, 100, 100),
+            ("2026-11-20", 1_000, 900, 1_600), // settled past the cap: 600 over
+            ("2026-11-21", 1_000, 100, 300),
+            ("2026-11-23", 1_000, 100, 100),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("$b{i}");
+            let granted = store
+                .budget_reserve(ReserveRequest {
+                    id: id.clone(),
+                    day: day.into(),
+                    user_id: ALICE.into(),
+                    amount_ticks: estimate,
+                    global_cap_ticks: cap,
+                    user_cap_ticks: None,
+                    requests_per_hour: None,
+                    now: at(20, 0, 0),
+                    expires_at: at(20, 1, 0),
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                granted,
+                grok_appservice::store::budget::ReserveResult::Granted,
+                "[{}] {day}",
+                db.label
+            );
+            store
+                .budget_finish(id, Finish::Settled, actual, at(20, 0, 1))
+                .await
+                .unwrap();
+        }
+        let read = store
+            .budget_global_days("2026-11-20".into(), "2026-11-22".into())
+            .await
+            .unwrap();
+        let got: Vec<(&str, &str, i64, i64)> = read
+            .iter()
+            .map(|c| {
+                (
+                    c.day.as_str(),
+                    c.scope.as_str(),
+                    c.cap_ticks,
+                    c.settled_ticks,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("2026-11-20", GLOBAL_SCOPE, 1_000, 1_600),
+                ("2026-11-21", GLOBAL_SCOPE, 1_000, 300),
+            ],
+            "[{}]",
+            db.label
+        );
+        let mut opts = options(at(20, 0, 0));
+        opts.until = at(22, 0, 0);
+        let report = summarize(&[], &read, &opts);
+        assert_eq!(report.overshoot_total_ticks(), 600, "[{}]", db.label);
     }
 }

@@ -976,6 +976,9 @@ fn full_row(id: &str, created_at: NaiveDateTime) -> RequestLogRow {
         query_text: "what's 'new'? — ünïcödé \u{1f600}".into(),
         created_at,
         cost_trivial_ticks: 7,
+        stage_usage: r#"{"final":{"input":1234,"cached":567,"output":890,"reasoning":4321,"web_search_calls":0}}"#.into(),
+        direct_input_tokens: 1_200,
+        direct_output_tokens: -1,
     }
 }
 

@@ -295,6 +295,17 @@ async fn a_direct_message_is_answered_as_a_rich_reply() {
     assert_eq!(models["final"], "grok-4.3");
     let stages: Value = serde_json::from_str(&row.stage_ms).unwrap();
     assert!(stages["final"].is_u64());
+    // Per-stage tokens, and grok_direct's own estimate: its final call's real tokens.
+    let usage: Value = serde_json::from_str(&row.stage_usage).unwrap();
+    assert_eq!(
+        usage,
+        json!({"final": {"input": 120, "cached": 20, "output": 30, "reasoning": 0,
+                         "web_search_calls": 0}})
+    );
+    assert_eq!(
+        (row.direct_input_tokens, row.direct_output_tokens),
+        (120, 30)
+    );
 
     let claim = h.state.store.claim("$q1".into()).await.unwrap().unwrap();
     assert_eq!(claim.state, "answered");

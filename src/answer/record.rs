@@ -1,10 +1,13 @@
 //! The record stage: the `request_log` row of a request and its metrics.
 
-use crate::cascade::{Outcome, Route, RouterSource};
+use std::collections::BTreeMap;
+
+use crate::cascade::{Cascade, Outcome, Route, RouterSource};
 use crate::classify::SkipReason;
+use crate::provider::estimate_text_tokens;
 use crate::state::AppState;
 use crate::store;
-use crate::telemetry::RequestLog;
+use crate::telemetry::{answer_stage, RequestLog, StageUsage};
 
 use super::Job;
 
@@ -18,20 +21,69 @@ pub fn base_row(event_id: &str, room_id: &str, sender: &str) -> RequestLog {
         router_source: RouterSource::Default.as_str().into(),
         models: "{}".into(),
         stage_ms: "{}".into(),
+        stage_usage: "{}".into(),
+        direct_input_tokens: -1,
+        direct_output_tokens: -1,
         created_at: store::now(),
         ..RequestLog::default()
     }
 }
 
-/// The row of a request the cascade answered.
-pub fn outcome_row(job: &Job, outcome: &Outcome, prompt_version: &str) -> RequestLog {
+/// Tokens `grok_direct` alone would have sent (`input`) and written (`output`) for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectEstimate {
+    pub input: i64,
+    pub output: i64,
+}
+
+/// What `grok_direct` alone would have sent and written, from the stages that ran:
+/// - a `grok_direct` answer that called its model: that final stage's real tokens;
+/// - a cache hit: `prompt_tokens` in, `cached_answer_tokens` out (no model wrote it now);
+/// - any other route: `prompt_tokens` in, and out the output of the stage that wrote the
+///   answer (`final`, else the route's own stage) less its reasoning, since `grok_direct`'s
+///   final model writes the answer without a reasoning pass.
+///
+/// `prompt_tokens` is an estimate of the system prompt and the message. `None` when no stage
+/// wrote an answer (nothing to compare).
+pub fn direct_estimate(
+    route: Route,
+    cache_hit: bool,
+    stages: &BTreeMap<&'static str, StageUsage>,
+    prompt_tokens: i64,
+    cached_answer_tokens: i64,
+) -> Option<DirectEstimate> {
+    if cache_hit {
+        return Some(DirectEstimate {
+            input: prompt_tokens,
+            output: cached_answer_tokens,
+        });
+    }
+    match route {
+        Route::None => None,
+        Route::GrokDirect => stages.get("final").map(|f| DirectEstimate {
+            input: f.input,
+            output: f.output,
+        }),
+        Route::TrivialDirect | Route::WebThenGrok | Route::ReasonThenGrok => {
+            let writer = answer_stage(stages)?;
+            Some(DirectEstimate {
+                input: prompt_tokens,
+                output: (writer.output - writer.reasoning).max(0),
+            })
+        }
+    }
+}
+
+/// The row of a request the cascade answered; `material` is what a `grok_direct` call would
+/// have been sent besides the system prompt (the message, and the conversation's turns).
+pub fn outcome_row(job: &Job, outcome: &Outcome, cascade: &Cascade, material: &str) -> RequestLog {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
     row.route = outcome.route.as_str().into();
     row.router_source = outcome.router_source.as_str().into();
     row.router_confidence = outcome.router_confidence;
     row.models = serde_json::to_string(&outcome.models).unwrap_or_else(|_| "{}".into());
     row.stage_ms = serde_json::to_string(&outcome.stage_ms).unwrap_or_else(|_| "{}".into());
-    row.prompt_version = prompt_version.to_string();
+    row.prompt_version = cascade.prompt_version().to_string();
     row.prompt_tokens = outcome.prompt_tokens;
     row.cached_tokens = outcome.cached_tokens;
     row.completion_tokens = outcome.completion_tokens;
@@ -43,6 +95,20 @@ pub fn outcome_row(job: &Job, outcome: &Outcome, prompt_version: &str) -> Reques
     row.cost_reason_ticks = stage("reason");
     row.cost_final_ticks = stage("final");
     row.cost_total_ticks = outcome.cost_total();
+    row.stage_usage = serde_json::to_string(&outcome.stage_usage).unwrap_or_else(|_| "{}".into());
+    // The bytes-based estimate of what grok_direct would have been sent; the framing the
+    // limiter adds for a reservation is left out, the system prompt is counted as text.
+    let prompt = estimate_text_tokens(cascade.system_prompt()) + estimate_text_tokens(material);
+    if let Some(d) = direct_estimate(
+        outcome.route,
+        outcome.cache_hit,
+        &outcome.stage_usage,
+        prompt,
+        estimate_text_tokens(&outcome.text),
+    ) {
+        row.direct_input_tokens = d.input;
+        row.direct_output_tokens = d.output;
+    }
     row.escalated = outcome.escalated;
     row.cache_hit = outcome.cache_hit;
     row.cost_source = outcome
@@ -85,4 +151,119 @@ pub fn finish(state: &AppState, row: RequestLog) {
     tracing::info!(event_id = %row.id, route = %row.route, ok = row.ok,
         latency_ms = row.latency_ms, cost_ticks = row.cost_total_ticks, "answered");
     state.telemetry.record(row);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (route, cache hit, stages that ran, expected estimate).
+    type Case = (
+        Route,
+        bool,
+        Vec<(&'static str, StageUsage)>,
+        Option<DirectEstimate>,
+    );
+
+    fn usage(input: i64, cached: i64, output: i64, reasoning: i64) -> StageUsage {
+        StageUsage {
+            input,
+            cached,
+            output,
+            reasoning,
+            web_search_calls: 0,
+        }
+    }
+
+    #[test]
+    fn direct_estimate_by_route() {
+        let u = usage;
+        let d = |input, output| Some(DirectEstimate { input, output });
+        // (route, cache hit, stages, expected) with a prompt estimate of 500 tokens and a
+        // cached answer of 120.
+        let cases: Vec<Case> = vec![
+            // grok_direct: the final stage's real tokens, reasoning and router ignored.
+            (
+                Route::GrokDirect,
+                false,
+                vec![("final", u(900, 300, 400, 50))],
+                d(900, 400),
+            ),
+            (
+                Route::GrokDirect,
+                false,
+                vec![("router", u(80, 0, 10, 0)), ("final", u(910, 0, 410, 0))],
+                d(910, 410),
+            ),
+            // A grok_direct call that failed: nothing to compare.
+            (
+                Route::GrokDirect,
+                false,
+                vec![("router", u(80, 0, 10, 0))],
+                None,
+            ),
+            // trivial answered: its output; escalated: the final stage's.
+            (
+                Route::TrivialDirect,
+                false,
+                vec![("trivial", u(700, 0, 40, 0))],
+                d(500, 40),
+            ),
+            (
+                Route::TrivialDirect,
+                false,
+                vec![("trivial", u(700, 0, 5, 0)), ("final", u(710, 0, 300, 20))],
+                d(500, 280),
+            ),
+            // web: the web stage wrote it (search results inflate its input, not ours).
+            (
+                Route::WebThenGrok,
+                false,
+                vec![("web", u(9_000, 0, 600, 0))],
+                d(500, 600),
+            ),
+            // reason: the final stage wrote it; without one, the analysis, less reasoning.
+            (
+                Route::ReasonThenGrok,
+                false,
+                vec![
+                    ("reason", u(800, 0, 5_000, 4_000)),
+                    ("final", u(2_000, 0, 700, 0)),
+                ],
+                d(500, 700),
+            ),
+            (
+                Route::ReasonThenGrok,
+                false,
+                vec![("reason", u(800, 0, 5_000, 4_000))],
+                d(500, 1_000),
+            ),
+            // More reasoning than output never goes negative.
+            (
+                Route::ReasonThenGrok,
+                false,
+                vec![("reason", u(800, 0, 10, 30))],
+                d(500, 0),
+            ),
+            // A cache hit on any route: the prompt and the cached answer's estimate.
+            (Route::GrokDirect, true, vec![], d(500, 120)),
+            (
+                Route::WebThenGrok,
+                true,
+                vec![("router", u(80, 0, 10, 0))],
+                d(500, 120),
+            ),
+            // No model ran.
+            (Route::None, false, vec![], None),
+            (Route::WebThenGrok, false, vec![], None),
+        ];
+        for (route, hit, stages, expected) in cases {
+            let map: BTreeMap<&'static str, StageUsage> = stages.iter().copied().collect();
+            assert_eq!(
+                direct_estimate(route, hit, &map, 500, 120),
+                expected,
+                "{route:?} cache_hit={hit} {stages:?}"
+            );
+        }
+    }
 }

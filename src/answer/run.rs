@@ -150,7 +150,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     // reads earlier turns is never shared, so there is none for it.
     if !with_context {
         if let Some(outcome) = state.cascade.cached(&decision).await {
-            let row = outcome_row(job, &outcome, state.cascade.prompt_version());
+            let row = outcome_row(job, &outcome, &state.cascade, &decision.text);
             return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
         }
     }
@@ -264,7 +264,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     };
     Response::Reply(
         text,
-        Box::new(outcome_row(job, &outcome, state.cascade.prompt_version())),
+        Box::new(outcome_row(job, &outcome, &state.cascade, &material)),
         first_event,
     )
 }

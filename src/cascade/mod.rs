@@ -21,6 +21,7 @@ use crate::provider::{
     ProviderError, StreamUpdate, STREAM_BROKEN,
 };
 use crate::store::Store;
+use crate::telemetry::StageUsage;
 use router::{Decision, RouterOptions};
 
 /// A route (the stable `request_log.route` tokens).
@@ -99,6 +100,8 @@ pub struct Outcome {
     pub stage_ms: BTreeMap<&'static str, u64>,
     /// Stage -> cost in ticks.
     pub stage_cost: BTreeMap<&'static str, i64>,
+    /// Stage -> tokens, for the `grok_direct` counterfactual of `stats`.
+    pub stage_usage: BTreeMap<&'static str, StageUsage>,
     pub prompt_tokens: i64,
     pub cached_tokens: i64,
     pub completion_tokens: i64,
@@ -130,6 +133,7 @@ impl Outcome {
             models: BTreeMap::new(),
             stage_ms: BTreeMap::new(),
             stage_cost: BTreeMap::new(),
+            stage_usage: BTreeMap::new(),
             prompt_tokens: 0,
             cached_tokens: 0,
             completion_tokens: 0,
@@ -160,6 +164,7 @@ impl Outcome {
     fn absorb(&mut self, stage: &'static str, c: &Completion, provider: &Provider) {
         let (ticks, source) = settle_cost(&c.usage, provider.price(&c.model));
         *self.stage_cost.entry(stage).or_default() += ticks;
+        self.stage_usage.entry(stage).or_default().add(&c.usage);
         *self.stage_ms.entry(stage).or_default() += c.latency.as_millis() as u64;
         self.models.insert(stage, c.model.clone());
         self.truncated |= c.status == "incomplete" || c.incomplete_reason.is_some();
@@ -308,6 +313,11 @@ impl Cascade {
     /// The prompt version stored with each row.
     pub fn prompt_version(&self) -> &str {
         &self.prompt_version
+    }
+
+    /// The system prompt every user-facing answer is written under.
+    pub fn system_prompt(&self) -> &str {
+        &self.system_prompt
     }
 
     /// The pure routing decision: a forced prefix, else the room's route (a moderator's

@@ -364,6 +364,24 @@ impl Store {
         .await
     }
 
+    /// The global (ceiling) counters of the UTC days `first..=last` (`YYYY-MM-DD`), oldest
+    /// first: what `stats` shows the ceiling's overshoot from.
+    pub async fn budget_global_days(
+        &self,
+        first: String,
+        last: String,
+    ) -> Result<Vec<Counter>, StoreError> {
+        self.run(move |conn| {
+            Ok(db!(conn, |c| budget_counters::table
+                .filter(budget_counters::scope.eq(GLOBAL_SCOPE))
+                .filter(budget_counters::day.ge(&first))
+                .filter(budget_counters::day.le(&last))
+                .order(budget_counters::day)
+                .load::<Counter>(c))?)
+        })
+        .await
+    }
+
     /// Recomputes every counter of `day` from its reservation rows and returns the counters
     /// that disagree (none when the books balance).
     pub async fn budget_audit(&self, day: String) -> Result<Vec<AuditMismatch>, StoreError> {

@@ -375,6 +375,19 @@ pub struct RequestLogRow {
     pub query_text: String,
     pub created_at: NaiveDateTime,
     pub cost_trivial_ticks: i64,
+    /// Stage -> tokens (`telemetry::StageUsage`), JSON; `{}` on rows from before it existed.
+    pub stage_usage: String,
+    /// Input tokens `grok_direct` alone would have sent; -1 = unknown.
+    #[serde(default = "unknown_tokens")]
+    pub direct_input_tokens: i64,
+    /// Output tokens `grok_direct` alone would have written; -1 = unknown.
+    #[serde(default = "unknown_tokens")]
+    pub direct_output_tokens: i64,
+}
+
+/// The `-1` "unknown" of the direct-estimate columns, for rows serialised before they existed.
+fn unknown_tokens() -> i64 {
+    -1
 }
 
 /// The current time as stored (UTC, no zone).

@@ -112,6 +112,9 @@ diesel::table! {
         query_text -> Text,
         created_at -> Timestamp,
         cost_trivial_ticks -> BigInt,
+        stage_usage -> Text,
+        direct_input_tokens -> BigInt,
+        direct_output_tokens -> BigInt,
     }
 }
 
