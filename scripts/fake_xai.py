@@ -75,6 +75,10 @@ WEB_SOURCES = [
 ]
 
 
+# Seconds between two streamed words: slow enough that a streamed answer takes a few seconds.
+STREAM_GAP_S = 0.15
+
+
 def make_response(body, cost_ticks=None):
     """A completed Responses API object for the request `body`, as xAI documents it.
 
@@ -239,7 +243,34 @@ class FakeXAI:
                 if status == 200:
                     # Kept with the request so a test can compare the bot's recorded cost and id.
                     record.update(request_id=headers["x-request-id"], response=answer)
+                if status == 200 and isinstance(body, dict) and body.get("stream"):
+                    return self._stream(answer, headers)
                 self._send(status, answer, headers)
+
+            def _stream(self, answer, headers):
+                """The answer as Responses API server-sent events: response.created, one
+                output_text.delta per word, STREAM_GAP_S apart, then response.completed with
+                the whole response and its usage. No [DONE] line, as on xAI."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.close_connection = True
+
+                def event(kind, data):
+                    data = dict(data, type=kind)
+                    self.wfile.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+                    self.wfile.flush()
+
+                event("response.created", {"response": {"id": answer["id"], "status": "in_progress"}})
+                text = answer["output"][-1]["content"][0]["text"]
+                words = text.split(" ")
+                for i, word in enumerate(words):
+                    time.sleep(STREAM_GAP_S)
+                    event("response.output_text.delta", {"delta": word + (" " if i < len(words) - 1 else "")})
+                event("response.completed", {"response": answer})
 
             def _answer(self, auth, body):
                 """(status, JSON body, headers) for a POST; errors in xAI's {"code", "error"} shape."""
@@ -251,9 +282,6 @@ class FakeXAI:
                 if not isinstance(body, dict) or not body.get("model") or "input" not in body:
                     return 400, {"code": "Client specified an invalid argument",
                                  "error": "body must be JSON with model and input"}, {}
-                if body.get("stream"):
-                    return 400, {"code": "Client specified an invalid argument",
-                                 "error": "the offline fake does not stream"}, {}
                 if fake.latency_ms:
                     time.sleep(fake.latency_ms / 1000)
                 return 200, make_response(body, fake.cost_ticks), {"x-request-id": str(uuid.uuid4())}

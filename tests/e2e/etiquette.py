@@ -9,7 +9,9 @@ offline fake xAI, and users talking through the client-server API.
   database) and a non-moderator's is refused;
 - two bots in one room (ours and a scripted user that answers everything it sees) stop after
   the per-room limit: one notice, then silence;
-- a kick makes the bot forget the room, and nothing more is recorded for it.
+- a kick makes the bot forget the room, and nothing more is recorded for it;
+- with `reply.streaming`, a second user sees one message plus at most `reply.max_edits` edits,
+  the last one the full answer, and only the first event mentions the asker.
 
 GROK_APPSERVICE_BIN=path uses that binary instead of `cargo build`; KEEP=1 keeps the temp dir.
 The last line is `etiquette: N passed, M failed`; the exit code is non-zero if any failed.
@@ -165,7 +167,57 @@ def scenario_kick(ctx):
     report(name, problems, "room, members and settings forgotten; nothing recorded afterwards")
 
 
-SCENARIOS = [("c1", scenario_commands), ("c2", scenario_loop), ("c3", scenario_kick)]
+MAX_EDITS = 4
+
+
+def scenario_streaming(ctx):
+    name = "c4. a streamed answer is one message and a few edits"
+    alice, bob, fake, bot = ctx["alice"], ctx["bob"], ctx["fake"], ctx["bot"]
+    bot.restart(API_KEY, extra_config={"bot": {"room_answers_per_minute": ROOM_LIMIT},
+                                       "reply": {"streaming": True, "edit_interval": "500ms",
+                                                 "max_edits": MAX_EDITS}})
+    room = group_room(alice, bob, "e2e streaming")
+    before = len(provider_calls(fake))
+    question = "please tell me a long story about otters building a dam in the river"
+    event, first = ask(alice, room, question)
+    problems = []
+    if not first:
+        return report(name, ["no reply"])
+    # Wait for the stream to end: the answer's row is written once the last edit is sent.
+    L.wait_until(lambda: bot.request_log(event), REPLY_TIMEOUT, 0.5)
+    time.sleep(1)
+    events = [e for e in bob.messages(room, limit=200) if e.get("sender") == BOT]
+    edits = [e for e in events if L.relates_to(e).get("rel_type") == "m.replace"
+             and L.relates_to(e).get("event_id") == first["event_id"]]
+    others = [e for e in events if e not in edits and e["event_id"] != first["event_id"]
+              and L.in_reply_to(e) == event]
+    calls = provider_calls(fake)[before:]
+    full = ""
+    if len(calls) != 1 or not calls[0]["body"].get("stream"):
+        problems.append(f"{len(calls)} provider calls (stream={[c['body'].get('stream') for c in calls]}), "
+                        "want one streamed call")
+    else:
+        full = calls[0]["response"]["output"][-1]["content"][0]["text"]
+    if others:
+        problems.append(f"{len(others)} more messages besides the first and its edits")
+    if not 1 <= len(edits) <= MAX_EDITS:
+        problems.append(f"{len(edits)} edits, want 1..{MAX_EDITS}")
+    if (first["content"].get("m.mentions") or {}).get("user_ids") != [alice.user_id]:
+        problems.append(f"the first event does not mention the asker: {first['content'].get('m.mentions')}")
+    for e in edits:
+        if (e["content"].get("m.mentions") or {}).get("user_ids"):
+            problems.append(f"an edit mentions {e['content']['m.mentions']}")
+        if (e["content"].get("m.new_content", {}).get("m.mentions") or {}).get("user_ids"):
+            problems.append("an edit's new content mentions someone")
+    last = edits[-1]["content"].get("m.new_content", {}).get("body") if edits else None
+    if full and last != full:
+        problems.append(f"the last edit says {last!r}, the full answer is {full!r}")
+    report(name, problems, f"one message, {len(edits)} edits (max {MAX_EDITS}), the last the full answer; "
+                           f"one mention, in the first event")
+
+
+SCENARIOS = [("c1", scenario_commands), ("c2", scenario_loop), ("c3", scenario_kick),
+             ("c4", scenario_streaming)]
 
 
 def main():
