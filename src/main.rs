@@ -220,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
                 outcome.rules.join(", ")
             );
             if let Some(d) = outcome.degraded {
-                println!("degraded: {d}");
+                println!("degraded: {}", d.as_str());
             }
             println!("models:   {:?}", outcome.models);
             println!(

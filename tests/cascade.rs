@@ -6,7 +6,7 @@ mod common;
 use serde_json::json;
 
 use common::*;
-use grok_appservice::cascade::{router, Ask, Cascade, Outcome, Route, RouterSource};
+use grok_appservice::cascade::{router, Ask, Cascade, Degrade, Outcome, Route, RouterSource};
 use grok_appservice::config::Config;
 use grok_appservice::provider::{CostSource, Provider};
 use grok_appservice::store::Store;
@@ -227,7 +227,7 @@ async fn a_weak_trivial_answer_escalates_once() {
             "{bad}"
         );
         assert!(o.escalated && o.ok());
-        assert_eq!(o.degraded, Some("trivial_failed"));
+        assert_eq!(o.degraded, Some(Degrade::TrivialFailed));
         assert_eq!(o.route, Route::TrivialDirect);
         assert_eq!(o.cost_total(), 5 + FAKE_COST_TICKS, "both stages are paid");
         assert_eq!(o.text, format!("answer to: {TRIVIAL_Q}"));
@@ -243,7 +243,7 @@ async fn a_failed_web_stage_falls_back_and_releases_its_searches() {
     assert_eq!(o.route, Route::WebThenGrok);
     assert_eq!(
         (o.degraded, o.fallback_fired, o.ok()),
-        (Some("web_failed"), true, true)
+        (Some(Degrade::WebFailed), true, true)
     );
     let seen = f.xai.seen();
     assert_eq!(seen.len(), 2);
@@ -263,7 +263,7 @@ async fn a_failed_reasoning_stage_falls_back_to_direct() {
     assert_eq!(f.models(), vec!["grok-4.5", "grok-4.3"]);
     assert_eq!(
         (o.degraded, o.fallback_fired, o.ok()),
-        (Some("reasoning_failed"), true, true)
+        (Some(Degrade::ReasoningFailed), true, true)
     );
 }
 
@@ -286,12 +286,12 @@ async fn the_grounding_cap_holds_across_replicas() {
     let outcomes = [outcomes.0, outcomes.1, outcomes.2, outcomes.3, outcomes.4];
     let capped = outcomes
         .iter()
-        .filter(|o| o.degraded == Some("grounding_cap"))
+        .filter(|o| o.degraded == Some(Degrade::GroundingCap))
         .count();
     assert_eq!(capped, 2, "three searches fit under the cap, two do not");
     for o in outcomes
         .iter()
-        .filter(|o| o.degraded == Some("grounding_cap"))
+        .filter(|o| o.degraded == Some(Degrade::GroundingCap))
     {
         assert_eq!(o.route, Route::GrokDirect);
         assert!(o.ok());
@@ -344,7 +344,7 @@ async fn failures_are_not_cached() {
     let empty = ask(&c, DIRECT_Q).await;
     assert_eq!(
         (empty.degraded, empty.ok()),
-        (Some("empty_completion"), false)
+        (Some(Degrade::EmptyCompletion), false)
     );
     let next = ask(&c, DIRECT_Q).await;
     assert!(!next.cache_hit && next.ok());
@@ -410,7 +410,7 @@ async fn the_classifier_decides_ambiguous_messages_and_degrades_on_failure() {
         (
             Route::GrokDirect,
             RouterSource::Degraded,
-            Some("router_failed")
+            Some(Degrade::RouterFailed)
         )
     );
     assert!(o.ok(), "the user still gets an answer");
@@ -436,7 +436,7 @@ async fn unparseable_classifier_output_degrades() {
         response_body("grok-4.20-non-reasoning", "probably the web one", Some(3)),
     );
     let o = ask(&c, text).await;
-    assert_eq!(o.degraded, Some("router_failed"));
+    assert_eq!(o.degraded, Some(Degrade::RouterFailed));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,5 +1,6 @@
 //! The command stage: answers a room command ([`crate::commands`]) without a model or budget.
 
+use crate::cascade::Degrade;
 use crate::commands::{self, Change, Command, HelpFacts};
 use crate::context::{self, Mode};
 use crate::state::AppState;
@@ -25,7 +26,7 @@ pub async fn answer(
             Ok(u) => crate::limiter::usage_text(&u),
             Err(e) => {
                 row.ok = false;
-                row.degraded = "reserve_error".into();
+                row.degraded = Degrade::ReserveError.as_str().into();
                 row.err = e.to_string();
                 UNAVAILABLE.to_string()
             }

@@ -182,7 +182,7 @@ pub(crate) async fn send_stored(
             // Trying again cannot help, and the answer is paid: end the claim, no re-answer.
             tracing::warn!(event_id = %fence.event_id, error = %e, "the homeserver refused the reply");
             row.ok = false;
-            row.degraded = "send_failed".into();
+            row.degraded = crate::cascade::Degrade::SendFailed.as_str().into();
             row.err = format!("sending the reply failed: {e}");
             if close(state, fence, ClaimState::Failed, None).await {
                 record::finish(state, row);

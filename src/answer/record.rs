@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::cascade::{Cascade, Outcome, Route, RouterSource};
+use crate::cascade::{Cascade, Degrade, Outcome, Route, RouterSource};
 use crate::classify::SkipReason;
 use crate::provider::estimate_text_tokens;
 use crate::state::AppState;
@@ -117,7 +117,7 @@ pub fn outcome_row(job: &Job, outcome: &Outcome, cascade: &Cascade, material: &s
         .unwrap_or_default();
     row.fallback_fired = outcome.fallback_fired;
     row.provider_request_id = outcome.provider_request_id.clone();
-    row.degraded = outcome.degraded.unwrap_or("").into();
+    row.degraded = outcome.degraded.map_or("", Degrade::as_str).into();
     row.err = outcome
         .error
         .as_ref()

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::cascade::{Ask, Route, RouterSource};
+use crate::cascade::{Ask, Degrade, Route, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
 use crate::commands;
 use crate::context::{self, Conversation};
 use crate::limiter::{refusal_text, Admission, Refusal};
-use crate::provider::{ProviderError, STREAM_BROKEN};
+use crate::provider::ProviderError;
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
 
@@ -30,7 +30,7 @@ const STREAM_BROKEN_NOTE: &str =
 const ROOM_LIMIT_NOTICE: &str =
     "I'm answering a lot in this room right now, so I'll pause until the minute is over.";
 /// The `room_notices` reason of the room reply limit's notice.
-const ROOM_LIMIT_REASON: &str = "room_rate_limited";
+const ROOM_LIMIT_REASON: Degrade = Degrade::RoomRateLimited;
 
 /// What the worker does next.
 pub enum Response {
@@ -73,12 +73,12 @@ async fn room_limit(state: &AppState, job: &Job, row: &RequestLog) -> Option<Res
         return None;
     }
     let mut row = Box::new(row.clone());
-    row.degraded = ROOM_LIMIT_REASON.into();
+    row.degraded = ROOM_LIMIT_REASON.as_str().into();
     let notice = state
         .store
         .take_notice_slot(
             job.room_id.clone(),
-            ROOM_LIMIT_REASON.into(),
+            ROOM_LIMIT_REASON.as_str().into(),
             Duration::from_secs(60),
         )
         .await
@@ -184,7 +184,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         Admission::Unavailable(e) => {
             // Fail closed: without the budget store no model is called.
             tracing::warn!(event_id = %job.event_id, error = %e, "budget store unavailable");
-            row.degraded = "reserve_error".into();
+            row.degraded = Degrade::ReserveError.as_str().into();
             row.err = e.to_string();
             return Response::Reply(
                 UNAVAILABLE.to_string(),
@@ -252,7 +252,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     if matches!(outcome.error, Some(ProviderError::ClaimLost)) {
         return Response::Lost;
     }
-    let text = if outcome.ok() && outcome.degraded == Some(STREAM_BROKEN) {
+    let text = if outcome.ok() && outcome.degraded == Some(Degrade::StreamBroken) {
         format!("{}\n\n{STREAM_BROKEN_NOTE}", outcome.text.trim_end())
     } else if outcome.ok() {
         outcome.text.clone()

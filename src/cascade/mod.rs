@@ -84,6 +84,50 @@ impl RouterSource {
     }
 }
 
+/// Why an answer is not the normal one (the stable `request_log.degraded` tokens, besides the
+/// skip reasons of [`crate::classify::SkipReason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Degrade {
+    /// The model answered nothing.
+    EmptyCompletion,
+    /// The classifier failed; the default route answered.
+    RouterFailed,
+    /// The cheap model's answer was unusable; it escalated once.
+    TrivialFailed,
+    /// The day's web searches ran out; answered without searching.
+    GroundingCap,
+    /// The web stage failed; answered without searching.
+    WebFailed,
+    /// The reasoning stage failed; answered directly.
+    ReasoningFailed,
+    /// The answer's stream broke after text arrived: the answer is incomplete.
+    StreamBroken,
+    /// The homeserver refused the reply for good.
+    SendFailed,
+    /// The budget store was unreachable: no model was called.
+    ReserveError,
+    /// The room's reply limit was reached.
+    RoomRateLimited,
+}
+
+impl Degrade {
+    /// The stored token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Degrade::EmptyCompletion => "empty_completion",
+            Degrade::RouterFailed => "router_failed",
+            Degrade::TrivialFailed => "trivial_failed",
+            Degrade::GroundingCap => "grounding_cap",
+            Degrade::WebFailed => "web_failed",
+            Degrade::ReasoningFailed => "reasoning_failed",
+            Degrade::StreamBroken => "stream_broken",
+            Degrade::SendFailed => "send_failed",
+            Degrade::ReserveError => "reserve_error",
+            Degrade::RoomRateLimited => "room_rate_limited",
+        }
+    }
+}
+
 /// Everything the cascade learned while answering.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -116,7 +160,7 @@ pub struct Outcome {
     /// A call stopped at its output cap (the answer may be cut short).
     pub truncated: bool,
     /// A degrade token (DESIGN section 5), if the answer is not the normal one.
-    pub degraded: Option<&'static str>,
+    pub degraded: Option<Degrade>,
     pub provider_request_id: String,
     /// The provider error that ended the cascade, if any.
     pub error: Option<ProviderError>,
@@ -152,7 +196,7 @@ impl Outcome {
 
     /// Whether the user got a real answer.
     pub fn ok(&self) -> bool {
-        self.error.is_none() && self.degraded != Some("empty_completion")
+        self.error.is_none() && self.degraded != Some(Degrade::EmptyCompletion)
     }
 
     /// The total cost in ticks over all stages.
@@ -169,7 +213,7 @@ impl Outcome {
         self.models.insert(stage, c.model.clone());
         self.truncated |= c.status == "incomplete" || c.incomplete_reason.is_some();
         if c.incomplete_reason.as_deref() == Some(STREAM_BROKEN) {
-            self.degraded = Some(STREAM_BROKEN);
+            self.degraded = Some(Degrade::StreamBroken);
         }
         self.prompt_tokens += c.usage.input_tokens;
         self.cached_tokens += c.usage.cached_tokens;
@@ -373,7 +417,7 @@ impl Cascade {
         }
         out.text = out.text.trim().to_string();
         if out.error.is_none() && out.text.is_empty() {
-            out.degraded = Some("empty_completion");
+            out.degraded = Some(Degrade::EmptyCompletion);
         }
 
         // Only a full, normal answer is shared: not one the budget shrank, cut short, degraded
@@ -538,7 +582,7 @@ impl Cascade {
             None => {
                 out.route = Route::GrokDirect;
                 out.router_source = RouterSource::Degraded;
-                out.degraded = Some("router_failed");
+                out.degraded = Some(Degrade::RouterFailed);
             }
         }
     }
@@ -600,7 +644,7 @@ impl Cascade {
             }
         }
         out.escalated = true;
-        out.degraded = Some("trivial_failed");
+        out.degraded = Some(Degrade::TrivialFailed);
         self.direct(text, ask, out).await;
     }
 
@@ -620,7 +664,7 @@ impl Cascade {
         };
         if !reserved {
             out.route = Route::GrokDirect;
-            out.degraded = Some("grounding_cap");
+            out.degraded = Some(Degrade::GroundingCap);
             self.direct(text, ask, out).await;
             return;
         }
@@ -650,7 +694,7 @@ impl Cascade {
                 tracing::warn!(error = %e, "web stage failed, falling back to grok_direct");
                 out.failed("web", &req.model, started);
                 out.fallback_fired = true;
-                out.degraded = Some("web_failed");
+                out.degraded = Some(Degrade::WebFailed);
                 self.direct(text, ask, out).await;
             }
         }
@@ -681,7 +725,7 @@ impl Cascade {
                         out.failed("reason", &req.model, started);
                     }
                 }
-                out.degraded = Some("reasoning_failed");
+                out.degraded = Some(Degrade::ReasoningFailed);
                 out.fallback_fired = true;
                 self.direct(text, ask, out).await;
                 return;
