@@ -138,7 +138,11 @@ impl AppState {
         let provider = Provider::new(&config.provider, &config.prices);
         let cascade = Cascade::new(&config, provider, store.clone());
         let limiter = Limiter::new(&config, store.clone(), clock);
-        let context = Fetcher::new(&config.context);
+        let context = Fetcher::new(
+            &config.context,
+            &config.bot.command_prefix,
+            &config.limits.usage_command,
+        );
         let telemetry = Telemetry::new(sink, config.telemetry.clone(), metrics.clone());
         let instance_id = format!(
             "{}-{}",

@@ -193,6 +193,21 @@ pub fn messages(
     out
 }
 
+/// Leaves out room commands (`is_command` on a user's text) and the bot's answers to them:
+/// `!grok help` and its reply say nothing about the conversation and only cost tokens.
+pub fn without_commands(messages: Vec<Message>, is_command: impl Fn(&str) -> bool) -> Vec<Message> {
+    let commands: HashSet<String> = messages
+        .iter()
+        .filter(|m| m.answer_to.is_none() && is_command(&m.text))
+        .map(|m| m.event_id.clone())
+        .collect();
+    messages
+        .into_iter()
+        .filter(|m| !commands.contains(&m.event_id))
+        .filter(|m| !m.answer_to.as_ref().is_some_and(|q| commands.contains(q)))
+        .collect()
+}
+
 /// Turns in order: the bot's messages as assistant turns (consecutive parts of one answer
 /// joined, as they were split from one text), everyone else's as user turns labelled with
 /// their display name (`names`; the user id's localpart when unknown).
@@ -396,6 +411,33 @@ mod tests {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn commands_and_their_answers_are_left_out() {
+        let msg = |id: &str, text: &str, answer_to: Option<&str>| Message {
+            event_id: id.into(),
+            sender: if answer_to.is_some() {
+                BOT.into()
+            } else {
+                "@alice:example.org".into()
+            },
+            ts: 1,
+            text: text.into(),
+            answer_to: answer_to.map(str::to_string),
+        };
+        let kept = without_commands(
+            vec![
+                msg("$1", "my cat is called Zorblax", None),
+                msg("$2", "Nice name!", Some("$1")),
+                msg("$3", "!grok help", None),
+                msg("$4", "I'm Grok, ...", Some("$3")),
+                msg("$5", "!usage", None),
+            ],
+            |t| t.starts_with("!grok") || t == "!usage",
+        );
+        let ids: Vec<&str> = kept.iter().map(|m| m.event_id.as_str()).collect();
+        assert_eq!(ids, ["$1", "$2"]);
     }
 
     #[test]

@@ -92,14 +92,19 @@ impl EventCache {
 /// Builds the context of addressed messages; one per process, shared by its workers.
 pub struct Fetcher {
     config: ContextConfig,
+    /// Room commands are left out of the context (`bot.command_prefix`, `limits.usage_command`).
+    command_prefix: String,
+    usage_command: String,
     cache: Mutex<EventCache>,
 }
 
 impl Fetcher {
-    /// A fetcher with the configured bounds and an empty cache.
-    pub fn new(config: &ContextConfig) -> Self {
+    /// A fetcher with the configured bounds, the command words and an empty cache.
+    pub fn new(config: &ContextConfig, command_prefix: &str, usage_command: &str) -> Self {
         Self {
             config: config.clone(),
+            command_prefix: command_prefix.to_string(),
+            usage_command: usage_command.to_string(),
             cache: Mutex::new(EventCache::new(CACHE_EVENTS)),
         }
     }
@@ -143,7 +148,12 @@ impl Fetcher {
                 .await,
         );
 
-        let messages = assemble::messages(&events, me, &job.event_id, job.origin_ts);
+        let messages = assemble::without_commands(
+            assemble::messages(&events, me, &job.event_id, job.origin_ts),
+            |text| {
+                crate::commands::parse(text, &self.command_prefix, &self.usage_command).is_some()
+            },
+        );
         let names = if messages.is_empty() {
             HashMap::new()
         } else {
