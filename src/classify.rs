@@ -55,10 +55,16 @@ impl Event {
         })
     }
 
-    /// The event this one replies to (`m.relates_to.m.in_reply_to.event_id`), if any.
+    /// The event this one replies to (`m.relates_to.m.in_reply_to.event_id`), if any. In a
+    /// thread, clients point `m.in_reply_to` at the thread's latest event as a fallback for
+    /// clients without threads (`is_falling_back`); that is not a reply, so it is no reply
+    /// here: otherwise every message after the bot's in a thread would address the bot.
     pub fn in_reply_to(&self) -> Option<&str> {
-        self.content
-            .pointer("/m.relates_to/m.in_reply_to/event_id")
+        let rel = self.content.get("m.relates_to")?;
+        if rel["rel_type"] == "m.thread" && rel["is_falling_back"] == true {
+            return None;
+        }
+        rel.pointer("/m.in_reply_to/event_id")
             .and_then(Value::as_str)
     }
 
@@ -269,7 +275,7 @@ fn classify_message(event: &Event, me: &Identity, facts: Facts) -> Verdict {
             Verdict::Addressed(Request {
                 text: prompt_text(&e.content, me),
                 thread_root: thread_root(e),
-                reply_to: reply_to(e),
+                reply_to: e.in_reply_to().map(str::to_string),
                 direct: facts.direct_room,
             })
         }),
@@ -350,18 +356,6 @@ fn strip_name_prefix<'a>(text: &'a str, me: &Identity) -> Option<&'a str> {
         })
 }
 
-fn reply_to(event: &Event) -> Option<String> {
-    let falls_back = event
-        .content
-        .pointer("/m.relates_to/is_falling_back")
-        .and_then(Value::as_bool)
-        == Some(true);
-    if thread_root(event).is_some() && falls_back {
-        return None;
-    }
-    event.in_reply_to().map(str::to_string)
-}
-
 fn thread_root(event: &Event) -> Option<String> {
     let rel = event.content.get("m.relates_to")?;
     if rel.get("rel_type").and_then(Value::as_str) != Some("m.thread") {
@@ -403,6 +397,26 @@ mod tests {
             ignored_senders: vec![Regex::new(r"^@.*bot:example\.org$").unwrap()],
             allowed_servers: vec!["example.org".into(), "friends.org".into()],
         }
+    }
+
+    #[test]
+    fn a_thread_fallback_is_not_a_reply() {
+        let in_thread = |falling_back: bool| {
+            msg(
+                "@alice:example.org",
+                json!({"msgtype": "m.text", "body": "and then?", "m.relates_to": {
+                    "rel_type": "m.thread", "event_id": "$root", "is_falling_back": falling_back,
+                    "m.in_reply_to": {"event_id": "$bot_answer"}}}),
+            )
+        };
+        assert_eq!(in_thread(true).in_reply_to(), None);
+        assert_eq!(in_thread(false).in_reply_to(), Some("$bot_answer"));
+        let plain = msg(
+            "@alice:example.org",
+            json!({"msgtype": "m.text", "body": "yes",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": "$x"}}}),
+        );
+        assert_eq!(plain.in_reply_to(), Some("$x"));
     }
 
     #[test]

@@ -187,7 +187,7 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
     let direct = facts
         .rooms
         .get(&event.room_id)
-        .is_some_and(|(d, n)| *d || *n == 2);
+        .is_some_and(|(d, n)| classify::is_direct_room(*d, *n));
     let verdict = classify::classify(
         &event,
         &state.identity,
