@@ -1,7 +1,6 @@
 //! The `request_log` analytics rows, written off the answer path, plus the process counters
 //! served at `/metrics`.
 
-use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +11,7 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 use tokio::sync::{mpsc, Notify};
 
+use crate::cascade::Stage;
 use crate::config::TelemetryConfig;
 use crate::provider::Usage;
 use crate::store::{self, Store, StoreError};
@@ -61,10 +61,11 @@ impl StageUsage {
 
 /// The stage whose output the user got: `final` when it ran, else the route's own stage
 /// (`web`, `reason` or `trivial`; a route runs at most one of them). The router never answers.
-pub fn answer_stage<K: Borrow<str> + Ord>(stages: &BTreeMap<K, StageUsage>) -> Option<&StageUsage> {
-    ["final", "web", "reason", "trivial"]
+/// `get` looks a stage up in whatever map holds them.
+pub fn answer_stage<'a>(get: impl Fn(Stage) -> Option<&'a StageUsage>) -> Option<&'a StageUsage> {
+    [Stage::Final, Stage::Web, Stage::Reason, Stage::Trivial]
         .into_iter()
-        .find_map(|s| stages.get(s))
+        .find_map(get)
 }
 
 /// How often (in writes) the retention trim runs.

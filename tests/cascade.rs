@@ -6,7 +6,9 @@ mod common;
 use serde_json::json;
 
 use common::*;
-use grok_appservice::cascade::{router, Ask, Cascade, Degrade, Outcome, Route, RouterSource};
+use grok_appservice::cascade::{
+    router, Ask, Cascade, Degrade, Outcome, Route, RouterSource, Stage,
+};
 use grok_appservice::config::Config;
 use grok_appservice::provider::{CostSource, Provider};
 use grok_appservice::store::Store;
@@ -87,7 +89,7 @@ async fn each_route_calls_its_models() {
         (Route::GrokDirect, RouterSource::Default)
     );
     assert_eq!(f.models(), vec!["grok-4.3"]);
-    assert_eq!(o.stage_cost.get("final"), Some(&FAKE_COST_TICKS));
+    assert_eq!(o.stage_cost.get(&Stage::Final), Some(&FAKE_COST_TICKS));
 
     let o = ask(&c, TRIVIAL_Q).await;
     assert_eq!(
@@ -113,9 +115,9 @@ async fn each_route_calls_its_models() {
         "{}",
         o.text
     );
-    assert_eq!(o.stage_cost.get("web"), Some(&FAKE_COST_TICKS));
+    assert_eq!(o.stage_cost.get(&Stage::Web), Some(&FAKE_COST_TICKS));
     // The stage's tokens are kept for the stats counterfactual, searches included.
-    let web = o.stage_usage["web"];
+    let web = o.stage_usage[&Stage::Web];
     assert_eq!(
         (web.input, web.cached, web.output, web.web_search_calls),
         (120, 20, 30, 1)
@@ -137,7 +139,10 @@ async fn each_route_calls_its_models() {
         "the final model sees the analysis"
     );
     assert_eq!(o.cost_total(), 2 * FAKE_COST_TICKS);
-    assert_eq!(o.models.get("reason").map(String::as_str), Some("grok-4.5"));
+    assert_eq!(
+        o.models.get(&Stage::Reason).map(String::as_str),
+        Some("grok-4.5")
+    );
     assert_eq!(o.cost_source, Some(CostSource::Reported));
 }
 
@@ -358,8 +363,8 @@ async fn costs_are_computed_when_not_reported() {
     let o = ask(&c, REASON_Q).await;
     assert_eq!(o.cost_source, Some(CostSource::Computed));
     // grok-4.5: 100*20,000 + 20*3,000 + 30*60,000; grok-4.3: 100*12,500 + 20*2,000 + 30*25,000.
-    assert_eq!(o.stage_cost["reason"], 2_000_000 + 60_000 + 1_800_000);
-    assert_eq!(o.stage_cost["final"], 1_250_000 + 40_000 + 750_000);
+    assert_eq!(o.stage_cost[&Stage::Reason], 2_000_000 + 60_000 + 1_800_000);
+    assert_eq!(o.stage_cost[&Stage::Final], 1_250_000 + 40_000 + 750_000);
 }
 
 /// A message the heuristic router finds ambiguous, from a few candidates.
@@ -398,7 +403,7 @@ async fn the_classifier_decides_ambiguous_messages_and_degrades_on_failure() {
         (o.route, o.router_source, o.router_confidence),
         (Route::WebThenGrok, RouterSource::Classifier, 0.7)
     );
-    assert_eq!(o.stage_cost.get("router"), Some(&3));
+    assert_eq!(o.stage_cost.get(&Stage::Router), Some(&3));
     let seen = f.xai.seen();
     assert_eq!(seen[0].body["model"], "grok-4.20-non-reasoning");
     assert_eq!(seen[1].body["tools"][0]["type"], "web_search");
@@ -528,7 +533,10 @@ async fn failed_attempts_that_may_have_been_billed_are_charged() {
     assert_eq!(o.unconfirmed_attempts, 1);
     let worst = worst_case_of(&seen[1].body, "grok-4.3");
     assert!(worst > FAKE_COST_TICKS);
-    assert_eq!(o.stage_cost.get("final"), Some(&(FAKE_COST_TICKS + worst)));
+    assert_eq!(
+        o.stage_cost.get(&Stage::Final),
+        Some(&(FAKE_COST_TICKS + worst))
+    );
     assert_eq!(o.cost_total(), FAKE_COST_TICKS + worst);
     assert_eq!(o.cost_source, Some(CostSource::Estimated));
 }
@@ -555,7 +563,7 @@ async fn the_primary_before_a_fallback_is_charged() {
     let worst = worst_case_of(&f.xai.seen()[0].body, "grok-4.3");
     assert_eq!(o.unconfirmed_attempts, 3);
     assert_eq!(
-        o.stage_cost.get("final"),
+        o.stage_cost.get(&Stage::Final),
         Some(&(3 * worst + FAKE_COST_TICKS))
     );
 }

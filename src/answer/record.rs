@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::cascade::{Cascade, Degrade, Outcome, Route, RouterSource};
+use crate::cascade::{Cascade, Degrade, Outcome, Route, RouterSource, Stage};
 use crate::classify::SkipReason;
 use crate::provider::estimate_text_tokens;
 use crate::state::AppState;
@@ -48,7 +48,7 @@ pub struct DirectEstimate {
 pub fn direct_estimate(
     route: Route,
     cache_hit: bool,
-    stages: &BTreeMap<&'static str, StageUsage>,
+    stages: &BTreeMap<Stage, StageUsage>,
     prompt_tokens: i64,
     cached_answer_tokens: i64,
 ) -> Option<DirectEstimate> {
@@ -60,12 +60,12 @@ pub fn direct_estimate(
     }
     match route {
         Route::None => None,
-        Route::GrokDirect => stages.get("final").map(|f| DirectEstimate {
+        Route::GrokDirect => stages.get(&Stage::Final).map(|f| DirectEstimate {
             input: f.input,
             output: f.output,
         }),
         Route::TrivialDirect | Route::WebThenGrok | Route::ReasonThenGrok => {
-            let writer = answer_stage(stages)?;
+            let writer = answer_stage(|s| stages.get(&s))?;
             Some(DirectEstimate {
                 input: prompt_tokens,
                 output: (writer.output - writer.reasoning).max(0),
@@ -88,12 +88,12 @@ pub fn outcome_row(job: &Job, outcome: &Outcome, cascade: &Cascade, material: &s
     row.cached_tokens = outcome.cached_tokens;
     row.completion_tokens = outcome.completion_tokens;
     row.reasoning_tokens = outcome.reasoning_tokens;
-    let stage = |name| outcome.stage_cost.get(name).copied().unwrap_or(0);
-    row.cost_router_ticks = stage("router");
-    row.cost_trivial_ticks = stage("trivial");
-    row.cost_web_ticks = stage("web");
-    row.cost_reason_ticks = stage("reason");
-    row.cost_final_ticks = stage("final");
+    let stage = |s| outcome.stage_cost.get(&s).copied().unwrap_or(0);
+    row.cost_router_ticks = stage(Stage::Router);
+    row.cost_trivial_ticks = stage(Stage::Trivial);
+    row.cost_web_ticks = stage(Stage::Web);
+    row.cost_reason_ticks = stage(Stage::Reason);
+    row.cost_final_ticks = stage(Stage::Final);
     row.cost_total_ticks = outcome.cost_total();
     row.stage_usage = serde_json::to_string(&outcome.stage_usage).unwrap_or_else(|_| "{}".into());
     // The bytes-based estimate of what grok_direct would have been sent; the framing the
@@ -161,7 +161,7 @@ mod tests {
     type Case = (
         Route,
         bool,
-        Vec<(&'static str, StageUsage)>,
+        Vec<(Stage, StageUsage)>,
         Option<DirectEstimate>,
     );
 
@@ -186,40 +186,46 @@ mod tests {
             (
                 Route::GrokDirect,
                 false,
-                vec![("final", u(900, 300, 400, 50))],
+                vec![(Stage::Final, u(900, 300, 400, 50))],
                 d(900, 400),
             ),
             (
                 Route::GrokDirect,
                 false,
-                vec![("router", u(80, 0, 10, 0)), ("final", u(910, 0, 410, 0))],
+                vec![
+                    (Stage::Router, u(80, 0, 10, 0)),
+                    (Stage::Final, u(910, 0, 410, 0)),
+                ],
                 d(910, 410),
             ),
             // A grok_direct call that failed: nothing to compare.
             (
                 Route::GrokDirect,
                 false,
-                vec![("router", u(80, 0, 10, 0))],
+                vec![(Stage::Router, u(80, 0, 10, 0))],
                 None,
             ),
             // trivial answered: its output; escalated: the final stage's.
             (
                 Route::TrivialDirect,
                 false,
-                vec![("trivial", u(700, 0, 40, 0))],
+                vec![(Stage::Trivial, u(700, 0, 40, 0))],
                 d(500, 40),
             ),
             (
                 Route::TrivialDirect,
                 false,
-                vec![("trivial", u(700, 0, 5, 0)), ("final", u(710, 0, 300, 20))],
+                vec![
+                    (Stage::Trivial, u(700, 0, 5, 0)),
+                    (Stage::Final, u(710, 0, 300, 20)),
+                ],
                 d(500, 280),
             ),
             // web: the web stage wrote it (search results inflate its input, not ours).
             (
                 Route::WebThenGrok,
                 false,
-                vec![("web", u(9_000, 0, 600, 0))],
+                vec![(Stage::Web, u(9_000, 0, 600, 0))],
                 d(500, 600),
             ),
             // reason: the final stage wrote it; without one, the analysis, less reasoning.
@@ -227,22 +233,22 @@ mod tests {
                 Route::ReasonThenGrok,
                 false,
                 vec![
-                    ("reason", u(800, 0, 5_000, 4_000)),
-                    ("final", u(2_000, 0, 700, 0)),
+                    (Stage::Reason, u(800, 0, 5_000, 4_000)),
+                    (Stage::Final, u(2_000, 0, 700, 0)),
                 ],
                 d(500, 700),
             ),
             (
                 Route::ReasonThenGrok,
                 false,
-                vec![("reason", u(800, 0, 5_000, 4_000))],
+                vec![(Stage::Reason, u(800, 0, 5_000, 4_000))],
                 d(500, 1_000),
             ),
             // More reasoning than output never goes negative.
             (
                 Route::ReasonThenGrok,
                 false,
-                vec![("reason", u(800, 0, 10, 30))],
+                vec![(Stage::Reason, u(800, 0, 10, 30))],
                 d(500, 0),
             ),
             // A cache hit on any route: the prompt and the cached answer's estimate.
@@ -250,7 +256,7 @@ mod tests {
             (
                 Route::WebThenGrok,
                 true,
-                vec![("router", u(80, 0, 10, 0))],
+                vec![(Stage::Router, u(80, 0, 10, 0))],
                 d(500, 120),
             ),
             // No model ran.
@@ -258,7 +264,7 @@ mod tests {
             (Route::WebThenGrok, false, vec![], None),
         ];
         for (route, hit, stages, expected) in cases {
-            let map: BTreeMap<&'static str, StageUsage> = stages.iter().copied().collect();
+            let map: BTreeMap<Stage, StageUsage> = stages.iter().copied().collect();
             assert_eq!(
                 direct_estimate(route, hit, &map, 500, 120),
                 expected,

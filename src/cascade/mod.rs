@@ -84,6 +84,46 @@ impl RouterSource {
     }
 }
 
+/// A step of the cascade that may call a model: the keys of the per-stage maps, the
+/// `request_log.cost_<stage>_ticks` columns and the `models`/`stage_ms`/`stage_usage` JSON keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Router,
+    Trivial,
+    Web,
+    Reason,
+    Final,
+}
+
+impl Stage {
+    /// Every stage, in the order the cascade runs them.
+    pub const ALL: [Stage; 5] = [
+        Stage::Router,
+        Stage::Trivial,
+        Stage::Web,
+        Stage::Reason,
+        Stage::Final,
+    ];
+
+    /// The stored token.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::Router => "router",
+            Stage::Trivial => "trivial",
+            Stage::Web => "web",
+            Stage::Reason => "reason",
+            Stage::Final => "final",
+        }
+    }
+
+    /// Whether the user reads this stage's output (so it is streamed when streaming is on):
+    /// not the router, the cheap model (it may still escalate) or the reasoning notes.
+    pub fn answers(self) -> bool {
+        matches!(self, Stage::Web | Stage::Final)
+    }
+}
+
 /// Why an answer is not the normal one (the stable `request_log.degraded` tokens, besides the
 /// skip reasons of [`crate::classify::SkipReason`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,14 +178,14 @@ pub struct Outcome {
     pub router_confidence: f64,
     /// The router's matched rule ids.
     pub rules: Vec<&'static str>,
-    /// Stage -> model id (`{"router": .., "final": ..}`).
-    pub models: BTreeMap<&'static str, String>,
+    /// Stage -> model id (`{"router": .., "final": ..}` in `request_log.models`).
+    pub models: BTreeMap<Stage, String>,
     /// Stage -> milliseconds.
-    pub stage_ms: BTreeMap<&'static str, u64>,
+    pub stage_ms: BTreeMap<Stage, u64>,
     /// Stage -> cost in ticks.
-    pub stage_cost: BTreeMap<&'static str, i64>,
+    pub stage_cost: BTreeMap<Stage, i64>,
     /// Stage -> tokens, for the `grok_direct` counterfactual of `stats`.
-    pub stage_usage: BTreeMap<&'static str, StageUsage>,
+    pub stage_usage: BTreeMap<Stage, StageUsage>,
     pub prompt_tokens: i64,
     pub cached_tokens: i64,
     pub completion_tokens: i64,
@@ -205,7 +245,7 @@ impl Outcome {
     }
 
     /// Adds one stage's usage, cost and timing.
-    fn absorb(&mut self, stage: &'static str, c: &Completion, provider: &Provider) {
+    fn absorb(&mut self, stage: Stage, c: &Completion, provider: &Provider) {
         let (ticks, source) = settle_cost(&c.usage, provider.price(&c.model));
         *self.stage_cost.entry(stage).or_default() += ticks;
         self.stage_usage.entry(stage).or_default().add(&c.usage);
@@ -235,7 +275,7 @@ impl Outcome {
     /// case: xAI sent no usage, and the ceiling must not hide what it may have cost.
     fn charge_unconfirmed(
         &mut self,
-        stage: &'static str,
+        stage: Stage,
         req: &CompletionRequest,
         attempts: u32,
         provider: &Provider,
@@ -253,7 +293,7 @@ impl Outcome {
     }
 
     /// Notes a failed stage's model and time.
-    fn failed(&mut self, stage: &'static str, model: &str, started: Instant) {
+    fn failed(&mut self, stage: Stage, model: &str, started: Instant) {
         self.models.insert(stage, model.to_string());
         *self.stage_ms.entry(stage).or_default() += started.elapsed().as_millis() as u64;
     }
@@ -525,7 +565,7 @@ impl Cascade {
     /// call. Failed attempts that may have been billed are charged to the stage.
     async fn call(
         &self,
-        stage: &'static str,
+        stage: Stage,
         req: &CompletionRequest,
         ask: &Ask<'_>,
         out: &mut Outcome,
@@ -535,10 +575,8 @@ impl Cascade {
                 .await
                 .map_err(|_| ProviderError::ClaimLost)?;
         }
-        // Only what the user reads is streamed: the answering stages, not the router, the
-        // cheap model (it may still escalate) or the reasoning model's notes.
         let called = match ask.stream {
-            Some(updates) if matches!(stage, "final" | "web") => {
+            Some(updates) if stage.answers() => {
                 self.provider.complete_streaming(req, updates).await
             }
             _ => self.provider.complete(req).await,
@@ -555,24 +593,24 @@ impl Cascade {
         let result = tokio::time::timeout(timeout, self.provider.complete_once(&req)).await;
         let parsed = match result {
             Ok(Ok(c)) => {
-                out.absorb("router", &c, &self.provider);
+                out.absorb(Stage::Router, &c, &self.provider);
                 parse_classifier(&c.text)
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "router classifier failed");
                 let attempts = u32::from(e.may_have_been_billed());
-                out.charge_unconfirmed("router", &req, attempts, &self.provider);
+                out.charge_unconfirmed(Stage::Router, &req, attempts, &self.provider);
                 None
             }
             Err(_) => {
                 // The request went out and may still be billed after we stopped waiting.
                 tracing::warn!(?timeout, "router classifier timed out");
-                out.charge_unconfirmed("router", &req, 1, &self.provider);
+                out.charge_unconfirmed(Stage::Router, &req, 1, &self.provider);
                 None
             }
         };
-        *out.stage_ms.entry("router").or_default() = started.elapsed().as_millis() as u64;
-        out.models.insert("router", self.models.router.clone());
+        *out.stage_ms.entry(Stage::Router).or_default() = started.elapsed().as_millis() as u64;
+        out.models.insert(Stage::Router, self.models.router.clone());
         match parsed {
             Some((route, confidence)) => {
                 out.route = route;
@@ -597,22 +635,22 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        let mut result = self.call("final", &req, ask, out).await;
+        let mut result = self.call(Stage::Final, &req, ask, out).await;
         if let (Err(e), Some(fallback)) = (&result, &self.models.fallback) {
             if e.is_retryable() {
                 tracing::warn!(model = %req.model, %fallback, error = %e, "final model failed, trying the fallback");
                 req.model = fallback.clone();
                 out.fallback_fired = true;
-                result = self.call("final", &req, ask, out).await;
+                result = self.call(Stage::Final, &req, ask, out).await;
             }
         }
         match result {
             Ok(c) => {
-                out.absorb("final", &c, &self.provider);
+                out.absorb(Stage::Final, &c, &self.provider);
                 out.text = c.text;
             }
             Err(e) => {
-                out.failed("final", &req.model, started);
+                out.failed(Stage::Final, &req.model, started);
                 out.error = Some(e);
             }
         }
@@ -629,9 +667,9 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.call("trivial", &req, ask, out).await {
+        match self.call(Stage::Trivial, &req, ask, out).await {
             Ok(c) => {
-                out.absorb("trivial", &c, &self.provider);
+                out.absorb(Stage::Trivial, &c, &self.provider);
                 let truncated = c.status == "incomplete" || c.incomplete_reason.is_some();
                 if !c.text.trim().is_empty() && !truncated && !REFUSAL.is_match(&c.text) {
                     out.text = c.text;
@@ -640,7 +678,7 @@ impl Cascade {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "trivial model failed, escalating");
-                out.failed("trivial", &req.model, started);
+                out.failed(Stage::Trivial, &req.model, started);
             }
         }
         out.escalated = true;
@@ -677,7 +715,7 @@ impl Cascade {
         );
         req.web_search_turns = Some(self.settings.web_max_turns);
         let started = Instant::now();
-        let result = self.call("web", &req, ask, out).await;
+        let result = self.call(Stage::Web, &req, ask, out).await;
         let used = result
             .as_ref()
             .map(|c| c.usage.web_search_calls)
@@ -687,12 +725,12 @@ impl Cascade {
         }
         match result {
             Ok(c) => {
-                out.absorb("web", &c, &self.provider);
+                out.absorb(Stage::Web, &c, &self.provider);
                 out.text = with_sources(&c.text, &c.citations);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "web stage failed, falling back to grok_direct");
-                out.failed("web", &req.model, started);
+                out.failed(Stage::Web, &req.model, started);
                 out.fallback_fired = true;
                 out.degraded = Some(Degrade::WebFailed);
                 self.direct(text, ask, out).await;
@@ -712,17 +750,17 @@ impl Cascade {
         );
         req.reasoning_effort = Some(self.settings.reason_effort.clone());
         let started = Instant::now();
-        let analysis = match self.call("reason", &req, ask, out).await {
+        let analysis = match self.call(Stage::Reason, &req, ask, out).await {
             Ok(c) if !c.text.trim().is_empty() => {
-                out.absorb("reason", &c, &self.provider);
+                out.absorb(Stage::Reason, &c, &self.provider);
                 c.text
             }
             other => {
                 match other {
-                    Ok(c) => out.absorb("reason", &c, &self.provider),
+                    Ok(c) => out.absorb(Stage::Reason, &c, &self.provider),
                     Err(e) => {
                         tracing::warn!(error = %e, "reasoning stage failed, falling back");
-                        out.failed("reason", &req.model, started);
+                        out.failed(Stage::Reason, &req.model, started);
                     }
                 }
                 out.degraded = Some(Degrade::ReasoningFailed);
@@ -743,15 +781,15 @@ impl Cascade {
             ask,
         );
         let started = Instant::now();
-        match self.call("final", &final_req, ask, out).await {
+        match self.call(Stage::Final, &final_req, ask, out).await {
             Ok(c) => {
-                out.absorb("final", &c, &self.provider);
+                out.absorb(Stage::Final, &c, &self.provider);
                 out.text = c.text;
             }
             Err(e) => {
                 // The analysis already answers the question: send it rather than nothing.
                 tracing::warn!(error = %e, "final stage failed after reasoning; sending the analysis");
-                out.failed("final", &final_req.model, started);
+                out.failed(Stage::Final, &final_req.model, started);
                 out.fallback_fired = true;
                 out.text = analysis;
             }

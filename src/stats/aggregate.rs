@@ -302,7 +302,7 @@ pub fn compare_row(
         };
         cascade_ticks += compute_cost_ticks(&usage.usage(), price);
     }
-    let cached = answer_stage(&stages).map_or(0, |s| s.cached);
+    let cached = answer_stage(|s| stages.get(s.as_str())).map_or(0, |s| s.cached);
     let direct = Usage {
         input_tokens: row.direct_input_tokens,
         cached_tokens: cached.clamp(0, row.direct_input_tokens),

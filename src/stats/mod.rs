@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 
 use chrono::{NaiveDate, NaiveDateTime};
 
+use crate::cascade::Stage;
 use crate::config::Config;
 use crate::provider::Price;
 
@@ -47,7 +48,13 @@ pub const ROUTES: [&str; 5] = [
     "reason_then_grok",
 ];
 /// The cost stages, in the order the cascade runs them.
-pub const STAGES: [&str; 5] = ["router", "trivial", "web", "reason", "final"];
+pub const STAGES: [&str; 5] = [
+    Stage::Router.as_str(),
+    Stage::Trivial.as_str(),
+    Stage::Web.as_str(),
+    Stage::Reason.as_str(),
+    Stage::Final.as_str(),
+];
 /// The router source tokens (DESIGN section 5).
 pub const ROUTER_SOURCES: [&str; 5] = ["heuristic", "classifier", "default", "forced", "degraded"];
 /// Upper bounds (exclusive, ms) of the latency histogram's buckets; a last bucket holds the rest.
