@@ -47,8 +47,10 @@ pub struct Config {
     pub provider: ProviderConfig,
     #[serde(default)]
     pub models: ModelsConfig,
-    /// Prices per model id, used only when a response lacks `cost_in_usd_ticks`.
-    #[serde(default = "default_prices")]
+    /// Prices per model id, used only when a response lacks `cost_in_usd_ticks`. Entries in
+    /// the file are merged with the defaults ([`Config::parse`] fills in the models not
+    /// named), so pricing one new model does not silently unprice the others.
+    #[serde(default)]
     pub prices: BTreeMap<String, PriceConfig>,
     #[serde(default)]
     pub cascade: CascadeConfig,
@@ -916,10 +918,14 @@ impl Config {
 
     /// Parses YAML text without env overrides or validation.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string(),
-        })
+        })?;
+        for (model, price) in default_prices() {
+            config.prices.entry(model).or_insert(price);
+        }
+        Ok(config)
     }
 
     /// Applies `DATABASE_URL`, `XAI_API_KEY` and the `TELEMETRY_*` overrides.
@@ -1376,6 +1382,19 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
+        let priced = Config::parse(&format!(
+            "{MINIMAL}prices: {{my-model: {{input_per_m: 1, cached_input_per_m: 0.5, output_per_m: 2, web_search_call: 0}}, grok-4.5: {{input_per_m: 9, cached_input_per_m: 1, output_per_m: 9, web_search_call: 0}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(priced.prices["my-model"].output_per_m, 2.0);
+        assert_eq!(
+            priced.prices["grok-4.5"].input_per_m, 9.0,
+            "a named model is overridden"
+        );
+        assert_eq!(
+            priced.prices["grok-4.3"].output_per_m, 2.5,
+            "models not named keep their default prices"
+        );
         let mut c = Config::parse(include_str!("../config.example.yaml")).unwrap();
         c.validate().unwrap();
         assert_eq!(c.limits.usage_command, "!usage");
