@@ -1224,9 +1224,58 @@ fn check_http_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Whether `url` would carry secrets in clear text over a network: `http://` to a host that
+/// is not loopback or a private address (a homeserver on the same host or LAN is fine).
+pub fn sends_in_clear(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    if parsed.scheme() != "http" {
+        return false;
+    }
+    let Some(host) = parsed.host_str() else {
+        return false;
+    };
+    match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            !(ip.is_loopback() || ip.is_private() || ip.is_link_local())
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            !(ip.is_loopback() || ip.is_unique_local() || ip.is_unicast_link_local())
+        }
+        // A single-label name (`synapse`, a container's) or `localhost` is not on the internet.
+        Err(_) => {
+            let name = host.trim_end_matches('.');
+            !(name == "localhost" || name.ends_with(".localhost") || !name.contains('.'))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clear_text_homeservers_are_recognised() {
+        for url in ["http://matrix.example.org", "http://8.8.8.8:8008"] {
+            assert!(sends_in_clear(url), "{url}");
+        }
+        for url in [
+            "https://matrix.example.org",
+            "http://127.0.0.1:8008",
+            "http://localhost:8008",
+            "http://synapse:8008",
+            "http://10.0.0.5:8008",
+            "http://192.168.1.2",
+            "http://[::1]:8008",
+        ] {
+            assert!(!sends_in_clear(url), "{url}");
+        }
+    }
 
     const MINIMAL: &str = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n\
                            appservice: {listen: '127.0.0.1:9000'}\n";

@@ -278,6 +278,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _single_process = store.lock_single_process(&config.database.url)?;
     let applied = store.migrate().await.context("running migrations")?;
     tracing::info!(applied, backend = store.backend_name(), "database ready");
+    if grok_appservice::config::sends_in_clear(&config.homeserver.url) {
+        tracing::warn!(url = %config.homeserver.url,
+            "homeserver.url is plain http to a public host: the as_token travels in clear text; use https");
+    }
     if config.provider.api_key.is_none() {
         tracing::warn!("XAI_API_KEY is not set: every answer will be an apology");
     }

@@ -78,6 +78,11 @@ pub fn write(registration: &Registration, path: &Path) -> Result<(), Registratio
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(path).map_err(write_err)?;
+    // `mode` applies only to a new file: an existing one (the shipped 0644 example) keeps its
+    // mode, so it is narrowed before the tokens go in.
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(write_err)?;
     std::io::Write::write_all(&mut file, to_yaml(registration).as_bytes()).map_err(write_err)
 }
 
@@ -158,6 +163,21 @@ mod tests {
     fn the_shipped_example_is_refused() {
         let example = include_str!("../registration.yaml");
         assert!(parse(example).unwrap_err().contains("placeholder"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_file_ends_up_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("grok-reg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("registration.yaml");
+        std::fs::write(&path, "placeholder").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write(&generate("example.org", "http://x", "grok"), &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
