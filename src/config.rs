@@ -103,6 +103,9 @@ pub struct AppserviceConfig {
     /// A message older than this when handled is dropped (with a WARN and a row), not answered.
     #[serde(default = "default_max_message_age", deserialize_with = "de_duration")]
     pub max_message_age: Duration,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <this>`.
+    #[serde(default)]
+    pub metrics_token: Option<String>,
     /// On SIGTERM, how long in-flight answers may run on before they are cancelled and their
     /// claims handed to other replicas.
     #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
@@ -117,6 +120,7 @@ impl Default for AppserviceConfig {
             claim_lease: default_claim_lease(),
             recovery_interval: default_recovery_interval(),
             max_message_age: default_max_message_age(),
+            metrics_token: None,
             shutdown_grace: default_shutdown_grace(),
         }
     }

@@ -12,6 +12,7 @@ pub mod context;
 pub mod housekeeping;
 pub mod limiter;
 pub mod matrix;
+pub mod probes;
 pub mod provider;
 pub mod registration;
 pub mod render;

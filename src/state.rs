@@ -71,6 +71,8 @@ pub struct AppState {
     pub timings: Timings,
     /// Answer workers in flight, awaited on shutdown.
     pub tasks: TaskTracker,
+    /// The cached database probes of `/ready` and `/metrics`.
+    pub probes: crate::probes::Probes,
     /// Cancelled when the shutdown grace period ends: workers stop where they are and their
     /// claims go to other replicas.
     pub cancel: CancellationToken,
@@ -165,6 +167,7 @@ impl AppState {
             timings,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            probes: Default::default(),
             accepting: AtomicBool::new(true),
             slots: Arc::new(Semaphore::new(config_slots)),
             working: Arc::new(Working::default()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -387,23 +387,36 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    match state.store.ping().await {
-        Ok(()) => Json(json!({"ready": true})).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"ready": false, "reason": "database unreachable"})),
-            )
-                .into_response()
-        }
+    if state.probes.database_up(&state.store).await {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "database unreachable"})),
+        )
+            .into_response()
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.config.appservice.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if token_matches(token, expected) => {}
+            Some(_) => return MatrixApiError::Forbidden.into_response(),
+            None => return MatrixApiError::MissingToken.into_response(),
+        }
+    }
     // Shared figures come from the database, so every replica reports the same backlog; a
     // scrape while it is down still serves the process counters.
-    let (claims, held, overshoot) = match state.store.backlog(state.limiter.today()).await {
+    let backlog = state
+        .probes
+        .backlog(&state.store, state.limiter.today())
+        .await;
+    let (claims, held, overshoot) = match backlog {
         Ok(b) => (b.claims_pending, b.reservations_held, b.overshoot_ticks),
         Err(e) => {
             tracing::warn!(error = %e, "metrics: backlog unavailable");

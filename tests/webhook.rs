@@ -1039,3 +1039,50 @@ async fn a_recovered_reply_whose_row_died_with_its_replica_gets_one() {
         "the settled reservation's cost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_can_require_a_token_and_probes_are_cached() {
+    let h = Harness::with(common::db::sqlite(), |c| {
+        c.appservice.metrics_token = Some("scrape-secret".into())
+    })
+    .await;
+    let with = |token: &str| {
+        Request::get("/metrics")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (s, b) = h.call(get("/metrics")).await;
+    assert_eq!(
+        (s, b["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN"))
+    );
+    let (s, b) = h.call(with("wrong")).await;
+    assert_eq!(
+        (s, b["errcode"].as_str()),
+        (StatusCode::FORBIDDEN, Some("M_FORBIDDEN"))
+    );
+    let (s, b) = h.call(with("scrape-secret")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b["raw"].as_str().unwrap().contains("grok_claims_pending 0"));
+
+    // A claim written after the probe ran shows only once the cached figure is stale.
+    h.claim_directly("m1", "$m1", "other".into(), Duration::from_secs(60))
+        .await;
+    let (_, b) = h.call(with("scrape-secret")).await;
+    assert!(
+        b["raw"].as_str().unwrap().contains("grok_claims_pending 0"),
+        "cached"
+    );
+    tokio::time::sleep(grok_appservice::probes::PROBE_TTL).await;
+    let (_, b) = h.call(with("scrape-secret")).await;
+    assert!(
+        b["raw"].as_str().unwrap().contains("grok_claims_pending 1"),
+        "re-read"
+    );
+    assert_eq!(
+        h.call(get("/ready")).await.0,
+        StatusCode::OK,
+        "/ready needs no token"
+    );
+}
