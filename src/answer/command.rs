@@ -2,12 +2,11 @@
 
 use crate::cascade::Degrade;
 use crate::commands::{self, Change, Command, HelpFacts};
-use crate::context::{self, Mode};
 use crate::state::AppState;
 use crate::store::room_state::RoomSetting;
 use crate::telemetry::RequestLog;
 
-use super::run::{Response, UNAVAILABLE};
+use super::run::{context_mode, room_settings, Response, UNAVAILABLE};
 use super::Job;
 
 const NOT_A_MODERATOR: &str =
@@ -45,14 +44,7 @@ pub async fn answer(
 
 /// The help text with the room's settings and the asker's limits.
 async fn help(state: &AppState, job: &Job) -> String {
-    let settings = state
-        .store
-        .room_settings(job.room_id.clone())
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "room settings unavailable for help");
-            Default::default()
-        });
+    let settings = room_settings(state, &job.room_id).await;
     let usage = state
         .limiter
         .usage(&job.sender)
@@ -60,14 +52,13 @@ async fn help(state: &AppState, job: &Job) -> String {
         .ok()
         .map(|u| crate::limiter::usage_text(&u));
     let config = &state.config;
-    let room_mode = settings.context_mode.as_deref().and_then(Mode::parse);
-    let mode = context::mode_for(job.request.direct, room_mode, &config.context);
+    let mode = context_mode(state, job, &settings);
     commands::help_text(&HelpFacts {
         bot_name: &config.bot.display_name,
         prefix: &config.bot.command_prefix,
         usage_command: &config.limits.usage_command,
         context_mode: mode.as_str(),
-        context_set: room_mode.is_some(),
+        context_set: settings.context_mode.is_some(),
         route: settings.route.as_deref(),
         usage,
     })

@@ -14,6 +14,7 @@ use crate::context::{self, Conversation};
 use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::provider::ProviderError;
 use crate::state::AppState;
+use crate::store::room_state::RoomSettings;
 use crate::telemetry::RequestLog;
 
 use super::progress::Progress;
@@ -96,6 +97,28 @@ pub fn hashed_user(user_id: &str) -> String {
     hex::encode(&Sha256::digest(user_id.as_bytes())[..12])
 }
 
+/// The room's settings from its moderators, or the defaults when the store cannot say.
+pub(super) async fn room_settings(state: &AppState, room_id: &str) -> RoomSettings {
+    state
+        .store
+        .room_settings(room_id.to_string())
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "room settings unavailable; using the defaults");
+            RoomSettings::default()
+        })
+}
+
+/// The context mode of the job's room: the moderators' choice, else the default for direct
+/// chats or group rooms.
+pub(super) fn context_mode(state: &AppState, job: &Job, settings: &RoomSettings) -> context::Mode {
+    let chosen = settings
+        .context_mode
+        .as_deref()
+        .and_then(context::Mode::parse);
+    context::mode_for(job.request.direct, chosen, &state.config.context)
+}
+
 /// Decides what to answer: nothing past the room's reply limit, a room command, a refusal
 /// from the limiter, or the cascade's answer within a reservation.
 pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gate) -> Response {
@@ -114,19 +137,8 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         return super::command::answer(state, job, command, Box::new(row)).await;
     }
 
-    let settings = state
-        .store
-        .room_settings(job.room_id.clone())
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "room settings unavailable; using the defaults");
-            Default::default()
-        });
-    let room_mode = settings
-        .context_mode
-        .as_deref()
-        .and_then(context::Mode::parse);
-    let mode = context::mode_for(job.request.direct, room_mode, &state.config.context);
+    let settings = room_settings(state, &job.room_id).await;
+    let mode = context_mode(state, job, &settings);
     let conversation = state
         .context
         .conversation(&state.matrix, &state.identity, job, mode)
