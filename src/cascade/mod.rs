@@ -435,7 +435,8 @@ impl Cascade {
         let text = decision.text.clone();
         if decision.ambiguous && self.settings.classifier && decision.source != RouterSource::Forced
         {
-            self.classify(&text, &mut out).await;
+            self.classify(&classifier_input(&text, ask.context), &mut out)
+                .await;
         }
 
         // An answer that read earlier turns belongs to its conversation: never shared.
@@ -797,6 +798,29 @@ impl Cascade {
     }
 }
 
+/// Earlier turns the classifier sees at most, and how much of each: enough to route a
+/// follow-up ("and tomorrow?") like its question, little enough to stay a cheap call.
+const CLASSIFIER_TURNS: usize = 2;
+const CLASSIFIER_TURN_CHARS: usize = 300;
+
+/// What the classifier is asked to route: the message, after the conversation's last turns
+/// (cut short) when there are any.
+fn classifier_input(text: &str, context: Option<&Conversation>) -> String {
+    let turns = context.map_or(&[][..], |c| &c.turns[..]);
+    if turns.is_empty() {
+        return text.to_string();
+    }
+    let recent = &turns[turns.len().saturating_sub(CLASSIFIER_TURNS)..];
+    let mut input = String::from("Earlier in the conversation:\n");
+    for turn in recent {
+        let short: String = turn.text.chars().take(CLASSIFIER_TURN_CHARS).collect();
+        input.push_str(&format!("{}: {short}\n", turn.role.as_str()));
+    }
+    input.push_str("\nThe message to route:\n");
+    input.push_str(text);
+    input
+}
+
 /// Parses the classifier's `{"route": .., "confidence": ..}` (tolerating text around it).
 fn parse_classifier(text: &str) -> Option<(Route, f64)> {
     let start = text.find('{')?;
@@ -836,6 +860,30 @@ mod tests {
         assert_eq!(parse_classifier(r#"{"route": "none"}"#), None);
         assert_eq!(parse_classifier(r#"{"route": "fast"}"#), None);
         assert_eq!(parse_classifier("web please"), None);
+    }
+
+    #[test]
+    fn the_classifier_sees_the_last_turns_cut_short() {
+        use crate::context::{Role, Turn};
+        assert_eq!(classifier_input("and tomorrow?", None), "and tomorrow?");
+        let turn = |role, text: &str| Turn {
+            role,
+            text: text.to_string(),
+        };
+        let c = Conversation {
+            key: "!r".into(),
+            turns: vec![
+                turn(Role::User, "Alice: hi"),
+                turn(Role::User, "Alice: what's the weather in Paris today?"),
+                turn(Role::Assistant, &"Sunny. ".repeat(100)),
+            ],
+            speaker: "Alice".into(),
+        };
+        let input = classifier_input("and tomorrow?", Some(&c));
+        assert!(!input.contains("Alice: hi"), "only the last two turns");
+        assert!(input.contains("user: Alice: what's the weather in Paris today?"));
+        assert!(input.ends_with("The message to route:\nand tomorrow?"));
+        assert!(input.len() < 800, "turns are cut short: {}", input.len());
     }
 
     #[test]
