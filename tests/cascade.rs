@@ -68,6 +68,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         gate: None,
         stream: None,
         context: None,
+        images: &[],
     })
     .await
 }
@@ -179,6 +180,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             gate: None,
             stream: None,
             context: None,
+            images: &[],
         })
         .await;
     assert_eq!(
@@ -196,6 +198,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             gate: None,
             stream: None,
             context: None,
+            images: &[],
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);
@@ -457,6 +460,7 @@ async fn answers_with_context_send_the_turns_and_are_never_cached() {
             },
         ],
         speaker: "Alice".into(),
+        images: vec![],
     };
     let with_context = |text| Ask {
         text,

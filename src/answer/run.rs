@@ -15,7 +15,9 @@ use crate::limiter::{refusal_text, Admission, Refusal};
 use crate::provider::{ProviderError, STREAM_BROKEN};
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
+use crate::vision::{self, IMAGE_TOKENS};
 
+use super::images::{self, Images};
 use super::progress::Progress;
 use super::record::{base_row, outcome_row};
 use super::Job;
@@ -131,6 +133,11 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         .context
         .conversation(&state.matrix, &state.identity, job, mode)
         .await;
+    let images = match images::prepare(state, job, conversation.as_ref()).await {
+        Images::Ready(images) => images,
+        Images::Rejected(r) => return images::rejected(state, job, &r, row).await,
+        Images::Failed(e) => return images::failed(job, &e, row),
+    };
     let with_context = conversation.as_ref().is_some_and(Conversation::has_turns);
     if let Some(c) = &conversation {
         let turns = c.turns.len() as u64;
@@ -144,11 +151,14 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     let mut decision = state
         .cascade
         .decide(&job.request.text, Some(&job.room_id), room_route);
+    if !images.is_empty() {
+        vision::image_route(&mut decision);
+    }
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget. An answer that
-    // reads earlier turns is never shared, so there is none for it.
-    if !with_context {
+    // reads earlier turns or an image is never shared, so there is none for it.
+    if !with_context && images.is_empty() {
         if let Some(outcome) = state.cascade.cached(&decision).await {
             let row = outcome_row(job, &outcome, &state.cascade, &decision.text);
             return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
@@ -161,7 +171,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     };
     let plans = state
         .limiter
-        .plans(decision.route, &material, decision.ambiguous);
+        .plans(decision.route, &material, images.len(), decision.ambiguous);
     let (reservation, plan) = match state
         .limiter
         .reserve(&job.event_id, &job.sender, &plans)
@@ -229,6 +239,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         gate: Some(gate),
         stream: progress.as_ref().and_then(Progress::updates),
         context: conversation.as_ref(),
+        images: &images,
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
     let first_event = match progress {
@@ -262,11 +273,13 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     } else {
         EMPTY_APOLOGY.to_string()
     };
-    Response::Reply(
-        text,
-        Box::new(outcome_row(job, &outcome, &state.cascade, &material)),
-        first_event,
-    )
+    let mut row = outcome_row(job, &outcome, &state.cascade, &material);
+    row.images = images.len() as i32;
+    if row.direct_input_tokens >= 0 && outcome.route != Route::GrokDirect {
+        // The counterfactual's input was estimated from the text: add what the images cost.
+        row.direct_input_tokens += IMAGE_TOKENS * images.len() as i64;
+    }
+    Response::Reply(text, Box::new(row), first_event)
 }
 
 /// Provider latency and spend per model in `/metrics`.

@@ -12,6 +12,7 @@ use super::{Role, Turn};
 use crate::answer::render::PART_KEY;
 use crate::classify::{prompt_text, Identity};
 use crate::provider::estimate_text_tokens;
+use crate::vision::{self, ImageRef};
 
 /// Removes a rich-reply fallback from a body: the leading `> ` quote lines of the replied-to
 /// message (`> <@user:server> ...`) and the blank line after them. Clients before spec v1.13
@@ -171,6 +172,24 @@ fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) 
         text,
         answer_to: original[PART_KEY]["source"].as_str().map(str::to_string),
     })
+}
+
+/// The unencrypted image an event shows (`m.image` or `m.sticker`), unless it was redacted.
+pub fn image(raw: &Value) -> Option<ImageRef> {
+    if raw.pointer("/unsigned/redacted_because").is_some() {
+        return None;
+    }
+    let content = raw.get("content")?;
+    let is_image = match raw["type"].as_str()? {
+        "m.sticker" => true,
+        "m.room.message" => content["msgtype"] == "m.image" && rel_type(raw) != Some("m.replace"),
+        _ => false,
+    };
+    if is_image {
+        vision::image_ref(content)
+    } else {
+        None
+    }
 }
 
 /// The readable messages among `events` that came before the current message, oldest first,
@@ -481,6 +500,31 @@ mod tests {
         // Order is kept and the newest survive.
         let got = bound(vec![user("a"), bot("b"), user("c")], "d", 2, 1000);
         assert_eq!(got, vec![bot("b"), user("c")]);
+    }
+
+    #[test]
+    fn images_are_found_in_image_and_sticker_events_only() {
+        let url = "mxc://example.org/m1";
+        let img = ev(
+            "$i",
+            "@a:x",
+            1,
+            json!({"msgtype": "m.image", "body": "a.png", "url": url}),
+        );
+        assert_eq!(image(&img).unwrap().media_id, "m1");
+        let mut sticker = ev("$s", "@a:x", 1, json!({"body": "hi", "url": url}));
+        sticker["type"] = json!("m.sticker");
+        assert!(image(&sticker).is_some());
+        let file = ev(
+            "$f",
+            "@a:x",
+            1,
+            json!({"msgtype": "m.file", "body": "a", "url": url}),
+        );
+        assert!(image(&file).is_none());
+        let mut redacted = img.clone();
+        redacted["unsigned"] = json!({"redacted_because": {}});
+        assert!(image(&redacted).is_none());
     }
 
     #[test]
