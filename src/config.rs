@@ -1415,6 +1415,29 @@ mod tests {
     }
 
     #[test]
+    fn vision_defaults_and_errors() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert!(c.vision.enabled);
+        assert_eq!((c.vision.max_bytes, c.vision.max_images), (10_485_760, 4));
+        assert_eq!(
+            c.models.vision_model(),
+            "grok-4.3",
+            "the final model by default"
+        );
+        let c = load(&format!("{MINIMAL}models: {{vision: grok-v}}\n"), &[]).unwrap();
+        assert_eq!(c.models.vision_model(), "grok-v");
+        for (bad, key) in [
+            ("vision: {max_bytes: 0}", "vision.max_bytes"),
+            ("vision: {max_bytes: 999999999}", "vision.max_bytes"),
+            ("vision: {max_images: 0}", "vision.max_images"),
+            ("models: {vision: ' '}", "models.vision"),
+        ] {
+            let text = format!("{MINIMAL}{bad}\n");
+            assert_eq!(key_of(load(&text, &[]).unwrap_err()), key, "{bad}");
+        }
+    }
+
+    #[test]
     fn retention_defaults_and_errors() {
         let c = load(MINIMAL, &[]).unwrap();
         assert_eq!(c.retention.transactions, Duration::from_secs(7 * DAY));
