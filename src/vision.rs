@@ -234,7 +234,11 @@ mod tests {
         assert_eq!(picked[0], own);
         assert_eq!(picked[3].media_id, "c2");
         assert_eq!(select(None, &ctx, 2).len(), 2);
-        assert_eq!(select(Some(&own), &[own.clone()], 4).len(), 1, "once each");
+        assert_eq!(
+            select(Some(&own), std::slice::from_ref(&own), 4).len(),
+            1,
+            "once each"
+        );
     }
 
     #[test]
