@@ -314,3 +314,21 @@ async fn with_vision_off_images_get_the_text_only_notice() {
         .contains("only read text"));
     assert_eq!(h.row("$off").await.degraded, "image_rejected");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_over_their_cap_is_refused_before_the_download() {
+    let h = harness(|c| c.limits.per_user_daily_usd = 0.000_001).await;
+    let url = h.hs.upload("image/png", &png_bytes(10));
+    let content = image_content(&url, Some("what is it?"), "image/png", Some(18));
+    h.put_txn("t1", vec![image_event("$capped", DM, content)])
+        .await;
+    h.settle().await;
+
+    assert!(
+        h.hs.downloads().is_empty(),
+        "nothing is fetched for a refusal"
+    );
+    assert!(h.xai.seen().is_empty());
+    let row = h.row("$capped").await;
+    assert!(row.per_user_cap_hit);
+}

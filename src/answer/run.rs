@@ -17,7 +17,7 @@ use crate::state::AppState;
 use crate::telemetry::RequestLog;
 use crate::vision::{self, IMAGE_TOKENS};
 
-use super::images::{self, Images};
+use super::images;
 use super::progress::Progress;
 use super::record::{base_row, outcome_row};
 use super::Job;
@@ -133,10 +133,9 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         .context
         .conversation(&state.matrix, &state.identity, job, mode)
         .await;
-    let images = match images::prepare(state, job, conversation.as_ref()).await {
-        Images::Ready(images) => images,
-        Images::Rejected(r) => return images::rejected(state, job, &r, row).await,
-        Images::Failed(e) => return images::failed(job, &e, row),
+    let selected = match images::select(state, job, conversation.as_ref()) {
+        Ok(selected) => selected,
+        Err(why) => return images::unread(state, job, why, row).await,
     };
     let with_context = conversation.as_ref().is_some_and(Conversation::has_turns);
     if let Some(c) = &conversation {
@@ -151,14 +150,14 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     let mut decision = state
         .cascade
         .decide(&job.request.text, Some(&job.room_id), room_route);
-    if !images.is_empty() {
+    if !selected.is_empty() {
         vision::image_route(&mut decision);
     }
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget. An answer that
     // reads earlier turns or an image is never shared, so there is none for it.
-    if !with_context && images.is_empty() {
+    if !with_context && selected.is_empty() {
         if let Some(outcome) = state.cascade.cached(&decision).await {
             let row = outcome_row(job, &outcome, &state.cascade, &decision.text);
             return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
@@ -169,9 +168,12 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         Some(c) => c.estimate_material(&decision.text),
         None => decision.text.clone(),
     };
-    let plans = state
-        .limiter
-        .plans(decision.route, &material, images.len(), decision.ambiguous);
+    let plans = state.limiter.plans(
+        decision.route,
+        &material,
+        selected.len(),
+        decision.ambiguous,
+    );
     let (reservation, plan) = match state
         .limiter
         .reserve(&job.event_id, &job.sender, &plans)
@@ -208,6 +210,16 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         decision.source = RouterSource::Degraded;
         decision.ambiguous = false;
     }
+    // Downloaded only once admitted: a refused user costs the homeserver nothing.
+    let images = match images::download(state, job, &selected).await {
+        Ok(images) => images,
+        Err(why) => {
+            if let Err(e) = state.limiter.release(&reservation).await {
+                tracing::warn!(error = %e, "could not release the reservation");
+            }
+            return images::unread(state, job, why, row).await;
+        }
+    };
     // From here on a re-run may pay again: say so in the claim, fenced.
     match state
         .store
