@@ -133,7 +133,8 @@ pub struct Message {
 const TEXT_MSGTYPES: [&str; 3] = ["m.text", "m.notice", "m.emote"];
 
 /// Reads one event as a message, with its latest edit applied; `None` for anything that is
-/// not readable text: other event types (encrypted ones too), edits, redacted events, media.
+/// not readable text: other event types (encrypted ones too), edits, redacted events, media
+/// (an image with a caption reads as the caption).
 fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) -> Option<Message> {
     if raw["type"] != "m.room.message" || rel_type(raw) == Some("m.replace") {
         return None;
@@ -154,7 +155,10 @@ fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) 
         content["m.relates_to"] = rel.clone();
     }
     let msgtype = content["msgtype"].as_str()?;
-    if !TEXT_MSGTYPES.contains(&msgtype) || !content["body"].is_string() {
+    // A captioned image reads as its caption; its bytes go only with a message that replies
+    // to it (see `image`).
+    let captioned = msgtype == "m.image" && vision::caption(&content).is_some();
+    if !(TEXT_MSGTYPES.contains(&msgtype) || captioned) || !content["body"].is_string() {
         return None;
     }
     let text = if sender == me.user_id {
@@ -384,6 +388,12 @@ mod tests {
                 7,
                 json!({"msgtype": "m.image", "body": "cat.png"}),
             ),
+            ev(
+                "$7b",
+                alice,
+                7,
+                json!({"msgtype": "m.image", "body": "grok: who is this?", "filename": "c.png"}),
+            ),
             // A reply with a fallback, and the bot's name prefix.
             ev(
                 "$8",
@@ -407,6 +417,7 @@ mod tests {
         let want = [
             ("$1", "my cat is called Zorblax"),
             ("$4", "second"),
+            ("$7b", "who is this?"),
             ("$8", "thanks"),
             ("$9", "fixed"),
         ];
