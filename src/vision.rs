@@ -130,9 +130,16 @@ pub fn image_route(decision: &mut Decision) {
 
 /// A downloaded image as the Responses API takes it: a base64 `data:` URL (cheap to clone
 /// into every stage's request).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ImageInput {
     pub data_url: Arc<str>,
+}
+
+/// Only the size: a request's debug output must never carry the image itself.
+impl std::fmt::Debug for ImageInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageInput({} base64 bytes)", self.data_url.len())
+    }
 }
 
 impl ImageInput {
@@ -265,5 +272,9 @@ mod tests {
     fn images_become_data_urls() {
         let img = ImageInput::new("image/PNG", b"\x89PNG");
         assert_eq!(&*img.data_url, "data:image/png;base64,iVBORw==");
+        assert!(
+            !format!("{img:?}").contains("iVBOR"),
+            "never in debug output"
+        );
     }
 }
