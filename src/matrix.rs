@@ -1,5 +1,6 @@
 //! Client-server API calls as the bot: register, ping, join/leave, send, typing, members,
-//! fetch an event, read a room's recent messages or a thread, download an image. A homeserver 429 is waited out (`Retry-After`) a bounded number of times.
+//! fetch an event, read a room's recent messages or a thread, download an image. A homeserver
+//! 429 is waited out (`Retry-After`) a bounded number of times.
 
 use std::collections::HashMap;
 use std::time::Duration;
