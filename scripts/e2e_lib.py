@@ -342,6 +342,17 @@ class Client:
         txn = uuid.uuid4().hex
         return self.call("PUT", f"/rooms/{q(room_id)}/send/{q(event_type)}/{txn}", content)["event_id"]
 
+    def upload(self, data, content_type, filename=None):
+        """Uploads media (POST /_matrix/media/v3/upload); returns its mxc:// URI."""
+        url = f"{self.base}/_matrix/media/v3/upload"
+        if filename:
+            url += "?filename=" + q(filename)
+        req = urllib.request.Request(url, data=data, method="POST")
+        req.add_header("Content-Type", content_type)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())["content_uri"]
+
     def say(self, room_id, body, **extra):
         return self.send(room_id, {"msgtype": "m.text", "body": body, **extra})
 

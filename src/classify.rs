@@ -8,6 +8,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::context::assemble::{strip_mx_reply, strip_reply_fallback};
+use crate::vision::{self, ImageRef};
 
 /// One timeline event, parsed just far enough to classify it.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +179,8 @@ pub struct Request {
     pub reply_to: Option<String>,
     /// The room counts as a direct chat.
     pub direct: bool,
+    /// The image of an `m.image` or `m.sticker` message (the text is then its caption).
+    pub image: Option<ImageRef>,
 }
 
 /// The verdict for one event.
@@ -240,7 +243,7 @@ pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
         // the bot, so tell them. In a group it may not concern the bot at all.
         "m.room.encrypted" if facts.direct_room => Verdict::Skip(SkipReason::EncryptedRoom),
         "m.room.encrypted" => Verdict::Ignore(IgnoreReason::NotAddressed),
-        "m.sticker" => addressed_or(event, me, facts, |_| Verdict::Skip(SkipReason::Media)),
+        "m.sticker" => addressed_or(event, me, facts, |e| image_request(e, me, facts)),
         "m.room.message" => classify_message(event, me, facts),
         _ => Verdict::Ignore(IgnoreReason::UnknownType),
     }
@@ -277,13 +280,40 @@ fn classify_message(event: &Event, me: &Identity, facts: Facts) -> Verdict {
                 thread_root: thread_root(e),
                 reply_to: e.in_reply_to().map(str::to_string),
                 direct: facts.direct_room,
+                image: None,
             })
         }),
+        "m.image" => addressed_or(event, me, facts, |e| image_request(e, me, facts)),
         t if MEDIA_MSGTYPES.contains(&t) => {
             addressed_or(event, me, facts, |_| Verdict::Skip(SkipReason::Media))
         }
         _ => Verdict::Ignore(IgnoreReason::UnknownType),
     }
+}
+
+/// An addressed image: its caption (name prefix and reply fallback removed) is the question,
+/// "describe this image" when there is none. Encrypted media cannot be read: the notice.
+fn image_request(event: &Event, me: &Identity, facts: Facts) -> Verdict {
+    let Some(image) = vision::image_ref(&event.content) else {
+        return Verdict::Skip(SkipReason::Media);
+    };
+    let mut text = vision::caption(&event.content).unwrap_or("");
+    if event.in_reply_to().is_some() {
+        text = strip_reply_fallback(text);
+    }
+    let text = strip_name_prefix(text, me).unwrap_or(text).trim();
+    Verdict::Addressed(Request {
+        text: if text.is_empty() {
+            vision::DESCRIBE
+        } else {
+            text
+        }
+        .to_string(),
+        thread_root: thread_root(event),
+        reply_to: reply_to(event),
+        direct: facts.direct_room,
+        image: Some(image),
+    })
 }
 
 /// Applies the addressing rules and the sender's server check, then `then` for a served event.
@@ -307,7 +337,19 @@ fn is_addressed(event: &Event, me: &Identity, facts: Facts) -> bool {
         || facts.replies_to_bot
         || mentions_me(&event.content, me)
         || pill_to_me(&event.content, me)
-        || strip_name_prefix(body(&event.content), me).is_some()
+        || strip_name_prefix(addressing_text(event), me).is_some()
+}
+
+/// The text a name prefix is looked for in: a media message's caption (its `body` may be
+/// only a file name), else the body.
+fn addressing_text(event: &Event) -> &str {
+    let media = event.kind == "m.sticker"
+        || MEDIA_MSGTYPES.contains(&event.content["msgtype"].as_str().unwrap_or(""));
+    if media {
+        vision::caption(&event.content).unwrap_or("")
+    } else {
+        body(&event.content)
+    }
 }
 
 fn body(content: &Value) -> &str {
@@ -479,6 +521,22 @@ mod tests {
             thread_root: None,
             reply_to: None,
             direct: false,
+            image: None,
+        })
+    }
+
+    fn image_ask(t: &str, server: &str, media_id: &str) -> Verdict {
+        Verdict::Addressed(Request {
+            text: t.into(),
+            thread_root: None,
+            reply_to: None,
+            direct: false,
+            image: Some(ImageRef {
+                server: server.into(),
+                media_id: media_id.into(),
+                mimetype: None,
+                size: None,
+            }),
         })
     }
 
@@ -652,6 +710,7 @@ mod tests {
                     thread_root: Some("$root".into()),
                     reply_to: None,
                     direct: false,
+                    image: None,
                 }),
             ),
             (
@@ -819,6 +878,36 @@ mod tests {
                     json!({"msgtype": "m.image", "body": "cat.png", "url": "mxc://x/y"}),
                 ),
                 DIRECT,
+                image_ask(vision::DESCRIBE, "x", "y"),
+            ),
+            (
+                "captioned image with the name prefix in a group",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.image", "body": "grok: what is this?",
+                           "filename": "err.png", "url": "mxc://x/y"}),
+                ),
+                GROUP,
+                image_ask("what is this?", "x", "y"),
+            ),
+            (
+                "a file name is not a caption, so not a name prefix",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.image", "body": "grok: a.png",
+                           "filename": "grok: a.png", "url": "mxc://x/y"}),
+                ),
+                GROUP,
+                IGNORE_NA,
+            ),
+            (
+                "encrypted image in a direct room",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.image", "body": "cat.png",
+                           "file": {"url": "mxc://x/y"}}),
+                ),
+                DIRECT,
                 Verdict::Skip(SkipReason::Media),
             ),
             (
@@ -852,7 +941,7 @@ mod tests {
                     json!({"body": "sticker", "url": "mxc://x/s"}),
                 ),
                 DIRECT,
-                Verdict::Skip(SkipReason::Media),
+                image_ask(vision::DESCRIBE, "x", "s"),
             ),
             (
                 "room v12 id without a server part",

@@ -67,6 +67,8 @@ pub struct Config {
     #[serde(default)]
     pub context: ContextConfig,
     #[serde(default)]
+    pub vision: VisionConfig,
+    #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
@@ -200,9 +202,19 @@ pub struct ModelsConfig {
     /// Tried once when the final model fails with a retryable error; none by default.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Answers questions about images; `final` when absent (see [`ModelsConfig::vision_model`]).
+    #[serde(default)]
+    pub vision: Option<String>,
     /// Output cap of the final answer, in tokens.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u32,
+}
+
+impl ModelsConfig {
+    /// The model that answers questions about images.
+    pub fn vision_model(&self) -> &str {
+        self.vision.as_deref().unwrap_or(&self.final_model)
+    }
 }
 
 impl Default for ModelsConfig {
@@ -213,6 +225,7 @@ impl Default for ModelsConfig {
             reason: default_reason_model(),
             router: default_cheap_model(),
             fallback: None,
+            vision: None,
             max_output_tokens: default_max_output_tokens(),
         }
     }
@@ -425,6 +438,38 @@ impl Default for ContextConfig {
             history_window: default_history_window(),
         }
     }
+}
+
+/// `vision.*`: which images the bot reads (see [`crate::vision`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionConfig {
+    /// Off: every image gets the media notice.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Largest image read, in bytes: checked against `info.size` and during the download.
+    #[serde(default = "default_vision_max_bytes")]
+    pub max_bytes: u64,
+    /// Most images one request sends, the context's included.
+    #[serde(default = "default_vision_max_images")]
+    pub max_images: usize,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: default_vision_max_bytes(),
+            max_images: default_vision_max_images(),
+        }
+    }
+}
+
+fn default_vision_max_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_vision_max_images() -> usize {
+    4
 }
 
 fn default_edit_interval() -> Duration {
@@ -761,6 +806,11 @@ fn default_retention() -> Duration {
     Duration::from_secs(30 * 86_400)
 }
 const DAY: u64 = 86_400;
+/// Largest `vision.max_bytes`: one request holds its images in memory (bytes and base64).
+const MAX_IMAGE_BYTES: u64 = 20 * 1024 * 1024;
+/// Most `vision.max_images`: each may cost a download and up to 1,792 input tokens.
+const MAX_IMAGES: usize = 10;
+
 /// Most earlier turns `context.max_messages` allows: each may cost a homeserver fetch.
 const MAX_CONTEXT_MESSAGES: usize = 100;
 fn default_keep_transactions() -> Duration {
@@ -1016,6 +1066,14 @@ impl Config {
                 return Err(invalid(key, "must name a model"));
             }
         }
+        if self
+            .models
+            .vision
+            .as_deref()
+            .is_some_and(|m| m.trim().is_empty())
+        {
+            return Err(invalid("models.vision", "must name a model"));
+        }
         if self.models.max_output_tokens == 0 {
             return Err(invalid("models.max_output_tokens", "must be at least 1"));
         }
@@ -1132,6 +1190,7 @@ impl Config {
         }
         self.validate_retention()?;
         self.validate_context()?;
+        self.validate_vision()?;
         if self.bot.display_name.trim().is_empty() {
             return Err(invalid("bot.display_name", "must not be empty"));
         }
@@ -1165,6 +1224,25 @@ impl Config {
             return Err(invalid(
                 "context.history_window",
                 "must be more than 0 and at most 30d",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The image bounds: an image is held in memory (twice, as bytes and base64) while its
+    /// request runs, so one request's images stay bounded.
+    fn validate_vision(&self) -> Result<(), ConfigError> {
+        let v = &self.vision;
+        if !(1..=MAX_IMAGE_BYTES).contains(&v.max_bytes) {
+            return Err(invalid(
+                "vision.max_bytes",
+                format!("must be between 1 and {MAX_IMAGE_BYTES}"),
+            ));
+        }
+        if !(1..=MAX_IMAGES).contains(&v.max_images) {
+            return Err(invalid(
+                "vision.max_images",
+                format!("must be between 1 and {MAX_IMAGES}"),
             ));
         }
         Ok(())
@@ -1393,6 +1471,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dm_mode") || err.contains("room"), "{err}");
+    }
+
+    #[test]
+    fn vision_defaults_and_errors() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert!(c.vision.enabled);
+        assert_eq!((c.vision.max_bytes, c.vision.max_images), (10_485_760, 4));
+        assert_eq!(
+            c.models.vision_model(),
+            "grok-4.3",
+            "the final model by default"
+        );
+        let c = load(&format!("{MINIMAL}models: {{vision: grok-v}}\n"), &[]).unwrap();
+        assert_eq!(c.models.vision_model(), "grok-v");
+        for (bad, key) in [
+            ("vision: {max_bytes: 0}", "vision.max_bytes"),
+            ("vision: {max_bytes: 999999999}", "vision.max_bytes"),
+            ("vision: {max_images: 0}", "vision.max_images"),
+            ("models: {vision: ' '}", "models.vision"),
+        ] {
+            let text = format!("{MINIMAL}{bad}\n");
+            assert_eq!(key_of(load(&text, &[]).unwrap_err()), key, "{bad}");
+        }
     }
 
     #[test]

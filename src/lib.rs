@@ -21,4 +21,5 @@ pub mod state;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod vision;
 pub mod webhook;

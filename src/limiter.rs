@@ -28,6 +28,7 @@ const WEB_TURN_INPUT_TOKENS: i64 = 4_000;
 
 pub use crate::provider::estimate_prompt_tokens;
 use crate::provider::FRAMING_TOKENS;
+use crate::vision::IMAGE_TOKENS;
 
 /// The models, prices and caps the estimates need.
 #[derive(Debug, Clone)]
@@ -59,10 +60,11 @@ impl CostModel {
     /// Reads prices and caps from the config.
     pub fn from_config(config: &Config) -> Self {
         let m = &config.models;
-        // A fallback model may answer instead of the final one: budget for the dearer.
+        // A fallback or the vision model may answer instead of the final one: budget for the
+        // dearest.
         let mut final_price = price_or_dearest(config, &m.final_model);
-        if let Some(fallback) = &m.fallback {
-            let f = price_or_dearest(config, fallback);
+        for other in m.fallback.iter().chain(&m.vision) {
+            let f = price_or_dearest(config, other);
             final_price.input = final_price.input.max(f.input);
             final_price.output = final_price.output.max(f.output);
         }
@@ -128,14 +130,16 @@ pub struct Plan {
 
 /// Builds the plans for a decided route: the normal one, then `grok_direct` with a quarter of
 /// the output cap (at least 256 tokens), so a nearly spent budget still gets short answers.
+/// `images` sent with the text count [`IMAGE_TOKENS`] each (xAI's documented worst case).
 pub fn plans(
     model: &CostModel,
     route: Route,
     text: &str,
+    images: usize,
     classifier: bool,
     safety: f64,
 ) -> Vec<Plan> {
-    let prompt = estimate_prompt_tokens(text);
+    let prompt = estimate_prompt_tokens(text) + IMAGE_TOKENS * images as i64;
     let scale = |ticks: i64| (ticks as f64 * safety).ceil() as i64;
     let normal = if classifier {
         // The classifier may pick any route: budget for the dearest.
@@ -356,12 +360,13 @@ impl Limiter {
         )
     }
 
-    /// The plans for a routed message, normal first.
-    pub fn plans(&self, route: Route, text: &str, ambiguous: bool) -> Vec<Plan> {
+    /// The plans for a routed message and the images sent with it, normal first.
+    pub fn plans(&self, route: Route, text: &str, images: usize, ambiguous: bool) -> Vec<Plan> {
         plans(
             &self.model,
             route,
             text,
+            images,
             self.classifier && ambiguous,
             self.safety,
         )
@@ -551,7 +556,7 @@ mod tests {
     #[test]
     fn plans_shrink_to_a_short_direct_answer() {
         let m = model();
-        let ps = plans(&m, Route::ReasonThenGrok, "prove it", false, 1.25);
+        let ps = plans(&m, Route::ReasonThenGrok, "prove it", 0, false, 1.25);
         assert_eq!(ps.len(), 2);
         assert_eq!(ps[0].route, Route::ReasonThenGrok);
         assert!(!ps[0].shrunk && ps[1].shrunk);
@@ -560,12 +565,19 @@ mod tests {
             (Route::GrokDirect, Some(512))
         );
         assert!(ps[1].estimate_ticks < ps[0].estimate_ticks);
-        let safe = plans(&m, Route::GrokDirect, "hi", false, 2.0);
+        let safe = plans(&m, Route::GrokDirect, "hi", 0, false, 2.0);
         assert_eq!(
             safe[0].estimate_ticks,
             2 * m.worst_case(Route::GrokDirect, estimate_prompt_tokens("hi"), None)
         );
-        let ambiguous = plans(&m, Route::GrokDirect, "hmm", true, 1.0);
+        let two_images = plans(&m, Route::GrokDirect, "hi", 2, false, 1.0);
+        let prompt = estimate_prompt_tokens("hi") + 2 * IMAGE_TOKENS;
+        assert_eq!(
+            two_images[0].estimate_ticks,
+            m.worst_case(Route::GrokDirect, prompt, None),
+            "each image is reserved at xAI's documented worst case"
+        );
+        let ambiguous = plans(&m, Route::GrokDirect, "hmm", 0, true, 1.0);
         assert!(
             ambiguous[0].estimate_ticks
                 >= m.worst_case(Route::WebThenGrok, estimate_prompt_tokens("hmm"), None)

@@ -1,5 +1,6 @@
 //! Client-server API calls as the bot: register, ping, join/leave, send, typing, members,
-//! fetch an event, read a room's recent messages or a thread. A homeserver 429 is waited out (`Retry-After`) a bounded number of times.
+//! fetch an event, read a room's recent messages or a thread, download an image. A homeserver
+//! 429 is waited out (`Retry-After`) a bounded number of times.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +35,24 @@ impl MatrixError {
     }
 }
 
+/// A failed media download.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MediaError {
+    /// The file is larger than the cap: reading stopped there.
+    #[error("media larger than {0} bytes")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+}
+
+/// A downloaded file, held in memory only.
+#[derive(Clone)]
+pub struct Downloaded {
+    /// The `Content-Type` the homeserver served it with.
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
 /// The deterministic send txnId for a reply to `source_event_id`: Synapse's send-txnId cache
 /// ignores the user, so the id must be unique across users, and a re-run after a crash must
 /// reuse it so the homeserver deduplicates the send.
@@ -51,6 +70,11 @@ fn chunk(mut v: Value) -> Vec<Value> {
         Value::Array(events) => events,
         _ => Vec::new(),
     }
+}
+
+/// A homeserver without the endpoint: 404, or `M_UNRECOGNIZED` (405 on some servers).
+fn is_unknown_endpoint(e: &MatrixError) -> bool {
+    matches!(e, MatrixError::Http { status: 404, .. }) || e.errcode() == Some("M_UNRECOGNIZED")
 }
 
 fn enc(segment: &str) -> String {
@@ -375,6 +399,69 @@ impl MatrixClient {
             })
             .collect();
         Ok(found)
+    }
+
+    /// Downloads `mxc://{server}/{media_id}` as the bot, reading at most `max_bytes`:
+    /// authenticated media (Matrix 1.11) first, the legacy unauthenticated endpoint when the
+    /// homeserver does not know it (404 or `M_UNRECOGNIZED`).
+    pub async fn download(
+        &self,
+        server: &str,
+        media_id: &str,
+        max_bytes: u64,
+    ) -> Result<Downloaded, MediaError> {
+        let tail = format!("{}/{}", enc(server), enc(media_id));
+        let authenticated = format!("/_matrix/client/v1/media/download/{tail}");
+        match self.download_from(&authenticated, max_bytes).await {
+            Err(MediaError::Matrix(e)) if is_unknown_endpoint(&e) => {
+                tracing::debug!("no authenticated media; trying the legacy endpoint");
+                let legacy = format!("/_matrix/media/v3/download/{tail}");
+                self.download_from(&legacy, max_bytes).await
+            }
+            other => other,
+        }
+    }
+
+    async fn download_from(&self, path: &str, max_bytes: u64) -> Result<Downloaded, MediaError> {
+        let transport = |e: reqwest::Error| MatrixError::Transport(e.without_url().to_string());
+        let mut response = self
+            .http
+            .get(format!("{}{}", self.base_url, path))
+            .bearer_auth(&self.as_token)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let value: Value = response.json().await.unwrap_or(Value::Null);
+            return Err(MatrixError::Http {
+                status,
+                errcode: value["errcode"].as_str().unwrap_or("").to_string(),
+                error: value["error"].as_str().unwrap_or("").to_string(),
+            }
+            .into());
+        }
+        if response.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(MediaError::TooLarge(max_bytes));
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        // The declared length may be absent or wrong: count what actually arrives.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                return Err(MediaError::TooLarge(max_bytes));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Downloaded {
+            content_type,
+            bytes,
+        })
     }
 
     /// Fetches one event (recovering a claim whose worker died; a reply chain's links).

@@ -70,6 +70,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         gate: None,
         stream: None,
         context: None,
+        images: &[],
     })
     .await
 }
@@ -184,6 +185,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             gate: None,
             stream: None,
             context: None,
+            images: &[],
         })
         .await;
     assert_eq!(
@@ -201,6 +203,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             gate: None,
             stream: None,
             context: None,
+            images: &[],
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);
@@ -462,6 +465,7 @@ async fn answers_with_context_send_the_turns_and_are_never_cached() {
             },
         ],
         speaker: "Alice".into(),
+        images: vec![],
     };
     let with_context = |text| Ask {
         text,

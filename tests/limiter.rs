@@ -446,6 +446,7 @@ fn answer_ticks(config: &Config, text: &str) -> (i64, i64) {
         &CostModel::from_config(config),
         Route::GrokDirect,
         text,
+        0,
         false,
         config.limits.safety_factor,
     );
@@ -586,6 +587,7 @@ async fn a_tight_budget_shrinks_the_answer_before_refusing() {
         &CostModel::from_config(config),
         Route::ReasonThenGrok,
         text,
+        0,
         false,
         config.limits.safety_factor,
     );

@@ -979,6 +979,7 @@ fn full_row(id: &str, created_at: NaiveDateTime) -> RequestLogRow {
         stage_usage: r#"{"final":{"input":1234,"cached":567,"output":890,"reasoning":4321,"web_search_calls":0}}"#.into(),
         direct_input_tokens: 1_200,
         direct_output_tokens: -1,
+        images: 2,
     }
 }
 

@@ -510,11 +510,13 @@ async fn membership_changes_make_and_unmake_a_direct_room() {
 #[tokio::test(flavor = "multi_thread")]
 async fn addressed_media_gets_a_notice_and_no_model_call() {
     let h = dm_harness().await;
-    let image = |id: &str| {
+    // Files, audio and video are not read (images are: tests/images.rs).
+    let file = |id: &str| {
         json!({"event_id": id, "room_id": DM, "sender": ALICE, "type": "m.room.message",
-        "origin_server_ts": now_ms(), "content": {"msgtype": "m.image", "body": "cat.png", "url": "mxc://x/y"}})
+        "origin_server_ts": now_ms(), "content": {"msgtype": "m.file", "body": "report.pdf",
+        "url": "mxc://x/y", "info": {"mimetype": "application/pdf"}}})
     };
-    h.put_txn("i1", vec![image("$img1"), image("$img2")]).await;
+    h.put_txn("i1", vec![file("$img1"), file("$img2")]).await;
     h.settle().await;
     assert!(h.xai.seen().is_empty());
     let sent = h.hs.sent();

@@ -6,6 +6,7 @@
 
 pub mod command;
 pub mod deliver;
+pub mod images;
 pub mod notice;
 pub mod progress;
 pub mod record;

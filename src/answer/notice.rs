@@ -15,13 +15,18 @@ use super::record::skip_row;
 use super::render::{Outbox, ReplyTarget};
 
 /// The notice for an addressed message the bot cannot serve.
-fn skip_notice(state: &AppState, reason: SkipReason) -> String {
+pub(super) fn skip_notice(state: &AppState, reason: SkipReason) -> String {
     match reason {
         SkipReason::EncryptedRoom => {
             "I can't read encrypted messages. Please talk to me in a room \
                                       without encryption."
                 .into()
         }
+        SkipReason::Media if state.config.vision.enabled => format!(
+            "I can read text and images (JPEG, PNG, WebP or GIF up to {} MB), not other \
+             files, audio or video. Please describe what you need in words.",
+            state.config.vision.max_bytes.div_ceil(1024 * 1024)
+        ),
         SkipReason::Media => "I can only read text for now, not images, files, audio or video. \
                               Please describe what you need in words."
             .into(),
@@ -33,7 +38,7 @@ fn skip_notice(state: &AppState, reason: SkipReason) -> String {
 }
 
 /// How often a notice of one kind may be posted in one room.
-fn notice_window(reason: SkipReason) -> Duration {
+pub(super) fn notice_window(reason: SkipReason) -> Duration {
     match reason {
         SkipReason::EncryptedRoom | SkipReason::ForeignRoom => Duration::from_secs(24 * 3600),
         SkipReason::Media => Duration::from_secs(60),

@@ -16,7 +16,9 @@ use crate::provider::ProviderError;
 use crate::state::AppState;
 use crate::store::room_state::RoomSettings;
 use crate::telemetry::RequestLog;
+use crate::vision::{self, IMAGE_TOKENS};
 
+use super::images;
 use super::progress::Progress;
 use super::record::{base_row, outcome_row};
 use super::Job;
@@ -143,6 +145,10 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         .context
         .conversation(&state.matrix, &state.identity, job, mode)
         .await;
+    let selected = match images::select(state, job, conversation.as_ref()) {
+        Ok(selected) => selected,
+        Err(why) => return images::unread(state, job, why, row).await,
+    };
     let with_context = conversation.as_ref().is_some_and(Conversation::has_turns);
     if let Some(c) = &conversation {
         let turns = c.turns.len() as u64;
@@ -156,11 +162,14 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     let mut decision = state
         .cascade
         .decide(&job.request.text, Some(&job.room_id), room_route);
+    if !selected.is_empty() {
+        vision::image_route(&mut decision);
+    }
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget. An answer that
-    // reads earlier turns is never shared, so there is none for it.
-    if !with_context {
+    // reads earlier turns or an image is never shared, so there is none for it.
+    if !with_context && selected.is_empty() {
         if let Some(outcome) = state.cascade.cached(&decision).await {
             let row = outcome_row(job, &outcome, &state.cascade, &decision.text);
             return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
@@ -171,9 +180,12 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         Some(c) => c.estimate_material(&decision.text),
         None => decision.text.clone(),
     };
-    let plans = state
-        .limiter
-        .plans(decision.route, &material, decision.ambiguous);
+    let plans = state.limiter.plans(
+        decision.route,
+        &material,
+        selected.len(),
+        decision.ambiguous,
+    );
     let (reservation, plan) = match state
         .limiter
         .reserve(&job.event_id, &job.sender, &plans)
@@ -210,6 +222,16 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         decision.source = RouterSource::Degraded;
         decision.ambiguous = false;
     }
+    // Downloaded only once admitted: a refused user costs the homeserver nothing.
+    let images = match images::download(state, job, &selected).await {
+        Ok(images) => images,
+        Err(why) => {
+            if let Err(e) = state.limiter.release(&reservation).await {
+                tracing::warn!(error = %e, "could not release the reservation");
+            }
+            return images::unread(state, job, why, row).await;
+        }
+    };
     // From here on a re-run may pay again: say so in the claim, fenced.
     match state
         .store
@@ -241,6 +263,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         gate: Some(gate),
         stream: progress.as_ref().and_then(Progress::updates),
         context: conversation.as_ref(),
+        images: &images,
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
     let first_event = match progress {
@@ -274,11 +297,13 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     } else {
         EMPTY_APOLOGY.to_string()
     };
-    Response::Reply(
-        text,
-        Box::new(outcome_row(job, &outcome, &state.cascade, &material)),
-        first_event,
-    )
+    let mut row = outcome_row(job, &outcome, &state.cascade, &material);
+    row.images = images.len() as i32;
+    if row.direct_input_tokens >= 0 && outcome.route != Route::GrokDirect {
+        // The counterfactual's input was estimated from the text: add what the images cost.
+        row.direct_input_tokens += IMAGE_TOKENS * images.len() as i64;
+    }
+    Response::Reply(text, Box::new(row), first_event)
 }
 
 /// Provider latency and spend per model in `/metrics`.

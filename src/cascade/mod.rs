@@ -22,6 +22,7 @@ use crate::provider::{
 };
 use crate::store::Store;
 use crate::telemetry::StageUsage;
+use crate::vision::ImageInput;
 use router::{Decision, RouterOptions};
 
 /// A route (the stable `request_log.route` tokens).
@@ -315,6 +316,9 @@ pub struct Ask<'a> {
     pub stream: Option<&'a UnboundedSender<StreamUpdate>>,
     /// The conversation's earlier turns, sent with every answering call (not the classifier).
     pub context: Option<&'a Conversation>,
+    /// Images sent with the message to every answering call; the final answer is then
+    /// written by `models.vision`.
+    pub images: &'a [ImageInput],
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -439,9 +443,10 @@ impl Cascade {
                 .await;
         }
 
-        // An answer that read earlier turns belongs to its conversation: never shared.
+        // An answer that read earlier turns or an image belongs to them: never shared.
         let cache_key = match ask.context {
             Some(c) if c.has_turns() => None,
+            _ if !ask.images.is_empty() => None,
             _ => self.cache_key(&text, out.route, self.answer_cap(ask)),
         };
         if let Some(answer) = self.cache_lookup(cache_key.as_deref()).await {
@@ -535,6 +540,15 @@ impl Cascade {
         Some(hex::encode(Sha256::digest(material.as_bytes())))
     }
 
+    /// The model that writes the user-facing answer: `models.vision` when images are sent.
+    fn answer_model(&self, ask: &Ask<'_>) -> &str {
+        if ask.images.is_empty() {
+            &self.models.final_model
+        } else {
+            self.models.vision_model()
+        }
+    }
+
     /// The output cap of a user-facing answer.
     fn answer_cap(&self, ask: &Ask<'_>) -> u32 {
         ask.output_cap.map_or(self.models.max_output_tokens, |c| {
@@ -551,6 +565,7 @@ impl Cascade {
         ask: &Ask<'_>,
     ) -> CompletionRequest {
         let mut req = CompletionRequest::new(model, instructions, input, max);
+        req.images = ask.images.to_vec();
         req.cache_key = ask.room_id.map(str::to_string);
         req.user = ask.user.map(str::to_string);
         if let Some(c) = ask.context {
@@ -629,7 +644,7 @@ impl Cascade {
     /// `grok_direct`: the final model, then the fallback model once on a retryable failure.
     async fn direct(&self, text: &str, ask: &Ask<'_>, out: &mut Outcome) {
         let mut req = self.request(
-            &self.models.final_model,
+            self.answer_model(ask),
             &self.system_prompt,
             text,
             self.answer_cap(ask),
@@ -775,7 +790,7 @@ impl Cascade {
              Write the reply to the user, relying on the analysis where it is right."
         );
         let final_req = self.request(
-            &self.models.final_model,
+            self.answer_model(ask),
             &self.system_prompt,
             &input,
             self.answer_cap(ask),

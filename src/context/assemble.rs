@@ -12,6 +12,7 @@ use super::{Role, Turn};
 use crate::answer::render::PART_KEY;
 use crate::classify::{prompt_text, Identity};
 use crate::provider::estimate_text_tokens;
+use crate::vision::{self, ImageRef};
 
 /// Removes a rich-reply fallback from a body: the leading `> ` quote lines of the replied-to
 /// message (`> <@user:server> ...`) and the blank line after them. Clients before spec v1.13
@@ -132,7 +133,8 @@ pub struct Message {
 const TEXT_MSGTYPES: [&str; 3] = ["m.text", "m.notice", "m.emote"];
 
 /// Reads one event as a message, with its latest edit applied; `None` for anything that is
-/// not readable text: other event types (encrypted ones too), edits, redacted events, media.
+/// not readable text: other event types (encrypted ones too), edits, redacted events, media
+/// (an image with a caption reads as the caption).
 fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) -> Option<Message> {
     if raw["type"] != "m.room.message" || rel_type(raw) == Some("m.replace") {
         return None;
@@ -153,7 +155,10 @@ fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) 
         content["m.relates_to"] = rel.clone();
     }
     let msgtype = content["msgtype"].as_str()?;
-    if !TEXT_MSGTYPES.contains(&msgtype) || !content["body"].is_string() {
+    // A captioned image reads as its caption; its bytes go only with a message that replies
+    // to it (see `image`).
+    let captioned = msgtype == "m.image" && vision::caption(&content).is_some();
+    if !(TEXT_MSGTYPES.contains(&msgtype) || captioned) || !content["body"].is_string() {
         return None;
     }
     let text = if sender == me.user_id {
@@ -171,6 +176,24 @@ fn message(raw: &Value, edits: &HashMap<(String, String), Edit>, me: &Identity) 
         text,
         answer_to: original[PART_KEY]["source"].as_str().map(str::to_string),
     })
+}
+
+/// The unencrypted image an event shows (`m.image` or `m.sticker`), unless it was redacted.
+pub fn image(raw: &Value) -> Option<ImageRef> {
+    if raw.pointer("/unsigned/redacted_because").is_some() {
+        return None;
+    }
+    let content = raw.get("content")?;
+    let is_image = match raw["type"].as_str()? {
+        "m.sticker" => true,
+        "m.room.message" => content["msgtype"] == "m.image" && rel_type(raw) != Some("m.replace"),
+        _ => false,
+    };
+    if is_image {
+        vision::image_ref(content)
+    } else {
+        None
+    }
 }
 
 /// The readable messages among `events` that came before the current message, oldest first,
@@ -380,6 +403,12 @@ mod tests {
                 7,
                 json!({"msgtype": "m.image", "body": "cat.png"}),
             ),
+            ev(
+                "$7b",
+                alice,
+                7,
+                json!({"msgtype": "m.image", "body": "grok: who is this?", "filename": "c.png"}),
+            ),
             // A reply with a fallback, and the bot's name prefix.
             ev(
                 "$8",
@@ -403,6 +432,7 @@ mod tests {
         let want = [
             ("$1", "my cat is called Zorblax"),
             ("$4", "second"),
+            ("$7b", "who is this?"),
             ("$8", "thanks"),
             ("$9", "fixed"),
         ];
@@ -523,6 +553,31 @@ mod tests {
         // Order is kept and the newest survive.
         let got = bound(vec![user("a"), bot("b"), user("c")], "d", 2, 1000);
         assert_eq!(got, vec![bot("b"), user("c")]);
+    }
+
+    #[test]
+    fn images_are_found_in_image_and_sticker_events_only() {
+        let url = "mxc://example.org/m1";
+        let img = ev(
+            "$i",
+            "@a:x",
+            1,
+            json!({"msgtype": "m.image", "body": "a.png", "url": url}),
+        );
+        assert_eq!(image(&img).unwrap().media_id, "m1");
+        let mut sticker = ev("$s", "@a:x", 1, json!({"body": "hi", "url": url}));
+        sticker["type"] = json!("m.sticker");
+        assert!(image(&sticker).is_some());
+        let file = ev(
+            "$f",
+            "@a:x",
+            1,
+            json!({"msgtype": "m.file", "body": "a", "url": url}),
+        );
+        assert!(image(&file).is_none());
+        let mut redacted = img.clone();
+        redacted["unsigned"] = json!({"redacted_because": {}});
+        assert!(image(&redacted).is_none());
     }
 
     #[test]

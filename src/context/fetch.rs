@@ -143,10 +143,11 @@ impl Fetcher {
                 Err(e) => warn("history", &e),
             }
         }
-        events.extend(
-            self.chain(matrix, room, job.request.reply_to.as_deref())
-                .await,
-        );
+        let chain = self
+            .chain(matrix, room, job.request.reply_to.as_deref())
+            .await;
+        let images = chain.iter().filter_map(|e| assemble::image(e)).collect();
+        events.extend(chain);
 
         let messages = assemble::without_commands(
             assemble::messages(&events, me, &job.event_id, job.origin_ts),
@@ -179,6 +180,7 @@ impl Fetcher {
             key,
             turns,
             speaker,
+            images,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod fetch;
 use serde::Deserialize;
 
 use crate::config::ContextConfig;
+use crate::vision::ImageRef;
 
 /// Which earlier messages a room's answers see (stable tokens: config and room commands).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -87,6 +88,9 @@ pub struct Conversation {
     pub turns: Vec<Turn>,
     /// The asker's display name, which prefixes the current message when there are turns.
     pub speaker: String,
+    /// Images of the reply chain above the message, newest first (a question about an
+    /// earlier image replies to it).
+    pub images: Vec<ImageRef>,
 }
 
 impl Conversation {
@@ -137,6 +141,7 @@ mod tests {
             key: "!r".into(),
             turns: vec![],
             speaker: "Alice".into(),
+            images: vec![],
         };
         assert_eq!(c.current_input("hi"), "hi");
         c.turns.push(Turn {

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
 use crate::context::Turn;
+use crate::vision::{ImageInput, IMAGE_TOKENS};
 
 pub mod stream;
 
@@ -177,7 +178,7 @@ pub fn estimate_prompt_tokens(text: &str) -> i64 {
 /// billed are charged this, so spend never hides below the ceiling.
 pub fn worst_case_ticks(req: &CompletionRequest, price: &Price) -> i64 {
     let usage = Usage {
-        input_tokens: estimate_prompt_tokens(&req.body().to_string()),
+        input_tokens: req.estimated_input_tokens(),
         output_tokens: i64::from(req.max_output_tokens),
         web_search_calls: i64::from(req.web_search_turns.unwrap_or(0)),
         ..Usage::default()
@@ -254,6 +255,8 @@ pub struct CompletionRequest {
     /// Earlier turns of the conversation, oldest first, sent before `input`.
     pub turns: Vec<Turn>,
     pub input: String,
+    /// Images sent with `input`, in the same user turn.
+    pub images: Vec<ImageInput>,
     pub max_output_tokens: u32,
     /// Keeps a room's calls on one provider cache (`prompt_cache_key`).
     pub cache_key: Option<String>,
@@ -275,6 +278,7 @@ impl CompletionRequest {
             instructions: instructions.to_string(),
             turns: Vec::new(),
             input: input.to_string(),
+            images: Vec::new(),
             max_output_tokens,
             cache_key: None,
             user: None,
@@ -287,11 +291,34 @@ impl CompletionRequest {
     /// The JSON body for `POST /responses`: the turns then the message, oldest first, so a
     /// conversation's next request starts with this one's input (xAI's prompt cache).
     pub fn body(&self) -> Value {
+        self.body_with(true)
+    }
+
+    /// Estimated input tokens: the body's text, and [`IMAGE_TOKENS`] per image rather than
+    /// its base64 (which is not what xAI bills).
+    pub fn estimated_input_tokens(&self) -> i64 {
+        estimate_prompt_tokens(&self.body_with(false).to_string())
+            + IMAGE_TOKENS * self.images.len() as i64
+    }
+
+    fn body_with(&self, images: bool) -> Value {
+        // A message with images is a list of content parts: the images, then its text.
+        let current = if images && !self.images.is_empty() {
+            let parts: Vec<Value> = self
+                .images
+                .iter()
+                .map(|i| json!({"type": "input_image", "image_url": &*i.data_url}))
+                .chain([json!({"type": "input_text", "text": self.input})])
+                .collect();
+            json!(parts)
+        } else {
+            json!(self.input)
+        };
         let input: Vec<Value> = self
             .turns
             .iter()
             .map(|t| json!({"role": t.role.as_str(), "content": t.text}))
-            .chain([json!({"role": "user", "content": self.input})])
+            .chain([json!({"role": "user", "content": current})])
             .collect();
         let mut body = json!({
             "model": self.model,
@@ -839,6 +866,27 @@ mod tests {
         assert_eq!(b["tools"], json!([{"type": "web_search"}]));
         assert_eq!(b["max_turns"], 2);
         assert_eq!(b["reasoning"]["effort"], "medium");
+    }
+
+    #[test]
+    fn images_are_content_parts_of_the_message_and_estimated_per_image() {
+        let mut req = CompletionRequest::new("grok-4.3", "be brief", "what is this?", 64);
+        let text_only = req.estimated_input_tokens();
+        let big = vec![7u8; 300_000];
+        req.images = vec![ImageInput::new("image/png", &big)];
+        let b = req.body();
+        let content = &b["input"][0]["content"];
+        assert_eq!(content[0]["type"], "input_image");
+        assert!(content[0]["image_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,"));
+        assert_eq!(
+            content[1],
+            json!({"type": "input_text", "text": "what is this?"})
+        );
+        // The base64 is not counted as text: each image costs its documented worst case.
+        assert_eq!(req.estimated_input_tokens(), text_only + IMAGE_TOKENS);
     }
 
     #[test]

@@ -383,6 +383,8 @@ pub struct RequestLogRow {
     /// Output tokens `grok_direct` alone would have written; -1 = unknown.
     #[serde(default = "unknown_tokens")]
     pub direct_output_tokens: i64,
+    /// Images sent to the model with the request.
+    pub images: i32,
 }
 
 /// The `-1` "unknown" of the direct-estimate columns, for rows serialised before they existed.

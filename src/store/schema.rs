@@ -115,6 +115,7 @@ diesel::table! {
         stage_usage -> Text,
         direct_input_tokens -> BigInt,
         direct_output_tokens -> BigInt,
+        images -> Integer,
     }
 }
 

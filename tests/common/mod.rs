@@ -63,6 +63,10 @@ struct HsInner {
     next_id: u64,
     /// `(room, event_id, content)` of everything the bot posted, oldest first.
     timeline: Vec<(String, String, Value)>,
+    /// `server/media_id` -> (content type, bytes) of uploaded media.
+    media: HashMap<String, (String, Vec<u8>)>,
+    /// Answer the authenticated media endpoint with 404 `M_UNRECOGNIZED` (an old homeserver).
+    legacy_media_only: bool,
 }
 
 /// A fake homeserver implementing the client-server calls the bot makes.
@@ -97,6 +101,14 @@ impl FakeHs {
                 get(hs_event),
             )
             .route("/_matrix/client/v3/rooms/{room}/messages", get(hs_messages))
+            .route(
+                "/_matrix/client/v1/media/download/{server}/{media}",
+                get(hs_media_authenticated),
+            )
+            .route(
+                "/_matrix/media/v3/download/{server}/{media}",
+                get(hs_media_legacy),
+            )
             .with_state(inner.clone());
         let addr = serve(app).await;
         Self {
@@ -247,6 +259,31 @@ async fn hs_messages(State(s): HsState, Path(room): Path<String>) -> Json<Value>
 }
 
 impl FakeHs {
+    /// Stores media as if a user uploaded it; returns its `mxc://` URI.
+    pub fn upload(&self, content_type: &str, bytes: &[u8]) -> String {
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = format!("media{}", inner.next_id);
+        inner.media.insert(
+            format!("example.org/{id}"),
+            (content_type.to_string(), bytes.to_vec()),
+        );
+        format!("mxc://example.org/{id}")
+    }
+
+    /// Makes the homeserver one without authenticated media (before Matrix 1.11).
+    pub fn legacy_media_only(&self) {
+        self.lock().legacy_media_only = true;
+    }
+
+    /// Media downloads the bot made (either endpoint).
+    pub fn downloads(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path.contains("/download/"))
+            .collect()
+    }
+
     /// Forgets all send txnIds, as Synapse does after 30-60 minutes.
     pub fn forget_txn_ids(&self) {
         self.lock().sent_by_txn.clear();
@@ -259,6 +296,51 @@ async fn hs_event(State(s): HsState, Path((_room, event)): Path<(String, String)
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({"errcode": "M_NOT_FOUND", "error": "no event"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn hs_media_authenticated(
+    State(s): HsState,
+    Path((server, media)): Path<(String, String)>,
+    h: HeaderMap,
+) -> Response {
+    let path = format!("/_matrix/client/v1/media/download/{server}/{media}");
+    record(&s, "GET", path, &h, &Bytes::new());
+    if s.lock().unwrap().legacy_media_only {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})),
+        )
+            .into_response();
+    }
+    media_response(&s, &server, &media)
+}
+
+async fn hs_media_legacy(
+    State(s): HsState,
+    Path((server, media)): Path<(String, String)>,
+    h: HeaderMap,
+) -> Response {
+    let path = format!("/_matrix/media/v3/download/{server}/{media}");
+    record(&s, "GET", path, &h, &Bytes::new());
+    media_response(&s, &server, &media)
+}
+
+fn media_response(s: &Mutex<HsInner>, server: &str, media: &str) -> Response {
+    match s.lock().unwrap().media.get(&format!("{server}/{media}")) {
+        Some((content_type, bytes)) => {
+            let mut response = Response::new(Body::from(bytes.clone()));
+            response.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                content_type.parse().unwrap(),
+            );
+            response
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"errcode": "M_NOT_FOUND", "error": "Not found"})),
         )
             .into_response(),
     }
@@ -402,8 +484,16 @@ fn xai_answer(s: &Mutex<XaiInner>, h: HeaderMap, b: Bytes) -> Response {
     if let Some(answer) = inner.script.pop_front() {
         return scripted_response(answer);
     }
-    let input = body["input"][0]["content"]
+    // A message with images is a list of parts: answer to its text part.
+    let content = &body["input"][0]["content"];
+    let input = content
         .as_str()
+        .or_else(|| {
+            content
+                .as_array()?
+                .iter()
+                .find_map(|p| (p["type"] == "input_text").then(|| p["text"].as_str())?)
+        })
         .unwrap_or("")
         .to_string();
     let cost = (!inner.no_cost).then_some(FAKE_COST_TICKS);

@@ -9,11 +9,14 @@ GROK_APPSERVICE_BIN=path uses that binary instead of `cargo build`. KEEP=1 keeps
 The last line is `e2e: N passed, M failed`; the exit code is non-zero if any check failed.
 """
 
+import base64
 import json
 import os
+import struct
 import sys
 import time
 import traceback
+import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 import e2e_lib as L  # noqa: E402
@@ -142,14 +145,14 @@ def scenario_group(ctx):
 
 
 def scenario_media(ctx):
-    """c. Addressed media gets a short notice and no provider call."""
+    """c. Addressed media other than an image gets a short notice and no provider call."""
     if not ctx.dm:
         return report("c. addressed media", ["skipped: no direct chat (a. failed)"])
     alice = ctx.alice
     before = len(ctx.provider_calls())
     ctx.media_event = alice.send(ctx.dm, {
-        "msgtype": "m.image", "body": "cat.png", "url": "mxc://localhost/fake",
-        "info": {"mimetype": "image/png", "size": 1234, "w": 10, "h": 10},
+        "msgtype": "m.file", "body": "report.pdf", "url": "mxc://localhost/fake",
+        "info": {"mimetype": "application/pdf", "size": 1234},
     })
     reply = L.wait_reply(alice, ctx.dm, ctx.media_event, REPLY_TIMEOUT)
     if not reply:
@@ -157,8 +160,67 @@ def scenario_media(ctx):
     problems = reply_problems(reply, alice.user_id)
     time.sleep(1)
     if len(ctx.provider_calls()) != before:
-        problems.append(f"provider got {len(ctx.provider_calls()) - before} requests for an image, want 0")
+        problems.append(f"provider got {len(ctx.provider_calls()) - before} requests for a file, want 0")
     report("c. addressed media", problems, f"notice: {reply['content'].get('body')!r}")
+
+
+def tiny_png():
+    """A valid 2x2 RGB PNG, built here so the test needs no image library."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def image_parts(call):
+    """The decoded `input_image` parts of the last user turn a provider call carried."""
+    user_turns = [m for m in sent_body(call).get("input") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    content = user_turns[-1].get("content") if user_turns else None
+    parts = [p for p in content if isinstance(p, dict) and p.get("type") == "input_image"] \
+        if isinstance(content, list) else []
+    return [base64.b64decode(p["image_url"].split(";base64,", 1)[1]) for p in parts]
+
+
+def scenario_image(ctx):
+    """f2. A captioned PNG in the direct chat: downloaded as the bot through authenticated media,
+    sent to the model once as an image part with the same bytes, answered once."""
+    name = "f2. image question"
+    if not ctx.dm:
+        return report(name, ["skipped: no direct chat (a. failed)"])
+    alice = ctx.alice
+    png = tiny_png()
+    mxc = alice.upload(png, "image/png", "pixels.png")
+    before = len(ctx.provider_calls())
+    caption = "What colour are these pixels?"
+    event_id = alice.send(ctx.dm, {
+        "msgtype": "m.image", "body": caption, "filename": "pixels.png", "url": mxc,
+        "info": {"mimetype": "image/png", "size": len(png), "w": 2, "h": 2},
+    })
+    reply = L.wait_reply(alice, ctx.dm, event_id, REPLY_TIMEOUT)
+    if not reply:
+        return report(name, [f"no bot reply to the image within {REPLY_TIMEOUT}s"])
+    problems = reply_problems(reply, alice.user_id)
+    time.sleep(1)
+    calls = ctx.provider_calls()[before:]
+    if len(calls) != 1:
+        problems.append(f"provider got {len(calls)} requests, want 1")
+    else:
+        parts = image_parts(calls[0])
+        if len(parts) != 1 or parts[0] != png:
+            problems.append(f"provider got {len(parts)} image parts (bytes equal: "
+                            f"{[p == png for p in parts]}), want 1 equal to the upload")
+        if caption not in sent_input(calls[0]):
+            problems.append("provider input lacks the caption")
+    replies = L.replies_to(alice, ctx.dm, event_id)
+    if len(replies) != 1:
+        problems.append(f"{len(replies)} bot replies to the image, want 1")
+    rows = L.wait_until(lambda: ctx.bot.request_log(event_id), 10, 0.25) or []
+    if len(rows) != 1 or rows[0]["images"] != 1 or rows[0]["route"] != "grok_direct":
+        problems.append(f"request_log rows {[(r['route'], r['images']) for r in rows]}, "
+                        "want one grok_direct row with images=1")
+    report(name, problems, f"reply {reply['event_id']}: {reply['content'].get('body')!r}")
 
 
 def scenario_redelivery(ctx):
@@ -916,6 +978,8 @@ SCENARIOS = [
     ("d. redelivery deduped", scenario_redelivery),
     ("e. thread reply", scenario_thread),
     ("f. request_log", scenario_request_log),
+    # After f.: that check sums every provider call against the rows of a.-e.
+    ("f2. image question", scenario_image),
     ("g. routes", scenario_routes),
     ("h. response cache", scenario_cache),
     ("h2. budget books", scenario_budget_books),
