@@ -310,7 +310,7 @@ fn image_request(event: &Event, me: &Identity, facts: Facts) -> Verdict {
         }
         .to_string(),
         thread_root: thread_root(event),
-        reply_to: reply_to(event),
+        reply_to: event.in_reply_to().map(str::to_string),
         direct: facts.direct_room,
         image: Some(image),
     })

@@ -3,6 +3,7 @@
 //! bot ([`download`], once the budget admitted the request). The bytes are only held in memory
 //! for the request; neither they nor the message text are logged.
 
+use crate::cascade::Degrade;
 use crate::classify::SkipReason;
 use crate::context::Conversation;
 use crate::matrix::MediaError;
@@ -13,9 +14,6 @@ use crate::vision::{self, ImageInput, ImageRef, Rejection};
 use super::notice::{notice_window, skip_notice};
 use super::run::Response;
 use super::Job;
-
-/// The `degraded` token of a request whose image the bot does not read.
-pub const IMAGE_REJECTED: &str = "image_rejected";
 
 const DOWNLOAD_APOLOGY: &str =
     "Sorry, I couldn't fetch that image from the homeserver. Please try sending it again.";
@@ -111,14 +109,14 @@ pub async fn unread(state: &AppState, job: &Job, why: Unread, row: RequestLog) -
 async fn rejected(state: &AppState, job: &Job, rejection: &Rejection, row: RequestLog) -> Response {
     tracing::info!(event_id = %job.event_id, reason = %rejection, "image not read");
     let mut row = Box::new(row);
-    row.degraded = IMAGE_REJECTED.into();
+    row.degraded = Degrade::ImageRejected.as_str().into();
     row.err = rejection.to_string();
     row.ok = false;
     let slot = state
         .store
         .take_notice_slot(
             job.room_id.clone(),
-            IMAGE_REJECTED.into(),
+            Degrade::ImageRejected.as_str().into(),
             notice_window(SkipReason::Media),
         )
         .await

@@ -149,6 +149,8 @@ pub enum Degrade {
     ReserveError,
     /// The room's reply limit was reached.
     RoomRateLimited,
+    /// An image was refused (type, size, or vision turned off) before any model call.
+    ImageRejected,
 }
 
 impl Degrade {
@@ -165,6 +167,7 @@ impl Degrade {
             Degrade::SendFailed => "send_failed",
             Degrade::ReserveError => "reserve_error",
             Degrade::RoomRateLimited => "room_rate_limited",
+            Degrade::ImageRejected => "image_rejected",
         }
     }
 }
@@ -893,6 +896,7 @@ mod tests {
                 turn(Role::Assistant, &"Sunny. ".repeat(100)),
             ],
             speaker: "Alice".into(),
+            images: Vec::new(),
         };
         let input = classifier_input("and tomorrow?", Some(&c));
         assert!(!input.contains("Alice: hi"), "only the last two turns");
