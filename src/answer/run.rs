@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::cascade::{Ask, Degrade, Route, RouterSource};
+use crate::cascade::router::Decision;
+use crate::cascade::{Ask, Degrade, Outcome, Route, RouterSource};
 use crate::claims::{ClaimState, Fence, Gate};
 use crate::commands;
 use crate::context::{self, Conversation};
@@ -16,7 +17,7 @@ use crate::provider::ProviderError;
 use crate::state::AppState;
 use crate::store::room_state::RoomSettings;
 use crate::telemetry::RequestLog;
-use crate::vision::{self, IMAGE_TOKENS};
+use crate::vision::{self, ImageInput, IMAGE_TOKENS};
 
 use super::images;
 use super::progress::Progress;
@@ -232,6 +233,46 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
             return images::unread(state, job, why, row).await;
         }
     };
+    let admitted = Admitted {
+        decision,
+        output_cap: plan.output_cap,
+        reservation,
+        conversation,
+        images,
+        material,
+    };
+    run_admitted(state, job, fence, gate, admitted).await
+}
+
+/// A request the limiter admitted, ready for the cascade.
+struct Admitted {
+    decision: Decision,
+    /// The admitted plan's output cap (lower than configured when the budget shrank it).
+    output_cap: Option<u32>,
+    reservation: String,
+    conversation: Option<Conversation>,
+    images: Vec<ImageInput>,
+    /// What a `grok_direct` call would have been sent besides the system prompt.
+    material: String,
+}
+
+/// The run stage: marks the claim answering, runs the cascade (showing progress), settles
+/// what it cost and words the reply.
+async fn run_admitted(
+    state: &Arc<AppState>,
+    job: &Job,
+    fence: &Fence,
+    gate: &Gate,
+    admitted: Admitted,
+) -> Response {
+    let Admitted {
+        decision,
+        output_cap,
+        reservation,
+        conversation,
+        images,
+        material,
+    } = admitted;
     // From here on a re-run may pay again: say so in the claim, fenced.
     match state
         .store
@@ -259,7 +300,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
         text: &job.request.text,
         room_id: Some(&job.room_id),
         user: Some(&hashed),
-        output_cap: plan.output_cap,
+        output_cap,
         gate: Some(gate),
         stream: progress.as_ref().and_then(Progress::updates),
         context: conversation.as_ref(),
@@ -287,16 +328,7 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     if matches!(outcome.error, Some(ProviderError::ClaimLost)) {
         return Response::Lost;
     }
-    let text = if outcome.ok() && outcome.degraded == Some(Degrade::StreamBroken) {
-        format!("{}\n\n{STREAM_BROKEN_NOTE}", outcome.text.trim_end())
-    } else if outcome.ok() {
-        outcome.text.clone()
-    } else if outcome.error.is_some() {
-        tracing::warn!(event_id = %job.event_id, error = ?outcome.error, "cascade failed");
-        APOLOGY.to_string()
-    } else {
-        EMPTY_APOLOGY.to_string()
-    };
+    let text = reply_text(job, &outcome);
     let mut row = outcome_row(job, &outcome, &state.cascade, &material);
     row.images = images.len() as i32;
     if row.direct_input_tokens >= 0 && outcome.route != Route::GrokDirect {
@@ -306,8 +338,22 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     Response::Reply(text, Box::new(row), first_event)
 }
 
+/// What the user reads: the answer (marked when its stream broke), or an apology.
+fn reply_text(job: &Job, outcome: &Outcome) -> String {
+    if outcome.ok() && outcome.degraded == Some(Degrade::StreamBroken) {
+        format!("{}\n\n{STREAM_BROKEN_NOTE}", outcome.text.trim_end())
+    } else if outcome.ok() {
+        outcome.text.clone()
+    } else if outcome.error.is_some() {
+        tracing::warn!(event_id = %job.event_id, error = ?outcome.error, "cascade failed");
+        APOLOGY.to_string()
+    } else {
+        EMPTY_APOLOGY.to_string()
+    }
+}
+
 /// Provider latency and spend per model in `/metrics`.
-fn observe(state: &AppState, outcome: &crate::cascade::Outcome) {
+fn observe(state: &AppState, outcome: &Outcome) {
     for (stage, ms) in &outcome.stage_ms {
         let Some(model) = outcome.models.get(stage) else {
             continue;
