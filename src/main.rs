@@ -298,7 +298,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(%listen, bot = %state.identity.user_id, "serving the appservice API");
+    tracing::info!(%listen, bot = %state.identity.user_id, version = env!("CARGO_PKG_VERSION"),
+        "serving the appservice API");
     let shutdown_state = state.clone();
     axum::serve(listener, webhook::router(state.clone()))
         .with_graceful_shutdown(async move {

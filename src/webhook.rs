@@ -375,8 +375,9 @@ async fn ping() -> Json<Value> {
     Json(json!({}))
 }
 
+/// The process is up, and which version it runs (a rolling upgrade shows in it).
 async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {

@@ -131,7 +131,9 @@ async fn query_ping_health_and_unknown_paths() {
         (StatusCode::METHOD_NOT_ALLOWED, Some("M_UNRECOGNIZED"))
     );
 
-    assert_eq!(h.call(get("/health")).await.0, StatusCode::OK);
+    let (status, health) = h.call(get("/health")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(
         h.call(get("/ready")).await,
         (StatusCode::OK, json!({"ready": true}))
