@@ -250,6 +250,9 @@ class Replica:
             # Generous caps: the test is about delivery, not the limiter's refusals.
             "limits": {"daily_ceiling_usd": 1000.0, "per_user_daily_usd": 100.0,
                        "per_user_requests_per_hour": 10000, "reservation_ttl": f"{RESERVATION_TTL}s"},
+            # Ten users share a few rooms at load-test rates: the per-room reply limit (an
+            # etiquette rule, tested in etiquette.py) would refuse some of them here.
+            "bot": {"room_answers_per_minute": 100000},
             "telemetry": {"enabled": True, "store_text": False},
         }
         with open(self.config, "w") as f:
