@@ -347,6 +347,28 @@ impl CompletionRequest {
     }
 }
 
+impl Completion {
+    /// The answer of `req` from its parsed response (streamed or not).
+    fn from_parsed(
+        parsed: ParsedResponse,
+        req: &CompletionRequest,
+        request_id: Option<String>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            text: parsed.text,
+            model: req.model.clone(),
+            status: parsed.status,
+            incomplete_reason: parsed.incomplete_reason,
+            usage: parsed.usage,
+            citations: parsed.citations,
+            response_id: parsed.id,
+            request_id,
+            latency: started.elapsed(),
+        }
+    }
+}
+
 /// A successful answer.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -643,17 +665,7 @@ impl Provider {
                     }
                     stream::Step::Done(parsed) => {
                         let parsed = parsed?;
-                        return Ok(Completion {
-                            text: parsed.text,
-                            model: req.model.clone(),
-                            status: parsed.status,
-                            incomplete_reason: parsed.incomplete_reason,
-                            usage: parsed.usage,
-                            citations: parsed.citations,
-                            response_id: parsed.id,
-                            request_id,
-                            latency: started.elapsed(),
-                        });
+                        return Ok(Completion::from_parsed(parsed, req, request_id, started));
                     }
                     stream::Step::Skip => {}
                 }
@@ -678,17 +690,7 @@ impl Provider {
                 maybe_billed: true,
             })?;
         let parsed = parse_response(&bytes)?;
-        Ok(Completion {
-            text: parsed.text,
-            model: req.model.clone(),
-            status: parsed.status,
-            incomplete_reason: parsed.incomplete_reason,
-            usage: parsed.usage,
-            citations: parsed.citations,
-            response_id: parsed.id,
-            request_id,
-            latency: started.elapsed(),
-        })
+        Ok(Completion::from_parsed(parsed, req, request_id, started))
     }
 
     /// Posts the request; returns a 2xx response (its body unread), when it was sent and its
