@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod housekeeping;
+pub mod ingest;
 pub mod limiter;
 pub mod matrix;
 pub mod probes;
