@@ -12,7 +12,10 @@ use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
 use crate::context::Turn;
 use crate::vision::{ImageInput, IMAGE_TOKENS};
 
+mod account;
 pub mod stream;
+
+pub use account::AccountCheck;
 
 /// A provider failure; callers branch on [`ProviderError::is_retryable`].
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,6 +61,36 @@ impl ProviderError {
         )
     }
 
+    /// What kind of failure this is, for the operator's metrics and alerts.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ProviderError::ClaimLost => FailureKind::ClaimLost,
+            ProviderError::Fatal { status, message } => match status {
+                Some(401 | 403) => FailureKind::ApiKey,
+                // xAI answers a malformed or unknown key with a 400 that says so.
+                Some(400) if message.to_ascii_lowercase().contains("api key") => {
+                    FailureKind::ApiKey
+                }
+                Some(429) => FailureKind::Credits,
+                Some(410) => FailureKind::Gone,
+                // No key configured at all.
+                None => FailureKind::ApiKey,
+                Some(_) => FailureKind::Rejected,
+            },
+            ProviderError::Retryable { status, .. } => match status {
+                Some(408) | None => FailureKind::Transport,
+                Some(409 | 429) => FailureKind::RateLimited,
+                Some(_) => FailureKind::Server,
+            },
+        }
+    }
+
+    /// A problem of the whole account (the key or the money), not of this request: another
+    /// model or stage would fail the same way, so the cascade stops at the first one.
+    pub fn is_account_problem(&self) -> bool {
+        matches!(self.kind(), FailureKind::ApiKey | FailureKind::Credits)
+    }
+
     /// The HTTP status, when the provider answered at all.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -65,6 +98,43 @@ impl ProviderError {
                 *status
             }
             ProviderError::ClaimLost => None,
+        }
+    }
+}
+
+/// The kinds of provider failure, each with its stable label in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The key is wrong, revoked, blocked or missing (401, 403, a 400 about the key).
+    ApiKey,
+    /// The team's credits or spending limit ran out (a 429 that says so).
+    Credits,
+    /// A rate limit or conflict: worth retrying later (429, 409).
+    RateLimited,
+    /// A 5xx from xAI.
+    Server,
+    /// A timeout, a dropped or refused connection, an unreadable or broken answer.
+    Transport,
+    /// The feature or endpoint is gone (410).
+    Gone,
+    /// Any other refusal of the request (400, 404, 422, ...).
+    Rejected,
+    /// Not called: the claim was lost.
+    ClaimLost,
+}
+
+impl FailureKind {
+    /// The label in `grok_provider_failures_total{kind=...}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::ApiKey => "api_key",
+            FailureKind::Credits => "credits",
+            FailureKind::RateLimited => "rate_limited",
+            FailureKind::Server => "server",
+            FailureKind::Transport => "transport",
+            FailureKind::Gone => "gone",
+            FailureKind::Rejected => "rejected",
+            FailureKind::ClaimLost => "claim_lost",
         }
     }
 }
@@ -787,6 +857,52 @@ mod tests {
         }
         let e = classify_http_error(401, r#"{"code": "x", "error": "Incorrect API key"}"#, None);
         assert!(e.to_string().contains("Incorrect API key"));
+    }
+
+    #[test]
+    fn failures_are_sorted_for_the_operator() {
+        let kind = |s, b: &str| classify_http_error(s, b, None).kind();
+        let credits = r#"{"error": "Your team has either used all available credits"}"#;
+        let table = [
+            (401, "{}", FailureKind::ApiKey),
+            (403, "{}", FailureKind::ApiKey),
+            (
+                400,
+                r#"{"error": "Incorrect API key provided: xai-***"}"#,
+                FailureKind::ApiKey,
+            ),
+            (
+                400,
+                r#"{"error": "Invalid request: max_output_tokens"}"#,
+                FailureKind::Rejected,
+            ),
+            (429, credits, FailureKind::Credits),
+            (
+                429,
+                r#"{"error": "Too many requests"}"#,
+                FailureKind::RateLimited,
+            ),
+            (409, "{}", FailureKind::RateLimited),
+            (500, "{}", FailureKind::Server),
+            (503, "{}", FailureKind::Server),
+            (408, "{}", FailureKind::Transport),
+            (410, "{}", FailureKind::Gone),
+            (404, "{}", FailureKind::Rejected),
+        ];
+        for (status, body, expected) in table {
+            assert_eq!(kind(status, body), expected, "{status} {body}");
+        }
+        for (status, body, account) in [(401, "{}", true), (429, credits, true), (500, "{}", false)]
+        {
+            assert_eq!(
+                classify_http_error(status, body, None).is_account_problem(),
+                account
+            );
+        }
+        assert_eq!(
+            parse_response(b"not json").unwrap_err().kind(),
+            FailureKind::Transport
+        );
     }
 
     #[test]
