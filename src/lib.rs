@@ -3,6 +3,7 @@
 //! the same code the operator runs.
 
 pub mod answer;
+pub mod backoff;
 pub mod cascade;
 pub mod claims;
 pub mod classify;

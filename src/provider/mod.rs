@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -89,6 +88,14 @@ impl ProviderError {
     /// model or stage would fail the same way, so the cascade stops at the first one.
     pub fn is_account_problem(&self) -> bool {
         matches!(self.kind(), FailureKind::ApiKey | FailureKind::Credits)
+    }
+
+    /// How long the provider asked to wait before a retry (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     /// The HTTP status, when the provider answered at all.
@@ -621,10 +628,8 @@ impl Provider {
                     ..
                 }) if attempt < self.max_retries => {
                     attempt += 1;
-                    let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
-                    let jitter = rand::rng().random_range(0.5..1.5);
                     let wait = retry_after
-                        .unwrap_or(backoff.mul_f64(jitter))
+                        .unwrap_or_else(|| crate::backoff::jittered(attempt))
                         .min(Duration::from_secs(30));
                     tracing::warn!(model = %req.model, ?status, %message, attempt, ?wait,
                         "provider call failed, retrying");
@@ -694,8 +699,10 @@ impl Provider {
                         };
                     }
                     attempt += 1;
-                    let jitter = rand::rng().random_range(0.5..1.5);
-                    let wait = Duration::from_millis(250 * (1 << attempt.min(6))).mul_f64(jitter);
+                    let wait = e
+                        .retry_after()
+                        .unwrap_or_else(|| crate::backoff::jittered(attempt))
+                        .min(Duration::from_secs(30));
                     tracing::warn!(model = %req.model, error = %e, attempt, ?wait,
                         "provider stream failed, retrying");
                     tokio::time::sleep(wait).await;
@@ -799,12 +806,7 @@ impl Provider {
         if (200..300).contains(&status) {
             return Ok((response, started, request_id));
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::backoff::retry_after(response.headers());
         let bytes = response
             .bytes()
             .await
