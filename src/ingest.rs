@@ -66,14 +66,17 @@ pub fn parse_transaction(body: &[u8]) -> Result<Parsed, BodyError> {
     Ok(parsed)
 }
 
-/// What the store must look up to classify these events.
+/// What the store must look up to classify these events: each room and reply target once.
 pub fn facts_query(events: &[Event]) -> FactsQuery {
+    let distinct = |ids: Vec<&str>| {
+        let mut ids = ids;
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(str::to_string).collect()
+    };
     FactsQuery {
-        room_ids: events.iter().map(|e| e.room_id.clone()).collect(),
-        reply_targets: events
-            .iter()
-            .filter_map(|e| e.in_reply_to().map(str::to_string))
-            .collect(),
+        room_ids: distinct(events.iter().map(|e| e.room_id.as_str()).collect()),
+        reply_targets: distinct(events.iter().filter_map(Event::in_reply_to).collect()),
     }
 }
 
@@ -276,7 +279,9 @@ mod tests {
             {"event_id": "$a", "room_id": "!r1", "sender": "@u:x", "type": "m.room.message",
              "content": {"body": "x", "m.relates_to": {"m.in_reply_to": {"event_id": "$t"}}}},
             {"event_id": "$b", "room_id": "!r2", "sender": "@u:x", "type": "m.room.message",
-             "content": {"body": "y"}}
+             "content": {"body": "y"}},
+            {"event_id": "$c", "room_id": "!r1", "sender": "@u:x", "type": "m.room.message",
+             "content": {"body": "z", "m.relates_to": {"m.in_reply_to": {"event_id": "$t"}}}}
         ]}"#;
         let q = facts_query(&parse_transaction(body).unwrap().events);
         assert_eq!(q.room_ids, ["!r1", "!r2"]);

@@ -227,17 +227,14 @@ impl TxnWrite {
 }
 
 fn read_room_facts(conn: &mut Conn, query: &FactsQuery) -> Result<RoomFacts, StoreError> {
-    let mut room_ids = query.room_ids.clone();
-    room_ids.sort_unstable();
-    room_ids.dedup();
-    let reply_targets = &query.reply_targets;
+    let (room_ids, reply_targets) = (&query.room_ids, &query.reply_targets);
     db!(conn, |c| {
         let direct: Vec<(String, bool)> = rooms::table
-            .filter(rooms::room_id.eq_any(&room_ids))
+            .filter(rooms::room_id.eq_any(room_ids))
             .select((rooms::room_id, rooms::is_direct))
             .load(c)?;
         let counts: Vec<(String, i64)> = room_members::table
-            .filter(room_members::room_id.eq_any(&room_ids))
+            .filter(room_members::room_id.eq_any(room_ids))
             .group_by(room_members::room_id)
             .select((room_members::room_id, diesel::dsl::count_star()))
             .load(c)?;
