@@ -2,6 +2,7 @@
 //! models. The binary in `main.rs` is a thin shell over this library so integration tests drive
 //! the same code the operator runs.
 
+pub mod access;
 pub mod answer;
 pub mod cascade;
 pub mod claims;

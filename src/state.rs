@@ -134,6 +134,7 @@ impl AppState {
             namespaces,
             ignored_senders,
             allowed_servers: config.rooms.allowed_servers.clone(),
+            access: config.rooms.access.clone(),
         };
         let metrics = Arc::new(Metrics::default());
         let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);

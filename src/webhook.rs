@@ -315,6 +315,7 @@ async fn plan(
             replies_to_bot: event
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),
+            sender_blocked: state.limiter.blocks(&event.sender),
         };
         let verdict = classify(&event, me, facts);
         state
