@@ -116,8 +116,8 @@ impl Access {
 
     /// Whether the lists let this user use the bot (the server check is separate).
     pub fn user_allowed(&self, user_id: &str) -> bool {
-        let listed = self.allowed_users.is_empty()
-            || self.allowed_users.iter().any(|p| p.matches(user_id));
+        let listed =
+            self.allowed_users.is_empty() || self.allowed_users.iter().any(|p| p.matches(user_id));
         listed && !self.denied_users.iter().any(|p| p.matches(user_id))
     }
 

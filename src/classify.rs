@@ -288,9 +288,9 @@ fn classify_state(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     if !is_bot_invite {
         return Verdict::Ignore(IgnoreReason::State);
     }
-    let declined = me.refusal(&event.sender, facts).or_else(|| {
-        (!me.access.room_allowed(&event.room_id)).then_some(SkipReason::NotAllowed)
-    });
+    let declined = me
+        .refusal(&event.sender, facts)
+        .or_else(|| (!me.access.room_allowed(&event.room_id)).then_some(SkipReason::NotAllowed));
     Verdict::Invite {
         declined,
         is_direct: event.content.get("is_direct").and_then(Value::as_bool) == Some(true),

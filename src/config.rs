@@ -1426,8 +1426,14 @@ mod tests {
         assert!(!c.rooms.access.room_allowed("!other:example.org"));
         let bad = load(&format!("{MINIMAL}rooms: {{denied_users: ['/[/']}}\n"), &[]).unwrap_err();
         let text = bad.to_string();
-        assert!(text.contains("`rooms.denied_users`") && text.contains("`/[/`"), "{text}");
-        let alias = load(&format!("{MINIMAL}rooms: {{allowed_rooms: ['#a:b.org']}}\n"), &[]);
+        assert!(
+            text.contains("`rooms.denied_users`") && text.contains("`/[/`"),
+            "{text}"
+        );
+        let alias = load(
+            &format!("{MINIMAL}rooms: {{allowed_rooms: ['#a:b.org']}}\n"),
+            &[],
+        );
         assert_eq!(key_of(alias.unwrap_err()), "rooms.allowed_rooms");
     }
 

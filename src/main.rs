@@ -62,6 +62,9 @@ enum Command {
     },
     /// Run the database migrations and exit.
     Migrate {
+        /// Only list applied and pending migrations; change nothing.
+        #[arg(long)]
+        status: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -138,6 +141,36 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate {
+            status: true,
+            config: ConfigArg { path: config },
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::connect_existing(&config.database.url, 1)?;
+            let status = store.migration_status().await?;
+            for name in &status.applied {
+                println!("applied  {name}");
+            }
+            for name in &status.pending {
+                println!("pending  {name}");
+            }
+            for version in &status.unknown {
+                println!("unknown  {version} (applied by a newer grok-appservice)");
+            }
+            println!(
+                "{}: {} applied, {} pending{}",
+                redact_url(&config.database.url),
+                status.applied.len(),
+                status.pending.len(),
+                if status.pending.is_empty() {
+                    ""
+                } else {
+                    "; `grok-appservice migrate` applies them"
+                }
+            );
+            Ok(())
+        }
+        Command::Migrate {
+            status: false,
             config: ConfigArg { path: config },
         } => {
             let config = Config::load(&config)?;
@@ -161,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let decision = if config.exists() {
                 let config = Config::load(&config)?;
-                let store = Store::connect(&config.database.url, 1)?;
+                let store = open_current(&config, 1).await?;
                 let provider = Provider::new(&config.provider, &config.prices);
                 Cascade::new(&config, provider, store).decide(&text, room.as_deref(), None)
             } else if room.is_some() {
@@ -198,8 +231,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let config = Config::load(&config)?;
             init_logging(&config);
-            let store = Store::connect(&config.database.url, 2)?;
-            store.migrate().await.context("running migrations")?;
+            let store = open_current(&config, 2).await?;
             let provider = Provider::new(&config.provider, &config.prices);
             let cascade = Cascade::new(&config, provider, store);
             let outcome = cascade
@@ -246,9 +278,7 @@ async fn main() -> anyhow::Result<()> {
             let window = grok_appservice::config::parse_duration(&since)
                 .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
             let config = Config::load(&config)?;
-            let store = Store::connect(&config.database.url, 2)?;
-            // Read-only otherwise; migrating lets a fresh database report zero rows.
-            store.migrate().await.context("running migrations")?;
+            let store = open_current(&config, 2).await?;
             let until = grok_appservice::store::now();
             let since = until - chrono::Duration::from_std(window).context("--since")?;
             let rows = store.request_log_since(since).await?;
@@ -269,6 +299,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Opens the configured database for a command that never migrates: a missing database or
+/// pending migrations are refused with a message naming `grok-appservice migrate`.
+async fn open_current(config: &Config, pool_size: u32) -> anyhow::Result<Store> {
+    let store = Store::connect_existing(&config.database.url, pool_size)?;
+    store.migration_status().await?.require_current()?;
+    Ok(store)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -83,14 +83,25 @@ async fn only_listed_users_in_listed_rooms_reach_the_model() {
         assert_eq!(told.len(), 1, "{id}: {told:?}");
         assert!(told[0].contains("not allowed your account"), "{told:?}");
         let row = h.row(id).await;
-        assert_eq!((row.route.as_str(), row.degraded.as_str()), ("none", "not_allowed"));
+        assert_eq!(
+            (row.route.as_str(), row.degraded.as_str()),
+            ("none", "not_allowed")
+        );
     }
-    assert!(replies_to(&h, "$bob2").is_empty(), "one notice per user and day");
+    assert!(
+        replies_to(&h, "$bob2").is_empty(),
+        "one notice per user and day"
+    );
     assert_eq!(h.row("$bob2").await.degraded, "not_allowed");
 
     // An unlisted room is ignored: no reply, no row.
     assert!(replies_to(&h, "$elsewhere").is_empty());
-    let row = h.state.store.request_log("$elsewhere".into()).await.unwrap();
+    let row = h
+        .state
+        .store
+        .request_log("$elsewhere".into())
+        .await
+        .unwrap();
     assert!(row.is_none(), "{row:?}");
 
     // Invites: into an unlisted room, or from an unlisted user, are declined.
@@ -149,10 +160,17 @@ async fn a_per_user_cap_of_zero_blocks_the_user_and_says_so_once() {
         .collect();
     assert_eq!(told.len(), 1, "told once, not per message: {told:?}");
     assert!(told[0].contains("set your limit to zero"), "{told:?}");
-    assert_eq!(replies_to(&h, "$e1").len(), 1, "a zero hourly cap blocks too");
+    assert_eq!(
+        replies_to(&h, "$e1").len(),
+        1,
+        "a zero hourly cap blocks too"
+    );
     for id in ["$c1", "$c2", "$c3", "$e1"] {
         let row = h.row(id).await;
-        assert_eq!((row.route.as_str(), row.degraded.as_str()), ("none", "user_blocked"));
+        assert_eq!(
+            (row.route.as_str(), row.degraded.as_str()),
+            ("none", "user_blocked")
+        );
         assert_eq!(row.cost_total_ticks, 0);
     }
     // Nothing was reserved for the blocked users: they never reached the limiter.

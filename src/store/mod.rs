@@ -48,6 +48,9 @@ pub enum StoreError {
     /// Another process holds the SQLite database.
     #[error("{0}")]
     Locked(String),
+    /// Migrations are pending and the command does not migrate.
+    #[error("{0}")]
+    SchemaBehind(String),
 }
 
 impl From<DieselError> for StoreError {
@@ -206,6 +209,7 @@ pub mod budget;
 mod claims;
 mod housekeeping;
 pub mod room_state;
+pub mod upgrade;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
@@ -427,6 +431,20 @@ impl Store {
             }
         };
         Ok(Self { backend })
+    }
+
+    /// Like [`Store::connect`] for a database that must exist already: a missing SQLite file
+    /// is an error naming `migrate`, not a new empty file (for the commands that only read).
+    pub fn connect_existing(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        if let DatabaseKind::Sqlite(path) = DatabaseKind::from_url(url)? {
+            if !std::path::Path::new(&path).exists() {
+                return Err(StoreError::SchemaBehind(format!(
+                    "no database at {path} (database.url); run `grok-appservice migrate -c CONFIG` \
+                     or start `serve` to create it"
+                )));
+            }
+        }
+        Self::connect(url, pool_size)
     }
 
     /// Which backend this store uses: `sqlite` or `postgres`.
