@@ -68,6 +68,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Write a consistent copy of the SQLite database, safe while the bot runs.
+    Backup {
+        /// The new file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Copy every table of the SQLite database into an empty PostgreSQL database.
+    MigrateTo {
+        /// The target, `postgres://user@host/db`; migrated first, it must have no rows.
+        target: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the router's decision for a message; no model is called.
     Route {
         /// The message.
@@ -186,6 +201,43 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve {
             config: ConfigArg { path: config },
         } => serve(Config::load(&config)?).await,
+        Command::Backup {
+            output,
+            config: ConfigArg { path: config },
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::connect_existing(&config.database.url, 1)?;
+            let report = store.backup_to(output).await?;
+            println!(
+                "wrote {} ({} bytes, integrity ok); restore: stop the bot and put it in place of {}",
+                report.path.display(),
+                report.bytes,
+                redact_url(&config.database.url)
+            );
+            Ok(())
+        }
+        Command::MigrateTo {
+            target,
+            config: ConfigArg { path: config },
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::connect_existing(&config.database.url, 1)?;
+            let report = store
+                .copy_to_postgres(&config.database.url, &target)
+                .await?;
+            println!("{:<26} {:>10}", "table", "rows");
+            for t in &report.tables {
+                println!("{:<26} {:>10}", t.table, t.rows);
+            }
+            println!(
+                "copied {} tables into {} (row counts verified, {} sequence(s) reset); \
+                 set database.url to it and start the bot",
+                report.tables.len(),
+                redact_url(&target),
+                report.sequences_reset
+            );
+            Ok(())
+        }
         Command::Route {
             text,
             json,

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// Migrations are pending and the command does not migrate.
     #[error("{0}")]
     SchemaBehind(String),
+    /// An operation this database or target cannot do (the message says what to do instead).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<DieselError> for StoreError {
@@ -207,6 +210,7 @@ macro_rules! db_tx {
 mod analytics;
 pub mod budget;
 mod claims;
+pub mod copy;
 mod housekeeping;
 pub mod room_state;
 pub mod upgrade;
