@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod housekeeping;
+pub mod leave_all;
 pub mod limiter;
 pub mod matrix;
 pub mod probes;

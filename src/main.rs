@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use grok_appservice::cascade::{router, Ask, Cascade};
 use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
+use grok_appservice::matrix::MatrixClient;
 use grok_appservice::provider::Provider;
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
@@ -80,6 +81,11 @@ enum Command {
     MigrateTo {
         /// The target, `postgres://user@host/db`; migrated first, it must have no rows.
         target: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Leave and forget every room the bot is in, and clear them from the database (uninstall).
+    LeaveAll {
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -236,6 +242,30 @@ async fn main() -> anyhow::Result<()> {
                 redact_url(&target),
                 report.sequences_reset
             );
+            Ok(())
+        }
+        Command::LeaveAll {
+            config: ConfigArg { path: config },
+        } => {
+            let config = Config::load(&config)?;
+            let reg = registration::load(&config.appservice.registration)?;
+            let store = open_current(&config, 1).await?;
+            let bot = registration::bot_user_id(&reg, &config.homeserver.server_name);
+            let matrix = MatrixClient::new(&config.homeserver.url, &reg.as_token, &bot);
+            let report = grok_appservice::leave_all::leave_all(&matrix, &store).await?;
+            for (room, error) in &report.failed {
+                eprintln!("could not leave {room}: {error}");
+            }
+            println!(
+                "{bot} was in {} room(s): left {}, failed {}; {} room(s) cleared from the database",
+                report.joined,
+                report.left,
+                report.failed.len(),
+                report.cleared
+            );
+            if !report.failed.is_empty() {
+                anyhow::bail!("some rooms could not be left; run leave-all again");
+            }
             Ok(())
         }
         Command::Route {

@@ -111,10 +111,8 @@ impl AppState {
         let sink: Arc<dyn LogSink> = overrides
             .log_sink
             .unwrap_or_else(|| Arc::new(store.clone()));
-        let user_id = format!(
-            "@{}:{}",
-            registration.sender_localpart, config.homeserver.server_name
-        );
+        let user_id =
+            crate::registration::bot_user_id(&registration, &config.homeserver.server_name);
         let namespaces = registration
             .namespaces
             .users

@@ -725,6 +725,17 @@ impl Store {
         .await
     }
 
+    /// The ids of every room the database knows.
+    pub async fn room_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|conn| {
+            Ok(db!(conn, |c| rooms::table
+                .select(rooms::room_id)
+                .order(rooms::room_id)
+                .load::<String>(c))?)
+        })
+        .await
+    }
+
     /// Forgets a room the bot left or was removed from.
     pub async fn forget_room(&self, room_id: String) -> Result<(), StoreError> {
         self.run(move |conn| {
