@@ -10,6 +10,7 @@ pub mod classify;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod estimate;
 pub mod housekeeping;
 pub mod leave_all;
 pub mod limiter;

@@ -84,6 +84,18 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the monthly cost to expect at 100, 1,000 and 10,000 messages a day for a route
+    /// mix, against sending everything to grok_direct.
+    Estimate {
+        /// Route shares, e.g. `trivial=0.4,web=0.1,reason=0.1` (the rest goes to grok_direct).
+        #[arg(long)]
+        mix: Option<String>,
+        /// Window of request_log whose averages replace the typical token counts.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Leave and forget every room the bot is in, and clear them from the database (uninstall).
     LeaveAll {
         #[command(flatten)]
@@ -244,6 +256,43 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Estimate {
+            mix,
+            since,
+            config: ConfigArg { path: config },
+        } => {
+            use grok_appservice::estimate;
+            let config = Config::load(&config)?;
+            let mix = match &mix {
+                Some(text) => estimate::parse_mix(text)?,
+                None => estimate::DEFAULT_MIX.to_vec(),
+            };
+            let mut costs = estimate::typical_costs(&config)?;
+            match open_current(&config, 2).await {
+                Ok(store) => {
+                    let report = load_report(&store, &config, &since, false).await?;
+                    costs = estimate::with_observed(costs, &report.counterfactual.by_route);
+                }
+                Err(e) => eprintln!("request_log not read ({e}); typical token counts only"),
+            }
+            let result = estimate::estimate(&mix, &costs);
+            print!(
+                "{}",
+                estimate::render_text(&result, &estimate::models_line(&config))
+            );
+            if mix.as_slice() == estimate::DEFAULT_MIX.as_slice() {
+                println!(
+                    "
+The mix is the default; --mix trivial=0.4,web=0.1,... changes it."
+                );
+            }
+            println!(
+                "
+{}",
+                estimate::assumptions(&config)
+            );
+            Ok(())
+        }
         Command::LeaveAll {
             config: ConfigArg { path: config },
         } => {
@@ -357,17 +406,9 @@ async fn main() -> anyhow::Result<()> {
             config: ConfigArg { path: config },
         } => {
             use grok_appservice::stats;
-            let window = grok_appservice::config::parse_duration(&since)
-                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
             let config = Config::load(&config)?;
             let store = open_current(&config, 2).await?;
-            let until = grok_appservice::store::now();
-            let since = until - chrono::Duration::from_std(window).context("--since")?;
-            let rows = store.request_log_since(since).await?;
-            let day = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d").to_string();
-            let budget = store.budget_global_days(day(since), day(until)).await?;
-            let opts = stats::Options::from_config(&config, since, until, anonymize);
-            let report = stats::summarize(&rows, &budget, &opts);
+            let report = load_report(&store, &config, &since, anonymize).await?;
             if let Some(path) = &html {
                 std::fs::write(path, stats::render_html(&report))
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -381,6 +422,25 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The `stats` report over `request_log` of the last `since` (`7d`, `12h`, ...).
+async fn load_report(
+    store: &Store,
+    config: &Config,
+    since: &str,
+    anonymize: bool,
+) -> anyhow::Result<grok_appservice::stats::Report> {
+    use grok_appservice::stats;
+    let window = grok_appservice::config::parse_duration(since)
+        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let until = grok_appservice::store::now();
+    let since = until - chrono::Duration::from_std(window).context("--since")?;
+    let rows = store.request_log_since(since).await?;
+    let day = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d").to_string();
+    let budget = store.budget_global_days(day(since), day(until)).await?;
+    let opts = stats::Options::from_config(config, since, until, anonymize);
+    Ok(stats::summarize(&rows, &budget, &opts))
 }
 
 /// Opens the configured database for a command that never migrates: a missing database or
