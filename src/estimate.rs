@@ -49,10 +49,10 @@ struct TypicalStage {
     web_searches: Option<i64>,
 }
 
-/// Typical tokens of a message per route, and what `grok_direct` alone would have written.
-/// Stated in the output; chosen from what the fake and real runs showed (short greetings,
-/// a few hundred tokens of question and context, search results of about 2,500 tokens a
-/// search, reasoning notes of about 400 tokens).
+/// Typical tokens of a message per route, and what `grok_direct` alone would have written:
+/// assumptions, not measurements (short greetings, a few hundred tokens of question and
+/// context, about 2,500 tokens of results a search, reasoning notes of about 400 tokens),
+/// stated in the output and replaced by `request_log` averages once there are rows.
 fn typical(route: Route) -> (Vec<TypicalStage>, i64, i64) {
     fn st(stage: Stage, input: i64, output: i64, reasoning: i64) -> TypicalStage {
         TypicalStage {
