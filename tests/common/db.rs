@@ -46,6 +46,8 @@ pub fn sqlite() -> TestDb {
 }
 
 /// A SQLite database at a file a test made in `dir` (a backup, say); removed with `dir`.
+// Each test crate compiles the harness; only tests/copy.rs uses this.
+#[allow(dead_code)]
 pub fn sqlite_file(dir: tempfile::TempDir, path: &std::path::Path) -> TestDb {
     TestDb {
         url: format!("sqlite://{}", path.display()),
