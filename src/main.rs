@@ -176,32 +176,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate {
             status: true,
             config: ConfigArg { path: config },
-        } => {
-            let config = Config::load(&config)?;
-            let store = Store::connect_existing(&config.database.url, 1)?;
-            let status = store.migration_status().await?;
-            for name in &status.applied {
-                println!("applied  {name}");
-            }
-            for name in &status.pending {
-                println!("pending  {name}");
-            }
-            for version in &status.unknown {
-                println!("unknown  {version} (applied by a newer grok-appservice)");
-            }
-            println!(
-                "{}: {} applied, {} pending{}",
-                redact_url(&config.database.url),
-                status.applied.len(),
-                status.pending.len(),
-                if status.pending.is_empty() {
-                    ""
-                } else {
-                    "; `grok-appservice migrate` applies them"
-                }
-            );
-            Ok(())
-        }
+        } => migrate_status(&Config::load(&config)?).await,
         Command::Migrate {
             status: false,
             config: ConfigArg { path: config },
@@ -222,101 +197,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Backup {
             output,
             config: ConfigArg { path: config },
-        } => {
-            let config = Config::load(&config)?;
-            let store = Store::connect_existing(&config.database.url, 1)?;
-            let report = store.backup_to(output).await?;
-            println!(
-                "wrote {} ({} bytes, integrity ok); restore: stop the bot and put it in place of {}",
-                report.path.display(),
-                report.bytes,
-                redact_url(&config.database.url)
-            );
-            Ok(())
-        }
+        } => backup(&Config::load(&config)?, output).await,
         Command::MigrateTo {
             target,
             config: ConfigArg { path: config },
-        } => {
-            let config = Config::load(&config)?;
-            let store = Store::connect_existing(&config.database.url, 1)?;
-            let report = store
-                .copy_to_postgres(&config.database.url, &target)
-                .await?;
-            println!("{:<26} {:>10}", "table", "rows");
-            for t in &report.tables {
-                println!("{:<26} {:>10}", t.table, t.rows);
-            }
-            println!(
-                "copied {} tables into {} (row counts verified, {} sequence(s) reset); \
-                 set database.url to it and start the bot",
-                report.tables.len(),
-                redact_url(&target),
-                report.sequences_reset
-            );
-            Ok(())
-        }
+        } => migrate_to(&Config::load(&config)?, &target).await,
         Command::Estimate {
             mix,
             since,
             config: ConfigArg { path: config },
-        } => {
-            use grok_appservice::estimate;
-            let config = Config::load(&config)?;
-            let mix = match &mix {
-                Some(text) => estimate::parse_mix(text)?,
-                None => estimate::DEFAULT_MIX.to_vec(),
-            };
-            let mut costs = estimate::typical_costs(&config)?;
-            match open_current(&config, 2).await {
-                Ok(store) => {
-                    let report = load_report(&store, &config, &since, false).await?;
-                    costs = estimate::with_observed(costs, &report.counterfactual.by_route);
-                }
-                Err(e) => eprintln!("request_log not read ({e}); typical token counts only"),
-            }
-            let result = estimate::estimate(&mix, &costs);
-            print!(
-                "{}",
-                estimate::render_text(&result, &estimate::models_line(&config))
-            );
-            if mix.as_slice() == estimate::DEFAULT_MIX.as_slice() {
-                println!(
-                    "
-The mix is the default; --mix trivial=0.4,web=0.1,... changes it."
-                );
-            }
-            println!(
-                "
-{}",
-                estimate::assumptions(&config)
-            );
-            Ok(())
-        }
+        } => estimate(&Config::load(&config)?, mix.as_deref(), &since).await,
         Command::LeaveAll {
             config: ConfigArg { path: config },
-        } => {
-            let config = Config::load(&config)?;
-            let reg = registration::load(&config.appservice.registration)?;
-            let store = open_current(&config, 1).await?;
-            let bot = registration::bot_user_id(&reg, &config.homeserver.server_name);
-            let matrix = MatrixClient::new(&config.homeserver.url, &reg.as_token, &bot);
-            let report = grok_appservice::leave_all::leave_all(&matrix, &store).await?;
-            for (room, error) in &report.failed {
-                eprintln!("could not leave {room}: {error}");
-            }
-            println!(
-                "{bot} was in {} room(s): left {}, failed {}; {} room(s) cleared from the database",
-                report.joined,
-                report.left,
-                report.failed.len(),
-                report.cleared
-            );
-            if !report.failed.is_empty() {
-                anyhow::bail!("some rooms could not be left; run leave-all again");
-            }
-            Ok(())
-        }
+        } => leave_all(&Config::load(&config)?).await,
         Command::Route {
             text,
             json,
@@ -422,6 +315,114 @@ The mix is the default; --mix trivial=0.4,web=0.1,... changes it."
             Ok(())
         }
     }
+}
+
+/// `migrate --status`: applied, pending and unknown migrations; changes nothing.
+async fn migrate_status(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let status = store.migration_status().await?;
+    for name in &status.applied {
+        println!("applied  {name}");
+    }
+    for name in &status.pending {
+        println!("pending  {name}");
+    }
+    for version in &status.unknown {
+        println!("unknown  {version} (applied by a newer grok-appservice)");
+    }
+    let hint = if status.pending.is_empty() {
+        ""
+    } else {
+        "; `grok-appservice migrate` applies them"
+    };
+    println!(
+        "{}: {} applied, {} pending{hint}",
+        redact_url(&config.database.url),
+        status.applied.len(),
+        status.pending.len()
+    );
+    Ok(())
+}
+
+/// `backup -o FILE`: a consistent copy of the SQLite database.
+async fn backup(config: &Config, output: PathBuf) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let report = store.backup_to(output).await?;
+    println!(
+        "wrote {} ({} bytes, integrity ok); restore: stop the bot and put it in place of {}",
+        report.path.display(),
+        report.bytes,
+        redact_url(&config.database.url)
+    );
+    Ok(())
+}
+
+/// `migrate-to postgres://...`: every table of the SQLite database into PostgreSQL.
+async fn migrate_to(config: &Config, target: &str) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let report = store.copy_to_postgres(&config.database.url, target).await?;
+    println!("{:<26} {:>10}", "table", "rows");
+    for t in &report.tables {
+        println!("{:<26} {:>10}", t.table, t.rows);
+    }
+    println!(
+        "copied {} tables into {} (row counts verified, {} sequence(s) reset); \
+         set database.url to it and start the bot",
+        report.tables.len(),
+        redact_url(target),
+        report.sequences_reset
+    );
+    Ok(())
+}
+
+/// `estimate`: the monthly cost table for a route mix.
+async fn estimate(config: &Config, mix: Option<&str>, since: &str) -> anyhow::Result<()> {
+    use grok_appservice::estimate;
+    let mix = match mix {
+        Some(text) => estimate::parse_mix(text)?,
+        None => estimate::DEFAULT_MIX.to_vec(),
+    };
+    let mut costs = estimate::typical_costs(config)?;
+    match open_current(config, 2).await {
+        Ok(store) => {
+            let report = load_report(&store, config, since, false).await?;
+            costs = estimate::with_observed(costs, &report.counterfactual.by_route);
+        }
+        Err(e) => eprintln!("request_log not read ({e}); typical token counts only"),
+    }
+    let result = estimate::estimate(&mix, &costs);
+    print!(
+        "{}",
+        estimate::render_text(&result, &estimate::models_line(config))
+    );
+    if mix.as_slice() == estimate::DEFAULT_MIX.as_slice() {
+        println!("\nThe mix is the default; --mix trivial=0.4,web=0.1,... changes it.");
+    }
+    println!("\n{}", estimate::assumptions(config));
+    Ok(())
+}
+
+/// `leave-all`: the bot leaves every room; exits non-zero if a leave failed.
+async fn leave_all(config: &Config) -> anyhow::Result<()> {
+    let reg = registration::load(&config.appservice.registration)?;
+    let store = open_current(config, 1).await?;
+    let bot = registration::bot_user_id(&reg, &config.homeserver.server_name);
+    let matrix = MatrixClient::new(&config.homeserver.url, &reg.as_token, &bot);
+    let report = grok_appservice::leave_all::leave_all(&matrix, &store).await?;
+    for (room, error) in &report.failed {
+        eprintln!("could not leave {room}: {error}");
+    }
+    println!(
+        "{bot} was in {} room(s): left {}, failed {}; {} room(s) cleared from the database",
+        report.joined,
+        report.left,
+        report.failed.len(),
+        report.cleared
+    );
+    if !report.failed.is_empty() {
+        anyhow::bail!("some rooms could not be left; run leave-all again");
+    }
+    Ok(())
 }
 
 /// The `stats` report over `request_log` of the last `since` (`7d`, `12h`, ...).
