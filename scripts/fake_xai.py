@@ -219,6 +219,24 @@ class FakeXAI:
             def do_GET(self):
                 if self.path == "/_fake/requests":
                     return self._send(200, fake.snapshot())
+                auth = self.headers.get("Authorization", "")
+                key = auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else ""
+                # The start-up check's endpoints, shaped like xAI's: a key starting with "bad"
+                # is refused (400, as xAI answers an unknown key), model ids not starting with
+                # "grok" are unknown (404).
+                if self.path == "/v1/api-key":
+                    if not key or key.startswith("bad"):
+                        return self._send(400, {"code": "Client specified an invalid argument",
+                                                "error": "Incorrect API key provided: xa***ey."})
+                    return self._send(200, {"redacted_api_key": "xai-...fake", "name": "fake",
+                                            "api_key_blocked": False, "api_key_disabled": False,
+                                            "team_blocked": False, "acls": ["api-key:model:*"]})
+                if self.path.startswith("/v1/models/"):
+                    model = self.path[len("/v1/models/"):]
+                    if model.startswith("grok"):
+                        return self._send(200, {"id": model, "object": "model", "owned_by": "xai"})
+                    return self._send(404, {"code": "Some requested entity was not found",
+                                            "error": f"The model {model} does not exist"})
                 self._send(404, {"code": "Not found", "error": f"no route for GET {self.path}"})
 
             def do_POST(self):

@@ -5,6 +5,7 @@
 
 use percent_encoding::percent_decode_str;
 use regex::Regex;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::access::Access;
@@ -21,39 +22,99 @@ pub struct Event {
     pub state_key: Option<String>,
     pub content: Value,
     pub origin_server_ts: i64,
-    pub unsigned: Value,
+    /// `unsigned.prev_content.membership`: what a member event replaced.
+    pub prev_membership: Option<String>,
+}
+
+/// The wire shape of an event: one typed pass over the JSON, so only `content` becomes a
+/// `Value` and everything else in the event (`unsigned` can be large) is skipped unparsed.
+#[derive(Deserialize)]
+struct WireEvent {
+    #[serde(default)]
+    event_id: Option<Value>,
+    #[serde(default)]
+    room_id: Option<Value>,
+    #[serde(default)]
+    sender: Option<Value>,
+    #[serde(default, rename = "type")]
+    kind: Option<Value>,
+    #[serde(default)]
+    state_key: Option<Value>,
+    #[serde(default)]
+    content: Value,
+    #[serde(default)]
+    origin_server_ts: Option<Value>,
+    #[serde(default)]
+    unsigned: Option<WireUnsigned>,
+}
+
+#[derive(Deserialize)]
+struct WireUnsigned {
+    #[serde(default)]
+    prev_content: Option<WirePrevContent>,
+}
+
+#[derive(Deserialize)]
+struct WirePrevContent {
+    #[serde(default)]
+    membership: Option<Value>,
 }
 
 impl Event {
-    /// Parses an event; an error names what is missing (the event is then skipped alone).
+    /// Parses an event from its JSON text; an error names what is wrong (the event is then
+    /// skipped alone).
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        let wire: WireEvent = serde_json::from_str(json).map_err(|e| {
+            if json.trim_start().starts_with('{') {
+                format!("event is malformed: {e}")
+            } else {
+                "event is not a JSON object".to_string()
+            }
+        })?;
+        Self::from_wire(wire)
+    }
+
+    /// Parses an event already held as a `Value` (as the homeserver's `/event` returns it).
     pub fn parse(value: &Value) -> Result<Self, String> {
-        let obj = value.as_object().ok_or("event is not a JSON object")?;
-        let text = |key: &str| -> Result<String, String> {
-            obj.get(key)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .ok_or_else(|| format!("event has no string `{key}`"))
+        if !value.is_object() {
+            return Err("event is not a JSON object".into());
+        }
+        let wire = WireEvent::deserialize(value).map_err(|e| format!("event is malformed: {e}"))?;
+        Self::from_wire(wire)
+    }
+
+    fn from_wire(wire: WireEvent) -> Result<Self, String> {
+        // Lenient like the old tree walk: a field of the wrong type counts as missing.
+        let text = |v: Option<Value>, key: &str| -> Result<String, String> {
+            match v {
+                Some(Value::String(s)) if !s.is_empty() => Ok(s),
+                _ => Err(format!("event has no string `{key}`")),
+            }
         };
-        let content = obj.get("content").cloned().unwrap_or(Value::Null);
-        if !content.is_object() {
+        if !wire.content.is_object() {
             return Err("event has no object `content`".into());
         }
         Ok(Self {
-            event_id: text("event_id")?,
-            room_id: text("room_id")?,
-            sender: text("sender")?,
-            kind: text("type")?,
-            state_key: obj
-                .get("state_key")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            content,
-            origin_server_ts: obj
-                .get("origin_server_ts")
+            event_id: text(wire.event_id, "event_id")?,
+            room_id: text(wire.room_id, "room_id")?,
+            sender: text(wire.sender, "sender")?,
+            kind: text(wire.kind, "type")?,
+            state_key: match wire.state_key {
+                Some(Value::String(s)) => Some(s),
+                _ => None,
+            },
+            content: wire.content,
+            origin_server_ts: wire
+                .origin_server_ts
+                .as_ref()
                 .and_then(Value::as_i64)
                 .unwrap_or(0),
-            unsigned: obj.get("unsigned").cloned().unwrap_or(Value::Null),
+            prev_membership: wire.unsigned.and_then(|u| u.prev_content).and_then(|p| {
+                match p.membership {
+                    Some(Value::String(s)) => Some(s),
+                    _ => None,
+                }
+            }),
         })
     }
 

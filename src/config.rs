@@ -159,6 +159,9 @@ pub struct ProviderConfig {
     /// Retries of a retryable failure before giving up (jittered backoff).
     #[serde(default = "default_provider_retries")]
     pub max_retries: u32,
+    /// Check the key and the model ids with xAI at start (`serve` refuses a wrong one).
+    #[serde(default = "yes")]
+    pub check_at_start: bool,
     /// Never read from the file: filled from env `XAI_API_KEY`.
     #[serde(skip)]
     pub api_key: Option<String>,
@@ -171,6 +174,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("base_url", &self.base_url)
             .field("timeout_secs", &self.timeout_secs)
             .field("max_retries", &self.max_retries)
+            .field("check_at_start", &self.check_at_start)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -182,6 +186,7 @@ impl Default for ProviderConfig {
             base_url: default_provider_url(),
             timeout_secs: default_provider_timeout(),
             max_retries: default_provider_retries(),
+            check_at_start: true,
             api_key: None,
         }
     }

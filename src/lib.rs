@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod answer;
+pub mod backoff;
 pub mod cascade;
 pub mod claims;
 pub mod classify;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod context;
 pub mod estimate;
 pub mod housekeeping;
+pub mod ingest;
 pub mod leave_all;
 pub mod limiter;
 pub mod matrix;

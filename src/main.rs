@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use grok_appservice::cascade::{router, Ask, Cascade};
 use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
 use grok_appservice::matrix::MatrixClient;
-use grok_appservice::provider::Provider;
+use grok_appservice::provider::{AccountCheck, Provider};
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
 use grok_appservice::{answer, registration, webhook};
@@ -465,6 +465,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if config.provider.api_key.is_none() {
         tracing::warn!("XAI_API_KEY is not set: every answer will be an apology");
+    } else if config.provider.check_at_start {
+        check_account(&config).await?;
     }
     let listen = config.appservice.listen;
     let timings = Timings::from_config(&config);
@@ -491,6 +493,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         })
         .await?;
     grok_appservice::shutdown::drain(&state, state.config.appservice.shutdown_grace).await;
+    Ok(())
+}
+
+/// Refuses to start on a key xAI refuses or a model id it does not know; starts with a
+/// warning when xAI cannot be asked.
+async fn check_account(config: &Config) -> anyhow::Result<()> {
+    let provider = Provider::new(&config.provider, &config.prices);
+    let m = &config.models;
+    let mut models = vec![&*m.final_model, &*m.trivial, &*m.reason, &*m.router];
+    models.extend(m.fallback.as_deref());
+    models.extend(m.vision.as_deref());
+    match provider.check_account(&models).await {
+        AccountCheck::Ok => tracing::info!("xAI accepted the key and knows every model"),
+        AccountCheck::Unchecked(why) => {
+            tracing::warn!(%why, "could not check the xAI key and models; starting anyway")
+        }
+        AccountCheck::KeyRefused(why) => anyhow::bail!(
+            "xAI refused XAI_API_KEY ({why}): set a valid key (console.x.ai, API Keys); \
+             provider.check_at_start: false skips this check"
+        ),
+        AccountCheck::UnknownModels(ids) => anyhow::bail!(
+            "xAI does not know the model id(s) {}: fix models.* in the config; \
+             provider.check_at_start: false skips this check",
+            ids.join(", ")
+        ),
+    }
     Ok(())
 }
 

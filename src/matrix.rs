@@ -131,12 +131,7 @@ impl MatrixClient {
                 .await
                 .map_err(|e| MatrixError::Transport(e.without_url().to_string()))?;
             let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::backoff::retry_after(response.headers());
             let bytes = response
                 .bytes()
                 .await

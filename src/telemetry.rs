@@ -266,6 +266,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Failed provider attempts that may have been billed, charged at their worst case.",
     ),
     (
+        "provider_failures_total",
+        "Requests whose answer failed at the provider, by kind (api_key, credits, rate_limited, server, transport, gone, rejected).",
+    ),
+    (
         "claims_lost_total",
         "Workers that stopped because another replica took their claim.",
     ),

@@ -12,16 +12,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::answer;
 use crate::claims::Fence;
-use crate::classify::{classify, is_direct_room, Event, Facts, Verdict};
+use crate::ingest::{self, BodyError};
 use crate::state::AppState;
-use crate::store::{ClaimKind, MemberChange, NewClaim, TxnWrite};
+use crate::store::Ingested;
 
 /// Largest transaction body accepted: 100 events of up to 64 KiB each fit with room to spare.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -154,11 +153,6 @@ async fn require_hs_token(
     Ok(next.run(request).await)
 }
 
-#[derive(Deserialize)]
-struct TransactionBody {
-    events: Vec<Value>,
-}
-
 async fn transaction(
     State(state): State<Arc<AppState>>,
     Path(txn_id): Path<String>,
@@ -171,65 +165,77 @@ async fn transaction(
             MatrixApiError::BadJson(e.body_text())
         }
     })?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| MatrixApiError::NotJson(format!("body is not JSON: {e}")))?;
-    let parsed: TransactionBody = serde_json::from_value(value)
-        .map_err(|e| MatrixApiError::BadJson(format!("body is not a transaction: {e}")))?;
+    let parsed = ingest::parse_transaction(&body).map_err(|e| match e {
+        BodyError::NotJson(_) => MatrixApiError::NotJson(e.to_string()),
+        BodyError::NotTransaction(_) => MatrixApiError::BadJson(e.to_string()),
+    })?;
+    // The events are owned now; the body's memory goes before the database work.
+    drop(body);
+    for (index, why) in &parsed.malformed {
+        tracing::warn!(txn_id, index, %why, "skipping a malformed event");
+    }
+    if !parsed.malformed.is_empty() {
+        state.metrics.add(
+            "events_total",
+            &[("verdict", "malformed")],
+            parsed.malformed.len() as u64,
+        );
+    }
 
     if !state.accepting.load(Ordering::SeqCst) {
         // Shutting down: take no new claims; Synapse retries, through the load balancer to
         // a replica that is still up.
         return Err(MatrixApiError::Unavailable);
     }
-    let store_down = |e: crate::store::StoreError| {
-        tracing::error!(txn_id = %txn_id, error = %e, "cannot record the transaction; Synapse will retry");
-        MatrixApiError::Unavailable
-    };
-    if state
+    let query = ingest::facts_query(&parsed.events);
+    let planner = state.clone();
+    let txn = txn_id.clone();
+    let ingested = state
         .store
-        .txn_seen(txn_id.clone())
-        .await
-        .map_err(store_down)?
-    {
-        state
-            .metrics
-            .inc("transactions_total", &[("result", "duplicate")]);
-        return Ok(Json(json!({})));
-    }
-    let planned = plan(&state, &txn_id, &parsed.events)
-        .await
-        .map_err(store_down)?;
-    let claimed = state
-        .store
-        .commit_transaction(
-            planned.write,
+        .ingest(
+            query,
             state.instance_id.clone(),
             state.timings.claim_lease,
+            move |facts| ingest::plan(&planner, &txn, parsed, facts),
         )
         .await
-        .map_err(store_down)?;
-    let Some(claimed) = claimed else {
-        state
-            .metrics
-            .inc("transactions_total", &[("result", "duplicate")]);
-        return Ok(Json(json!({})));
+        .map_err(|e| {
+            tracing::error!(txn_id = %txn_id, error = %e, "cannot record the transaction; Synapse will retry");
+            MatrixApiError::Unavailable
+        })?;
+    let (claimed, plan) = match ingested {
+        Ingested::Duplicate => {
+            state
+                .metrics
+                .inc("transactions_total", &[("result", "duplicate")]);
+            return Ok(Json(json!({})));
+        }
+        Ingested::New { claimed, planned } => (claimed, planned),
+        Ingested::NothingToWrite(planned) => (Vec::new(), planned),
     };
     state
         .metrics
         .inc("transactions_total", &[("result", "new")]);
-    for (event, verdict, slot) in planned.actions {
+    plan.record_metrics(&state);
+    act(&state, plan, &claimed).await;
+    Ok(Json(json!({})))
+}
+
+/// Starts a worker for every event this replica claimed and forgets the rooms the bot left.
+async fn act(state: &Arc<AppState>, plan: ingest::Plan, claimed: &[String]) {
+    for (event, verdict, slot) in plan.actions {
         if claimed.contains(&event.event_id) {
             let fence = Fence {
                 event_id: event.event_id.clone(),
                 owner: state.instance_id.clone(),
                 generation: 1,
             };
-            answer::dispatch(&state, event, verdict, fence, slot, None);
+            answer::dispatch(state, event, verdict, fence, slot, None);
         } else {
             tracing::debug!(event_id = %event.event_id, "event already claimed, skipping");
         }
     }
-    for room in planned.left_rooms {
+    for room in plan.left_rooms {
         // Kicked, banned or gone: drop the room from the bot's list and from the database, so
         // nothing more is recorded for it and a later invite starts afresh.
         if let Err(e) = state.matrix.forget(&room).await {
@@ -239,121 +245,6 @@ async fn transaction(
             tracing::warn!(error = %e, "could not forget a room the bot left");
         }
     }
-    Ok(Json(json!({})))
-}
-
-/// What a transaction will write and do.
-struct Plan {
-    write: TxnWrite,
-    /// The events to work on, each with the worker slot it holds.
-    actions: Vec<(Event, Verdict, tokio::sync::OwnedSemaphorePermit)>,
-    left_rooms: Vec<String>,
-}
-
-/// Parses and classifies every event of a transaction, each on its own: a malformed event is
-/// logged, counted and skipped so it can never block the transaction.
-async fn plan(
-    state: &AppState,
-    txn_id: &str,
-    raw_events: &[Value],
-) -> Result<Plan, crate::store::StoreError> {
-    let mut events = Vec::with_capacity(raw_events.len());
-    for (i, raw) in raw_events.iter().enumerate() {
-        match Event::parse(raw) {
-            Ok(e) => events.push(e),
-            Err(why) => {
-                state
-                    .metrics
-                    .inc("events_total", &[("verdict", "malformed")]);
-                tracing::warn!(txn_id, index = i, %why, "skipping a malformed event");
-            }
-        }
-    }
-    let room_ids: Vec<String> = events.iter().map(|e| e.room_id.clone()).collect();
-    let reply_targets: Vec<String> = events
-        .iter()
-        .filter_map(|e| e.in_reply_to().map(str::to_string))
-        .collect();
-    let facts = state.store.room_facts(room_ids, reply_targets).await?;
-    let mut rooms = facts.rooms;
-    let me = &state.identity;
-
-    let mut plan = Plan {
-        write: TxnWrite {
-            txn_id: txn_id.to_string(),
-            event_count: raw_events.len() as i32,
-            ..TxnWrite::default()
-        },
-        actions: Vec::new(),
-        left_rooms: Vec::new(),
-    };
-    for event in events {
-        // Membership changes apply in order, so a later message in the same transaction sees
-        // the room as it is after them.
-        if let Some((user, joined)) = event.membership() {
-            if user == me.user_id && !joined && event.content["membership"] != "invite" {
-                plan.left_rooms.push(event.room_id.clone());
-            }
-            let was_joined =
-                event.unsigned.pointer("/prev_content/membership") == Some(&Value::from("join"));
-            if let Some((_, count)) = rooms.get_mut(&event.room_id) {
-                match (was_joined, joined) {
-                    (false, true) => *count += 1,
-                    (true, false) => *count -= 1,
-                    _ => {}
-                }
-            }
-            plan.write.member_changes.push(MemberChange {
-                room_id: event.room_id.clone(),
-                user_id: user.to_string(),
-                joined,
-            });
-        }
-        let room = rooms.get(&event.room_id);
-        let facts = Facts {
-            direct_room: room.is_some_and(|(direct, count)| is_direct_room(*direct, *count)),
-            replies_to_bot: event
-                .in_reply_to()
-                .is_some_and(|id| facts.bot_events.contains(id)),
-            sender_blocked: state.limiter.blocks(&event.sender),
-        };
-        let verdict = classify(&event, me, facts);
-        state
-            .metrics
-            .inc("events_total", &[("verdict", verdict.label())]);
-        let kind = match &verdict {
-            Verdict::Ignore(crate::classify::IgnoreReason::OwnEcho) => {
-                plan.write
-                    .bot_events
-                    .push((event.event_id.clone(), event.room_id.clone()));
-                continue;
-            }
-            Verdict::Ignore(_) => continue,
-            Verdict::Invite { .. } => ClaimKind::Invite,
-            Verdict::Skip(_) => ClaimKind::Skip,
-            Verdict::Addressed(_) => ClaimKind::Addressed,
-        };
-        tracing::debug!(event_id = %event.event_id, verdict = verdict.label(), "classified");
-        // Without a free worker slot the claim is queued in the database, not in memory.
-        let slot = state.slots.clone().try_acquire_owned().ok();
-        if slot.is_none() {
-            state.queued.store(true, Ordering::SeqCst);
-        }
-        plan.write.claims.push(NewClaim {
-            event_id: event.event_id.clone(),
-            room_id: event.room_id.clone(),
-            sender: event.sender.clone(),
-            kind,
-            origin_ts: chrono::DateTime::from_timestamp_millis(event.origin_server_ts)
-                .map(|t| t.naive_utc())
-                .unwrap_or_else(crate::store::now),
-            leased: slot.is_some(),
-        });
-        if let Some(slot) = slot {
-            plan.actions.push((event, verdict, slot));
-        }
-    }
-    Ok(plan)
 }
 
 async fn query_user(

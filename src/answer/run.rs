@@ -13,7 +13,7 @@ use crate::claims::{ClaimState, Fence, Gate};
 use crate::commands;
 use crate::context::{self, Conversation};
 use crate::limiter::{refusal_text, Admission, Refusal};
-use crate::provider::ProviderError;
+use crate::provider::{FailureKind, ProviderError};
 use crate::state::AppState;
 use crate::store::room_state::RoomSettings;
 use crate::telemetry::RequestLog;
@@ -367,6 +367,24 @@ fn observe(state: &AppState, outcome: &Outcome) {
                 &[("model", model)],
                 (*cost).max(0) as u64,
             );
+        }
+    }
+    if let Some(e) = outcome
+        .error
+        .as_ref()
+        .filter(|e| e.kind() != FailureKind::ClaimLost)
+    {
+        let kind = e.kind();
+        state
+            .metrics
+            .inc("provider_failures_total", &[("kind", kind.as_str())]);
+        // The operator must act on these; the user only sees the apology.
+        match kind {
+            FailureKind::ApiKey => tracing::error!(error = %e,
+                "xAI refused the API key: check XAI_API_KEY (wrong, revoked or blocked)"),
+            FailureKind::Credits => tracing::error!(error = %e,
+                "xAI credits or the team's spending limit ran out: top up at console.x.ai"),
+            _ => {}
         }
     }
     if outcome.unconfirmed_attempts > 0 {

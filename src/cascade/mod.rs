@@ -444,6 +444,10 @@ impl Cascade {
         {
             self.classify(&classifier_input(&text, ask.context), &mut out)
                 .await;
+            if out.error.is_some() {
+                // The key or the credits failed: every other call would fail the same way.
+                return out;
+            }
         }
 
         // An answer that read earlier turns or an image belongs to them: never shared.
@@ -619,6 +623,9 @@ impl Cascade {
                 tracing::warn!(error = %e, "router classifier failed");
                 let attempts = u32::from(e.may_have_been_billed());
                 out.charge_unconfirmed(Stage::Router, &req, attempts, &self.provider);
+                if e.is_account_problem() {
+                    out.error = Some(e);
+                }
                 None
             }
             Err(_) => {
@@ -695,6 +702,11 @@ impl Cascade {
                     return;
                 }
             }
+            Err(e) if e.is_account_problem() => {
+                out.failed(Stage::Trivial, &req.model, started);
+                out.error = Some(e);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "trivial model failed, escalating");
                 out.failed(Stage::Trivial, &req.model, started);
@@ -747,6 +759,10 @@ impl Cascade {
                 out.absorb(Stage::Web, &c, &self.provider);
                 out.text = with_sources(&c.text, &c.citations);
             }
+            Err(e) if e.is_account_problem() => {
+                out.failed(Stage::Web, &req.model, started);
+                out.error = Some(e);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "web stage failed, falling back to grok_direct");
                 out.failed(Stage::Web, &req.model, started);
@@ -777,6 +793,11 @@ impl Cascade {
             other => {
                 match other {
                     Ok(c) => out.absorb(Stage::Reason, &c, &self.provider),
+                    Err(e) if e.is_account_problem() => {
+                        out.failed(Stage::Reason, &req.model, started);
+                        out.error = Some(e);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "reasoning stage failed, falling back");
                         out.failed(Stage::Reason, &req.model, started);

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -12,7 +11,10 @@ use crate::config::{usd_to_ticks, PriceConfig, ProviderConfig};
 use crate::context::Turn;
 use crate::vision::{ImageInput, IMAGE_TOKENS};
 
+mod account;
 pub mod stream;
+
+pub use account::AccountCheck;
 
 /// A provider failure; callers branch on [`ProviderError::is_retryable`].
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,6 +60,44 @@ impl ProviderError {
         )
     }
 
+    /// What kind of failure this is, for the operator's metrics and alerts.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ProviderError::ClaimLost => FailureKind::ClaimLost,
+            ProviderError::Fatal { status, message } => match status {
+                Some(401 | 403) => FailureKind::ApiKey,
+                // xAI answers a malformed or unknown key with a 400 that says so.
+                Some(400) if message.to_ascii_lowercase().contains("api key") => {
+                    FailureKind::ApiKey
+                }
+                Some(429) => FailureKind::Credits,
+                Some(410) => FailureKind::Gone,
+                // No key configured at all.
+                None => FailureKind::ApiKey,
+                Some(_) => FailureKind::Rejected,
+            },
+            ProviderError::Retryable { status, .. } => match status {
+                Some(408) | None => FailureKind::Transport,
+                Some(409 | 429) => FailureKind::RateLimited,
+                Some(_) => FailureKind::Server,
+            },
+        }
+    }
+
+    /// A problem of the whole account (the key or the money), not of this request: another
+    /// model or stage would fail the same way, so the cascade stops at the first one.
+    pub fn is_account_problem(&self) -> bool {
+        matches!(self.kind(), FailureKind::ApiKey | FailureKind::Credits)
+    }
+
+    /// How long the provider asked to wait before a retry (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The HTTP status, when the provider answered at all.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -65,6 +105,43 @@ impl ProviderError {
                 *status
             }
             ProviderError::ClaimLost => None,
+        }
+    }
+}
+
+/// The kinds of provider failure, each with its stable label in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The key is wrong, revoked, blocked or missing (401, 403, a 400 about the key).
+    ApiKey,
+    /// The team's credits or spending limit ran out (a 429 that says so).
+    Credits,
+    /// A rate limit or conflict: worth retrying later (429, 409).
+    RateLimited,
+    /// A 5xx from xAI.
+    Server,
+    /// A timeout, a dropped or refused connection, an unreadable or broken answer.
+    Transport,
+    /// The feature or endpoint is gone (410).
+    Gone,
+    /// Any other refusal of the request (400, 404, 422, ...).
+    Rejected,
+    /// Not called: the claim was lost.
+    ClaimLost,
+}
+
+impl FailureKind {
+    /// The label in `grok_provider_failures_total{kind=...}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::ApiKey => "api_key",
+            FailureKind::Credits => "credits",
+            FailureKind::RateLimited => "rate_limited",
+            FailureKind::Server => "server",
+            FailureKind::Transport => "transport",
+            FailureKind::Gone => "gone",
+            FailureKind::Rejected => "rejected",
+            FailureKind::ClaimLost => "claim_lost",
         }
     }
 }
@@ -551,10 +628,8 @@ impl Provider {
                     ..
                 }) if attempt < self.max_retries => {
                     attempt += 1;
-                    let backoff = Duration::from_millis(250 * (1 << attempt.min(6)));
-                    let jitter = rand::rng().random_range(0.5..1.5);
                     let wait = retry_after
-                        .unwrap_or(backoff.mul_f64(jitter))
+                        .unwrap_or_else(|| crate::backoff::jittered(attempt))
                         .min(Duration::from_secs(30));
                     tracing::warn!(model = %req.model, ?status, %message, attempt, ?wait,
                         "provider call failed, retrying");
@@ -624,8 +699,10 @@ impl Provider {
                         };
                     }
                     attempt += 1;
-                    let jitter = rand::rng().random_range(0.5..1.5);
-                    let wait = Duration::from_millis(250 * (1 << attempt.min(6))).mul_f64(jitter);
+                    let wait = e
+                        .retry_after()
+                        .unwrap_or_else(|| crate::backoff::jittered(attempt))
+                        .min(Duration::from_secs(30));
                     tracing::warn!(model = %req.model, error = %e, attempt, ?wait,
                         "provider stream failed, retrying");
                     tokio::time::sleep(wait).await;
@@ -729,12 +806,7 @@ impl Provider {
         if (200..300).contains(&status) {
             return Ok((response, started, request_id));
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::backoff::retry_after(response.headers());
         let bytes = response
             .bytes()
             .await
@@ -787,6 +859,52 @@ mod tests {
         }
         let e = classify_http_error(401, r#"{"code": "x", "error": "Incorrect API key"}"#, None);
         assert!(e.to_string().contains("Incorrect API key"));
+    }
+
+    #[test]
+    fn failures_are_sorted_for_the_operator() {
+        let kind = |s, b: &str| classify_http_error(s, b, None).kind();
+        let credits = r#"{"error": "Your team has either used all available credits"}"#;
+        let table = [
+            (401, "{}", FailureKind::ApiKey),
+            (403, "{}", FailureKind::ApiKey),
+            (
+                400,
+                r#"{"error": "Incorrect API key provided: xai-***"}"#,
+                FailureKind::ApiKey,
+            ),
+            (
+                400,
+                r#"{"error": "Invalid request: max_output_tokens"}"#,
+                FailureKind::Rejected,
+            ),
+            (429, credits, FailureKind::Credits),
+            (
+                429,
+                r#"{"error": "Too many requests"}"#,
+                FailureKind::RateLimited,
+            ),
+            (409, "{}", FailureKind::RateLimited),
+            (500, "{}", FailureKind::Server),
+            (503, "{}", FailureKind::Server),
+            (408, "{}", FailureKind::Transport),
+            (410, "{}", FailureKind::Gone),
+            (404, "{}", FailureKind::Rejected),
+        ];
+        for (status, body, expected) in table {
+            assert_eq!(kind(status, body), expected, "{status} {body}");
+        }
+        for (status, body, account) in [(401, "{}", true), (429, credits, true), (500, "{}", false)]
+        {
+            assert_eq!(
+                classify_http_error(status, body, None).is_account_problem(),
+                account
+            );
+        }
+        assert_eq!(
+            parse_response(b"not json").unwrap_err().kind(),
+            FailureKind::Transport
+        );
     }
 
     #[test]

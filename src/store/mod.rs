@@ -207,6 +207,158 @@ macro_rules! db_tx {
     };
 }
 
+/// The rooms and reply targets a transaction's classification depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FactsQuery {
+    pub room_ids: Vec<String>,
+    pub reply_targets: Vec<String>,
+}
+
+/// What `Store::ingest` did with a transaction.
+#[derive(Debug)]
+pub enum Ingested<P> {
+    /// Committed now; the event ids newly claimed and leased to this replica.
+    New { claimed: Vec<String>, planned: P },
+    /// The txnId was handled before; nothing was written.
+    Duplicate,
+    /// The plan wrote nothing, so nothing was committed.
+    NothingToWrite(P),
+}
+
+impl TxnWrite {
+    /// Nothing to claim, echo or record.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.bot_events.is_empty() && self.member_changes.is_empty()
+    }
+}
+
+fn read_room_facts(conn: &mut Conn, query: &FactsQuery) -> Result<RoomFacts, StoreError> {
+    let mut room_ids = query.room_ids.clone();
+    room_ids.sort_unstable();
+    room_ids.dedup();
+    let reply_targets = &query.reply_targets;
+    db!(conn, |c| {
+        let direct: Vec<(String, bool)> = rooms::table
+            .filter(rooms::room_id.eq_any(&room_ids))
+            .select((rooms::room_id, rooms::is_direct))
+            .load(c)?;
+        let counts: Vec<(String, i64)> = room_members::table
+            .filter(room_members::room_id.eq_any(&room_ids))
+            .group_by(room_members::room_id)
+            .select((room_members::room_id, diesel::dsl::count_star()))
+            .load(c)?;
+        let counts: HashMap<String, i64> = counts.into_iter().collect();
+        let bot: Vec<String> = if reply_targets.is_empty() {
+            Vec::new()
+        } else {
+            bot_events::table
+                .filter(bot_events::event_id.eq_any(reply_targets))
+                .select(bot_events::event_id)
+                .load(c)?
+        };
+        let rooms = direct
+            .into_iter()
+            .map(|(id, d)| {
+                let n = counts.get(&id).copied().unwrap_or(0);
+                (id, (d, n))
+            })
+            .collect();
+        Ok(RoomFacts {
+            rooms,
+            bot_events: bot.into_iter().collect(),
+        })
+    })
+}
+
+/// Commits one transaction in one database transaction; see `Store::commit_transaction`.
+fn write_transaction(
+    conn: &mut Conn,
+    write: TxnWrite,
+    lease_owner: &str,
+    lease: Duration,
+) -> Result<Option<Vec<String>>, StoreError> {
+    // Rows are inserted in key order, so two transactions claiming overlapping events
+    // take their locks in the same order and cannot deadlock.
+    let mut write = write;
+    write.claims.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    write.bot_events.sort();
+    write
+        .member_changes
+        .sort_by(|a, b| (&a.room_id, &a.user_id).cmp(&(&b.room_id, &b.user_id)));
+    let now = now();
+    let expires = now + chrono_dur(lease);
+    db_tx!(conn, |c| {
+        let inserted = diesel::insert_into(appservice_transactions::table)
+            .values((
+                appservice_transactions::txn_id.eq(&write.txn_id),
+                appservice_transactions::event_count.eq(write.event_count),
+                appservice_transactions::received_at.eq(now),
+            ))
+            .on_conflict_do_nothing()
+            .execute(c)?;
+        if inserted == 0 {
+            return Ok::<_, StoreError>(None);
+        }
+        let mut claimed = Vec::new();
+        let queued = now - chrono::Duration::seconds(1);
+        for claim in &write.claims {
+            let (lease_until, attempts) = if claim.leased {
+                (expires, 1)
+            } else {
+                (queued, 0)
+            };
+            let n = diesel::insert_into(processed_events::table)
+                .values((
+                    processed_events::event_id.eq(&claim.event_id),
+                    processed_events::room_id.eq(&claim.room_id),
+                    processed_events::sender.eq(&claim.sender),
+                    processed_events::kind.eq(claim.kind.as_str()),
+                    processed_events::state.eq(ClaimState::Claimed.as_str()),
+                    processed_events::lease_owner.eq(lease_owner),
+                    processed_events::lease_expires_at.eq(lease_until),
+                    processed_events::attempts.eq(attempts),
+                    processed_events::origin_ts.eq(claim.origin_ts),
+                    processed_events::created_at.eq(now),
+                    processed_events::updated_at.eq(now),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c)?;
+            if n == 1 && claim.leased {
+                claimed.push(claim.event_id.clone());
+            }
+        }
+        for (event_id, room_id) in &write.bot_events {
+            diesel::insert_into(bot_events::table)
+                .values((
+                    bot_events::event_id.eq(event_id),
+                    bot_events::room_id.eq(room_id),
+                    bot_events::created_at.eq(now),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c)?;
+        }
+        for change in &write.member_changes {
+            if change.joined {
+                diesel::insert_into(room_members::table)
+                    .values((
+                        room_members::room_id.eq(&change.room_id),
+                        room_members::user_id.eq(&change.user_id),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+            } else {
+                diesel::delete(
+                    room_members::table
+                        .filter(room_members::room_id.eq(&change.room_id))
+                        .filter(room_members::user_id.eq(&change.user_id)),
+                )
+                .execute(c)?;
+            }
+        }
+        Ok(Some(claimed))
+    })
+}
+
 mod analytics;
 pub mod budget;
 mod claims;
@@ -557,37 +709,37 @@ impl Store {
         room_ids: Vec<String>,
         reply_targets: Vec<String>,
     ) -> Result<RoomFacts, StoreError> {
+        let query = FactsQuery {
+            room_ids,
+            reply_targets,
+        };
+        self.run(move |conn| read_room_facts(conn, &query)).await
+    }
+
+    /// One appservice transaction's whole database work on one connection: reads the room
+    /// facts, lets `plan` classify against them, then commits what it decided (see
+    /// `commit_transaction`). A plan that writes nothing commits nothing, not even the txnId:
+    /// replaying such a transaction changes nothing, so idempotency needs no record of it.
+    pub async fn ingest<P, F>(
+        &self,
+        query: FactsQuery,
+        lease_owner: String,
+        lease: Duration,
+        plan: F,
+    ) -> Result<Ingested<P>, StoreError>
+    where
+        P: Send + 'static,
+        F: FnOnce(RoomFacts) -> (TxnWrite, P) + Send + 'static,
+    {
         self.run(move |conn| {
-            db!(conn, |c| {
-                let direct: Vec<(String, bool)> = rooms::table
-                    .filter(rooms::room_id.eq_any(&room_ids))
-                    .select((rooms::room_id, rooms::is_direct))
-                    .load(c)?;
-                let counts: Vec<(String, i64)> = room_members::table
-                    .filter(room_members::room_id.eq_any(&room_ids))
-                    .group_by(room_members::room_id)
-                    .select((room_members::room_id, diesel::dsl::count_star()))
-                    .load(c)?;
-                let counts: HashMap<String, i64> = counts.into_iter().collect();
-                let bot: Vec<String> = if reply_targets.is_empty() {
-                    Vec::new()
-                } else {
-                    bot_events::table
-                        .filter(bot_events::event_id.eq_any(&reply_targets))
-                        .select(bot_events::event_id)
-                        .load(c)?
-                };
-                let rooms = direct
-                    .into_iter()
-                    .map(|(id, d)| {
-                        let n = counts.get(&id).copied().unwrap_or(0);
-                        (id, (d, n))
-                    })
-                    .collect();
-                Ok(RoomFacts {
-                    rooms,
-                    bot_events: bot.into_iter().collect(),
-                })
+            let facts = read_room_facts(conn, &query)?;
+            let (write, planned) = plan(facts);
+            if write.is_empty() {
+                return Ok(Ingested::NothingToWrite(planned));
+            }
+            Ok(match write_transaction(conn, write, &lease_owner, lease)? {
+                Some(claimed) => Ingested::New { claimed, planned },
+                None => Ingested::Duplicate,
             })
         })
         .await
@@ -603,89 +755,8 @@ impl Store {
         lease_owner: String,
         lease: Duration,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        // Rows are inserted in key order, so two transactions claiming overlapping events
-        // take their locks in the same order and cannot deadlock.
-        let mut write = write;
-        write.claims.sort_by(|a, b| a.event_id.cmp(&b.event_id));
-        write.bot_events.sort();
-        write
-            .member_changes
-            .sort_by(|a, b| (&a.room_id, &a.user_id).cmp(&(&b.room_id, &b.user_id)));
-        self.run(move |conn| {
-            let now = now();
-            let expires = now + chrono_dur(lease);
-            db_tx!(conn, |c| {
-                let inserted = diesel::insert_into(appservice_transactions::table)
-                    .values((
-                        appservice_transactions::txn_id.eq(&write.txn_id),
-                        appservice_transactions::event_count.eq(write.event_count),
-                        appservice_transactions::received_at.eq(now),
-                    ))
-                    .on_conflict_do_nothing()
-                    .execute(c)?;
-                if inserted == 0 {
-                    return Ok::<_, StoreError>(None);
-                }
-                let mut claimed = Vec::new();
-                let queued = now - chrono::Duration::seconds(1);
-                for claim in &write.claims {
-                    let (lease_until, attempts) = if claim.leased {
-                        (expires, 1)
-                    } else {
-                        (queued, 0)
-                    };
-                    let n = diesel::insert_into(processed_events::table)
-                        .values((
-                            processed_events::event_id.eq(&claim.event_id),
-                            processed_events::room_id.eq(&claim.room_id),
-                            processed_events::sender.eq(&claim.sender),
-                            processed_events::kind.eq(claim.kind.as_str()),
-                            processed_events::state.eq(ClaimState::Claimed.as_str()),
-                            processed_events::lease_owner.eq(&lease_owner),
-                            processed_events::lease_expires_at.eq(lease_until),
-                            processed_events::attempts.eq(attempts),
-                            processed_events::origin_ts.eq(claim.origin_ts),
-                            processed_events::created_at.eq(now),
-                            processed_events::updated_at.eq(now),
-                        ))
-                        .on_conflict_do_nothing()
-                        .execute(c)?;
-                    if n == 1 && claim.leased {
-                        claimed.push(claim.event_id.clone());
-                    }
-                }
-                for (event_id, room_id) in &write.bot_events {
-                    diesel::insert_into(bot_events::table)
-                        .values((
-                            bot_events::event_id.eq(event_id),
-                            bot_events::room_id.eq(room_id),
-                            bot_events::created_at.eq(now),
-                        ))
-                        .on_conflict_do_nothing()
-                        .execute(c)?;
-                }
-                for change in &write.member_changes {
-                    if change.joined {
-                        diesel::insert_into(room_members::table)
-                            .values((
-                                room_members::room_id.eq(&change.room_id),
-                                room_members::user_id.eq(&change.user_id),
-                            ))
-                            .on_conflict_do_nothing()
-                            .execute(c)?;
-                    } else {
-                        diesel::delete(
-                            room_members::table
-                                .filter(room_members::room_id.eq(&change.room_id))
-                                .filter(room_members::user_id.eq(&change.user_id)),
-                        )
-                        .execute(c)?;
-                    }
-                }
-                Ok(Some(claimed))
-            })
-        })
-        .await
+        self.run(move |conn| write_transaction(conn, write, &lease_owner, lease))
+            .await
     }
 
     /// Records a room the bot joined with its current members (replacing what was known).

@@ -41,6 +41,8 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// A scripted answer of a fake server.
@@ -182,6 +184,7 @@ type HsState = State<Arc<Mutex<HsInner>>>;
 fn record(inner: &Mutex<HsInner>, method: &str, path: String, headers: &HeaderMap, body: &Bytes) {
     let body = serde_json::from_slice(body).unwrap_or(Value::Null);
     inner.lock().unwrap().seen.push(Seen {
+        at: std::time::Instant::now(),
         method: method.into(),
         path,
         headers: headers.clone(),
@@ -518,6 +521,7 @@ fn xai_answer(s: &Mutex<XaiInner>, h: HeaderMap, b: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
     let mut inner = s.lock().unwrap();
     inner.seen.push(Seen {
+        at: std::time::Instant::now(),
         method: "POST".into(),
         path: "/v1/responses".into(),
         headers: h,
