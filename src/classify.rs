@@ -8,6 +8,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::access::Access;
 use crate::context::assemble::{strip_mx_reply, strip_reply_fallback};
 use crate::vision::{self, ImageRef};
 
@@ -155,11 +156,27 @@ pub struct Identity {
     pub ignored_senders: Vec<Regex>,
     /// Servers whose users may invite and address the bot.
     pub allowed_servers: Vec<String>,
+    /// `rooms.allowed_users`, `rooms.denied_users` and `rooms.allowed_rooms`.
+    pub access: Access,
 }
 
 impl Identity {
-    fn is_allowed_user(&self, user_id: &str) -> bool {
+    fn is_allowed_server(&self, user_id: &str) -> bool {
         server_of(user_id).is_some_and(|s| self.allowed_servers.iter().any(|a| a == s))
+    }
+
+    /// Why this user may not use the bot, if they may not (server first, then the lists, then
+    /// a per-user cap of 0).
+    fn refusal(&self, user_id: &str, facts: Facts) -> Option<SkipReason> {
+        if !self.is_allowed_server(user_id) {
+            Some(SkipReason::ForeignRoom)
+        } else if !self.access.user_allowed(user_id) {
+            Some(SkipReason::NotAllowed)
+        } else if facts.sender_blocked {
+            Some(SkipReason::UserBlocked)
+        } else {
+            None
+        }
     }
 }
 
@@ -177,6 +194,8 @@ pub struct Facts {
     pub direct_room: bool,
     /// The event replies to a message the bot sent.
     pub replies_to_bot: bool,
+    /// The sender's per-user cap is 0 (`Limiter::blocks`): they get a notice, never a model.
+    pub sender_blocked: bool,
 }
 
 /// Why an addressed event cannot be served (the stable `degraded` tokens).
@@ -185,6 +204,11 @@ pub enum SkipReason {
     EncryptedRoom,
     Media,
     ForeignRoom,
+    /// Outside `rooms.allowed_users`, or in `rooms.denied_users`; for an invite, also a room
+    /// outside `rooms.allowed_rooms`.
+    NotAllowed,
+    /// A per-user cap of 0 (`limits.per_user_overrides`).
+    UserBlocked,
 }
 
 impl SkipReason {
@@ -194,6 +218,8 @@ impl SkipReason {
             SkipReason::EncryptedRoom => "encrypted_room",
             SkipReason::Media => "media",
             SkipReason::ForeignRoom => "foreign_room",
+            SkipReason::NotAllowed => "not_allowed",
+            SkipReason::UserBlocked => "user_blocked",
         }
     }
 }
@@ -210,6 +236,8 @@ pub enum IgnoreReason {
     Redaction,
     State,
     UnknownType,
+    /// A room outside `rooms.allowed_rooms`.
+    RoomNotAllowed,
 }
 
 impl IgnoreReason {
@@ -225,6 +253,7 @@ impl IgnoreReason {
             IgnoreReason::Redaction => "redaction",
             IgnoreReason::State => "state",
             IgnoreReason::UnknownType => "unknown_type",
+            IgnoreReason::RoomNotAllowed => "room_not_allowed",
         }
     }
 }
@@ -248,9 +277,9 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Ignore(IgnoreReason),
-    /// An invite of the bot: join if `accept`, else leave (foreign inviter).
+    /// An invite of the bot: join, or leave (decline) for the `declined` reason.
     Invite {
-        accept: bool,
+        declined: Option<SkipReason>,
         is_direct: bool,
     },
     Skip(SkipReason),
@@ -286,7 +315,10 @@ pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
         return Verdict::Ignore(IgnoreReason::OwnEcho);
     }
     if event.state_key.is_some() {
-        return classify_state(event, me);
+        return classify_state(event, me, facts);
+    }
+    if !me.access.room_allowed(&event.room_id) {
+        return Verdict::Ignore(IgnoreReason::RoomNotAllowed);
     }
     if me.namespaces.iter().any(|re| re.is_match(&event.sender)) {
         return Verdict::Ignore(IgnoreReason::Namespace);
@@ -310,15 +342,18 @@ pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     }
 }
 
-fn classify_state(event: &Event, me: &Identity) -> Verdict {
+fn classify_state(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     let is_bot_invite = event.kind == "m.room.member"
         && event.state_key.as_deref() == Some(me.user_id.as_str())
         && event.content.get("membership").and_then(Value::as_str) == Some("invite");
     if !is_bot_invite {
         return Verdict::Ignore(IgnoreReason::State);
     }
+    let declined = me
+        .refusal(&event.sender, facts)
+        .or_else(|| (!me.access.room_allowed(&event.room_id)).then_some(SkipReason::NotAllowed));
     Verdict::Invite {
-        accept: me.is_allowed_user(&event.sender),
+        declined,
         is_direct: event.content.get("is_direct").and_then(Value::as_bool) == Some(true),
     }
 }
@@ -377,7 +412,7 @@ fn image_request(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     })
 }
 
-/// Applies the addressing rules and the sender's server check, then `then` for a served event.
+/// Applies the addressing rules and the sender's access checks, then `then` for a served event.
 fn addressed_or(
     event: &Event,
     me: &Identity,
@@ -387,8 +422,8 @@ fn addressed_or(
     if !is_addressed(event, me, facts) {
         return Verdict::Ignore(IgnoreReason::NotAddressed);
     }
-    if !me.is_allowed_user(&event.sender) {
-        return Verdict::Skip(SkipReason::ForeignRoom);
+    if let Some(reason) = me.refusal(&event.sender, facts) {
+        return Verdict::Skip(reason);
     }
     then(event)
 }
@@ -499,6 +534,7 @@ mod tests {
             namespaces: vec![Regex::new(r"^@grok:example\.org$").unwrap()],
             ignored_senders: vec![Regex::new(r"^@.*bot:example\.org$").unwrap()],
             allowed_servers: vec!["example.org".into(), "friends.org".into()],
+            access: Access::default(),
         }
     }
 
@@ -543,6 +579,7 @@ mod tests {
         let dm = Facts {
             direct_room: true,
             replies_to_bot: false,
+            sender_blocked: false,
         };
         let text = json!({"msgtype": "m.text", "body": "hello"});
         assert_eq!(
@@ -616,14 +653,17 @@ mod tests {
     const GROUP: Facts = Facts {
         direct_room: false,
         replies_to_bot: false,
+        sender_blocked: false,
     };
     const DIRECT: Facts = Facts {
         direct_room: true,
         replies_to_bot: false,
+        sender_blocked: false,
     };
     const REPLY: Facts = Facts {
         direct_room: false,
         replies_to_bot: true,
+        sender_blocked: false,
     };
     const IGNORE_NA: Verdict = Verdict::Ignore(IgnoreReason::NotAddressed);
 
@@ -866,7 +906,7 @@ mod tests {
                 ),
                 GROUP,
                 Verdict::Invite {
-                    accept: true,
+                    declined: None,
                     is_direct: true,
                 },
             ),
@@ -880,7 +920,7 @@ mod tests {
                 ),
                 GROUP,
                 Verdict::Invite {
-                    accept: true,
+                    declined: None,
                     is_direct: false,
                 },
             ),
@@ -894,7 +934,7 @@ mod tests {
                 ),
                 GROUP,
                 Verdict::Invite {
-                    accept: false,
+                    declined: Some(SkipReason::ForeignRoom),
                     is_direct: true,
                 },
             ),

@@ -330,6 +330,18 @@ pub struct RoomsConfig {
     /// Senders never answered (regexes over the full user id), e.g. other bots.
     #[serde(default)]
     pub ignore_senders: Vec<String>,
+    /// Users who may use the bot (globs, or `/regex/`); empty: everyone of `allowed_servers`.
+    #[serde(default)]
+    pub allowed_users: Vec<String>,
+    /// Users who may not (globs, or `/regex/`); wins over `allowed_users`.
+    #[serde(default)]
+    pub denied_users: Vec<String>,
+    /// Room ids the bot serves; empty: every room it is invited to.
+    #[serde(default)]
+    pub allowed_rooms: Vec<String>,
+    /// The three lists above, compiled by validation.
+    #[serde(skip)]
+    pub access: crate::access::Access,
 }
 
 /// The msgtype of the bot's replies.
@@ -1138,6 +1150,13 @@ impl Config {
                 return Err(invalid("rooms.ignore_senders", format!("{pattern}: {e}")));
             }
         }
+        let rooms = &self.rooms;
+        self.rooms.access = crate::access::Access::compile(
+            &rooms.allowed_users,
+            &rooms.denied_users,
+            &rooms.allowed_rooms,
+        )
+        .map_err(|e| invalid(e.key, e.message))?;
         if let Some(url) = &self.bot.avatar_url {
             if !crate::render::is_mxc(url) {
                 return Err(invalid("bot.avatar_url", "must be an mxc:// URI"));
@@ -1395,6 +1414,32 @@ mod tests {
         assert!(c.telemetry.enabled && !c.telemetry.store_text);
         assert_eq!(c.telemetry.retention, Duration::from_secs(30 * 86_400));
         assert!(c.provider.api_key.is_none());
+    }
+
+    #[test]
+    fn access_lists_compile_at_load_and_errors_name_the_key_and_entry() {
+        let c = load(
+            &format!(
+                "{MINIMAL}rooms: {{allowed_users: ['@*:example.org'], \
+                 denied_users: ['/^@spam/'], allowed_rooms: ['!team:example.org']}}\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(c.rooms.access.user_allowed("@alice:example.org"));
+        assert!(!c.rooms.access.user_allowed("@spammer:example.org"));
+        assert!(!c.rooms.access.room_allowed("!other:example.org"));
+        let bad = load(&format!("{MINIMAL}rooms: {{denied_users: ['/[/']}}\n"), &[]).unwrap_err();
+        let text = bad.to_string();
+        assert!(
+            text.contains("`rooms.denied_users`") && text.contains("`/[/`"),
+            "{text}"
+        );
+        let alias = load(
+            &format!("{MINIMAL}rooms: {{allowed_rooms: ['#a:b.org']}}\n"),
+            &[],
+        );
+        assert_eq!(key_of(alias.unwrap_err()), "rooms.allowed_rooms");
     }
 
     #[test]

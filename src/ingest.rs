@@ -166,6 +166,7 @@ pub fn plan(state: &AppState, txn_id: &str, parsed: Parsed, facts: RoomFacts) ->
             replies_to_bot: event
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),
+            sender_blocked: state.limiter.blocks(&event.sender),
         };
         let verdict = classify(&event, me, event_facts);
         plan.verdicts.count(&verdict);

@@ -2,6 +2,7 @@
 //! models. The binary in `main.rs` is a thin shell over this library so integration tests drive
 //! the same code the operator runs.
 
+pub mod access;
 pub mod answer;
 pub mod backoff;
 pub mod cascade;
@@ -10,8 +11,10 @@ pub mod classify;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod estimate;
 pub mod housekeeping;
 pub mod ingest;
+pub mod leave_all;
 pub mod limiter;
 pub mod matrix;
 pub mod probes;

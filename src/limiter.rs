@@ -348,6 +348,12 @@ impl Limiter {
         self.admins.iter().any(|a| a == user)
     }
 
+    /// Whether a per-user cap of 0 (daily spend or requests per hour) shuts this user out:
+    /// they are told so once, and never reach a reservation or a model.
+    pub fn blocks(&self, user: &str) -> bool {
+        matches!(self.user_caps(user), (Some(0), _) | (_, Some(0)))
+    }
+
     /// The user's `(daily cap, requests per hour)`; `None` means exempt.
     fn user_caps(&self, user: &str) -> (Option<i64>, Option<u32>) {
         if self.is_admin(user) {

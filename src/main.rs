@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use grok_appservice::cascade::{router, Ask, Cascade};
 use grok_appservice::config::{Config, LogFormat, TICKS_PER_USD};
+use grok_appservice::matrix::MatrixClient;
 use grok_appservice::provider::{AccountCheck, Provider};
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
@@ -62,6 +63,41 @@ enum Command {
     },
     /// Run the database migrations and exit.
     Migrate {
+        /// Only list applied and pending migrations; change nothing.
+        #[arg(long)]
+        status: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Write a consistent copy of the SQLite database, safe while the bot runs.
+    Backup {
+        /// The new file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Copy every table of the SQLite database into an empty PostgreSQL database.
+    MigrateTo {
+        /// The target, `postgres://user@host/db`; migrated first, it must have no rows.
+        target: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the monthly cost to expect at 100, 1,000 and 10,000 messages a day for a route
+    /// mix, against sending everything to grok_direct.
+    Estimate {
+        /// Route shares, e.g. `trivial=0.4,web=0.1,reason=0.1` (the rest goes to grok_direct).
+        #[arg(long)]
+        mix: Option<String>,
+        /// Window of request_log whose averages replace the typical token counts.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Leave and forget every room the bot is in, and clear them from the database (uninstall).
+    LeaveAll {
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -138,6 +174,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate {
+            status: true,
+            config: ConfigArg { path: config },
+        } => migrate_status(&Config::load(&config)?).await,
+        Command::Migrate {
+            status: false,
             config: ConfigArg { path: config },
         } => {
             let config = Config::load(&config)?;
@@ -153,6 +194,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve {
             config: ConfigArg { path: config },
         } => serve(Config::load(&config)?).await,
+        Command::Backup {
+            output,
+            config: ConfigArg { path: config },
+        } => backup(&Config::load(&config)?, output).await,
+        Command::MigrateTo {
+            target,
+            config: ConfigArg { path: config },
+        } => migrate_to(&Config::load(&config)?, &target).await,
+        Command::Estimate {
+            mix,
+            since,
+            config: ConfigArg { path: config },
+        } => estimate(&Config::load(&config)?, mix.as_deref(), &since).await,
+        Command::LeaveAll {
+            config: ConfigArg { path: config },
+        } => leave_all(&Config::load(&config)?).await,
         Command::Route {
             text,
             json,
@@ -161,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let decision = if config.exists() {
                 let config = Config::load(&config)?;
-                let store = Store::connect(&config.database.url, 1)?;
+                let store = open_current(&config, 1).await?;
                 let provider = Provider::new(&config.provider, &config.prices);
                 Cascade::new(&config, provider, store).decide(&text, room.as_deref(), None)
             } else if room.is_some() {
@@ -198,8 +255,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let config = Config::load(&config)?;
             init_logging(&config);
-            let store = Store::connect(&config.database.url, 2)?;
-            store.migrate().await.context("running migrations")?;
+            let store = open_current(&config, 2).await?;
             let provider = Provider::new(&config.provider, &config.prices);
             let cascade = Cascade::new(&config, provider, store);
             let outcome = cascade
@@ -243,19 +299,9 @@ async fn main() -> anyhow::Result<()> {
             config: ConfigArg { path: config },
         } => {
             use grok_appservice::stats;
-            let window = grok_appservice::config::parse_duration(&since)
-                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
             let config = Config::load(&config)?;
-            let store = Store::connect(&config.database.url, 2)?;
-            // Read-only otherwise; migrating lets a fresh database report zero rows.
-            store.migrate().await.context("running migrations")?;
-            let until = grok_appservice::store::now();
-            let since = until - chrono::Duration::from_std(window).context("--since")?;
-            let rows = store.request_log_since(since).await?;
-            let day = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d").to_string();
-            let budget = store.budget_global_days(day(since), day(until)).await?;
-            let opts = stats::Options::from_config(&config, since, until, anonymize);
-            let report = stats::summarize(&rows, &budget, &opts);
+            let store = open_current(&config, 2).await?;
+            let report = load_report(&store, &config, &since, anonymize).await?;
             if let Some(path) = &html {
                 std::fs::write(path, stats::render_html(&report))
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -269,6 +315,141 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `migrate --status`: applied, pending and unknown migrations; changes nothing.
+async fn migrate_status(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let status = store.migration_status().await?;
+    for name in &status.applied {
+        println!("applied  {name}");
+    }
+    for name in &status.pending {
+        println!("pending  {name}");
+    }
+    for version in &status.unknown {
+        println!("unknown  {version} (applied by a newer grok-appservice)");
+    }
+    let hint = if status.pending.is_empty() {
+        ""
+    } else {
+        "; `grok-appservice migrate` applies them"
+    };
+    println!(
+        "{}: {} applied, {} pending{hint}",
+        redact_url(&config.database.url),
+        status.applied.len(),
+        status.pending.len()
+    );
+    Ok(())
+}
+
+/// `backup -o FILE`: a consistent copy of the SQLite database.
+async fn backup(config: &Config, output: PathBuf) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let report = store.backup_to(output).await?;
+    println!(
+        "wrote {} ({} bytes, integrity ok); restore: stop the bot and put it in place of {}",
+        report.path.display(),
+        report.bytes,
+        redact_url(&config.database.url)
+    );
+    Ok(())
+}
+
+/// `migrate-to postgres://...`: every table of the SQLite database into PostgreSQL.
+async fn migrate_to(config: &Config, target: &str) -> anyhow::Result<()> {
+    let store = Store::connect_existing(&config.database.url, 1)?;
+    let report = store.copy_to_postgres(&config.database.url, target).await?;
+    println!("{:<26} {:>10}", "table", "rows");
+    for t in &report.tables {
+        println!("{:<26} {:>10}", t.table, t.rows);
+    }
+    println!(
+        "copied {} tables into {} (row counts verified, {} sequence(s) reset); \
+         set database.url to it and start the bot",
+        report.tables.len(),
+        redact_url(target),
+        report.sequences_reset
+    );
+    Ok(())
+}
+
+/// `estimate`: the monthly cost table for a route mix.
+async fn estimate(config: &Config, mix: Option<&str>, since: &str) -> anyhow::Result<()> {
+    use grok_appservice::estimate;
+    let mix = match mix {
+        Some(text) => estimate::parse_mix(text)?,
+        None => estimate::DEFAULT_MIX.to_vec(),
+    };
+    let mut costs = estimate::typical_costs(config)?;
+    match open_current(config, 2).await {
+        Ok(store) => {
+            let report = load_report(&store, config, since, false).await?;
+            costs = estimate::with_observed(costs, &report.counterfactual.by_route);
+        }
+        Err(e) => eprintln!("request_log not read ({e}); typical token counts only"),
+    }
+    let result = estimate::estimate(&mix, &costs);
+    print!(
+        "{}",
+        estimate::render_text(&result, &estimate::models_line(config))
+    );
+    if mix.as_slice() == estimate::DEFAULT_MIX.as_slice() {
+        println!("\nThe mix is the default; --mix trivial=0.4,web=0.1,... changes it.");
+    }
+    println!("\n{}", estimate::assumptions(config));
+    Ok(())
+}
+
+/// `leave-all`: the bot leaves every room; exits non-zero if a leave failed.
+async fn leave_all(config: &Config) -> anyhow::Result<()> {
+    let reg = registration::load(&config.appservice.registration)?;
+    let store = open_current(config, 1).await?;
+    let bot = registration::bot_user_id(&reg, &config.homeserver.server_name);
+    let matrix = MatrixClient::new(&config.homeserver.url, &reg.as_token, &bot);
+    let report = grok_appservice::leave_all::leave_all(&matrix, &store).await?;
+    for (room, error) in &report.failed {
+        eprintln!("could not leave {room}: {error}");
+    }
+    println!(
+        "{bot} was in {} room(s): left {}, failed {}; {} room(s) cleared from the database",
+        report.joined,
+        report.left,
+        report.failed.len(),
+        report.cleared
+    );
+    if !report.failed.is_empty() {
+        anyhow::bail!("some rooms could not be left; run leave-all again");
+    }
+    Ok(())
+}
+
+/// The `stats` report over `request_log` of the last `since` (`7d`, `12h`, ...).
+async fn load_report(
+    store: &Store,
+    config: &Config,
+    since: &str,
+    anonymize: bool,
+) -> anyhow::Result<grok_appservice::stats::Report> {
+    use grok_appservice::stats;
+    let window = grok_appservice::config::parse_duration(since)
+        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let until = grok_appservice::store::now();
+    let since = until - chrono::Duration::from_std(window).context("--since")?;
+    let rows = store.request_log_since(since).await?;
+    let day = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d").to_string();
+    let budget = store.budget_global_days(day(since), day(until)).await?;
+    let opts = stats::Options::from_config(config, since, until, anonymize);
+    Ok(stats::summarize(&rows, &budget, &opts))
+}
+
+/// Opens the configured database for a command that never migrates: a missing database or
+/// pending migrations are refused with a message naming `grok-appservice migrate`.
+async fn open_current(config: &Config, pool_size: u32) -> anyhow::Result<Store> {
+    let store = Store::connect_existing(&config.database.url, pool_size)?;
+    store.migration_status().await?.require_current()?;
+    Ok(store)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

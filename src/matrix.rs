@@ -233,6 +233,23 @@ impl MatrixClient {
             .map(|_| ())
     }
 
+    /// The rooms the bot is joined to (`/joined_rooms`).
+    pub async fn joined_rooms(&self) -> Result<Vec<String>, MatrixError> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                "/_matrix/client/v3/joined_rooms",
+                None,
+            )
+            .await?;
+        Ok(v["joined_rooms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect())
+    }
+
     /// Forgets a room the bot is no longer in, so it leaves the bot's room list for good.
     pub async fn forget(&self, room_id: &str) -> Result<(), MatrixError> {
         let path = format!("/_matrix/client/v3/rooms/{}/forget", enc(room_id));

@@ -33,6 +33,11 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// The bot's full user id, `@<sender_localpart>:<server_name>`.
+pub fn bot_user_id(registration: &Registration, server_name: &str) -> String {
+    format!("@{}:{server_name}", registration.sender_localpart)
+}
+
 /// The exclusive user-namespace regex that covers exactly the bot user.
 pub fn bot_user_regex(localpart: &str, server_name: &str) -> String {
     format!(

@@ -111,10 +111,8 @@ impl AppState {
         let sink: Arc<dyn LogSink> = overrides
             .log_sink
             .unwrap_or_else(|| Arc::new(store.clone()));
-        let user_id = format!(
-            "@{}:{}",
-            registration.sender_localpart, config.homeserver.server_name
-        );
+        let user_id =
+            crate::registration::bot_user_id(&registration, &config.homeserver.server_name);
         let namespaces = registration
             .namespaces
             .users
@@ -134,6 +132,7 @@ impl AppState {
             namespaces,
             ignored_senders,
             allowed_servers: config.rooms.allowed_servers.clone(),
+            access: config.rooms.access.clone(),
         };
         let metrics = Arc::new(Metrics::default());
         let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);

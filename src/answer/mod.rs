@@ -229,9 +229,10 @@ pub fn dispatch(
                 answer(worker.clone(), job, fence).await;
             }
             Verdict::Skip(reason) => notice::skip(worker.clone(), event, reason, fence).await,
-            Verdict::Invite { accept, is_direct } => {
-                notice::invite(worker.clone(), event, accept, is_direct, fence).await
-            }
+            Verdict::Invite {
+                declined,
+                is_direct,
+            } => notice::invite(worker.clone(), event, declined, is_direct, fence).await,
             Verdict::Ignore(_) => {
                 close(&worker, &fence, ClaimState::Done, None).await;
             }

@@ -34,14 +34,32 @@ pub(super) fn skip_notice(state: &AppState, reason: SkipReason) -> String {
             "Sorry, I only answer users of {}.",
             state.config.rooms.allowed_servers.join(", ")
         ),
+        SkipReason::NotAllowed => "Sorry, the administrator of this bot has not allowed your \
+                                   account to use it."
+            .into(),
+        SkipReason::UserBlocked => "You can't use me: the administrator has set your limit to \
+                                    zero. Ask them if you think this is a mistake."
+            .into(),
     }
 }
 
 /// How often a notice of one kind may be posted in one room.
 pub(super) fn notice_window(reason: SkipReason) -> Duration {
     match reason {
-        SkipReason::EncryptedRoom | SkipReason::ForeignRoom => Duration::from_secs(24 * 3600),
+        SkipReason::EncryptedRoom
+        | SkipReason::ForeignRoom
+        | SkipReason::NotAllowed
+        | SkipReason::UserBlocked => Duration::from_secs(24 * 3600),
         SkipReason::Media => Duration::from_secs(60),
+    }
+}
+
+/// The rate-limit key of a notice: refusals that concern one user are told to each of them,
+/// the others once per room.
+fn notice_key(reason: SkipReason, sender: &str) -> String {
+    match reason {
+        SkipReason::NotAllowed | SkipReason::UserBlocked => format!("{}:{sender}", reason.as_str()),
+        _ => reason.as_str().into(),
     }
 }
 
@@ -53,7 +71,7 @@ pub async fn skip(state: Arc<AppState>, event: Event, reason: SkipReason, fence:
         .store
         .take_notice_slot(
             room_id.clone(),
-            reason.as_str().into(),
+            notice_key(reason, &event.sender),
             notice_window(reason),
         )
         .await
@@ -95,31 +113,28 @@ pub async fn skip(state: Arc<AppState>, event: Event, reason: SkipReason, fence:
         .record(skip_row(&event.event_id, &room_id, &event.sender, reason));
 }
 
-/// Joins a room on an allowed invite, or leaves (declines) a foreign one.
+/// Joins a room on an allowed invite, or leaves (declines) one refused for `declined`.
 pub async fn invite(
     state: Arc<AppState>,
     event: Event,
-    accept: bool,
+    declined: Option<SkipReason>,
     is_direct: bool,
     fence: Fence,
 ) {
     let room = event.room_id.clone();
-    if !accept {
-        tracing::info!(room_id = %room, inviter = %event.sender, "declining a foreign invite");
+    if let Some(reason) = declined {
+        tracing::info!(room_id = %room, inviter = %event.sender, reason = reason.as_str(),
+            "declining an invite");
         if let Err(e) = state.matrix.leave(&room).await {
             tracing::warn!(room_id = %room, error = %e, "declining the invite failed");
         }
         close(&state, &fence, ClaimState::Done, None).await;
-        state.metrics.inc(
-            "degraded_total",
-            &[("reason", SkipReason::ForeignRoom.as_str())],
-        );
-        state.telemetry.record(skip_row(
-            &event.event_id,
-            &room,
-            &event.sender,
-            SkipReason::ForeignRoom,
-        ));
+        state
+            .metrics
+            .inc("degraded_total", &[("reason", reason.as_str())]);
+        state
+            .telemetry
+            .record(skip_row(&event.event_id, &room, &event.sender, reason));
         return;
     }
     match state.matrix.join(&room).await {

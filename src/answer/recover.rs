@@ -196,6 +196,7 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
             replies_to_bot: event
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),
+            sender_blocked: state.limiter.blocks(&event.sender),
         },
     );
     tracing::info!(verdict = verdict.label(), "recovering a claim");

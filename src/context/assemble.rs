@@ -312,6 +312,7 @@ mod tests {
             namespaces: vec![],
             ignored_senders: vec![],
             allowed_servers: vec!["example.org".into()],
+            access: crate::access::Access::default(),
         }
     }
 

@@ -48,6 +48,12 @@ pub enum StoreError {
     /// Another process holds the SQLite database.
     #[error("{0}")]
     Locked(String),
+    /// Migrations are pending and the command does not migrate.
+    #[error("{0}")]
+    SchemaBehind(String),
+    /// An operation this database or target cannot do (the message says what to do instead).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<DieselError> for StoreError {
@@ -353,8 +359,10 @@ fn write_transaction(
 mod analytics;
 pub mod budget;
 mod claims;
+pub mod copy;
 mod housekeeping;
 pub mod room_state;
+pub mod upgrade;
 
 /// The handle every other module uses; cheap to clone.
 #[derive(Clone)]
@@ -578,6 +586,20 @@ impl Store {
         Ok(Self { backend })
     }
 
+    /// Like [`Store::connect`] for a database that must exist already: a missing SQLite file
+    /// is an error naming `migrate`, not a new empty file (for the commands that only read).
+    pub fn connect_existing(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        if let DatabaseKind::Sqlite(path) = DatabaseKind::from_url(url)? {
+            if !std::path::Path::new(&path).exists() {
+                return Err(StoreError::SchemaBehind(format!(
+                    "no database at {path} (database.url); run `grok-appservice migrate -c CONFIG` \
+                     or start `serve` to create it"
+                )));
+            }
+        }
+        Self::connect(url, pool_size)
+    }
+
     /// Which backend this store uses: `sqlite` or `postgres`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
@@ -767,6 +789,17 @@ impl Store {
                 }
                 Ok::<_, StoreError>(())
             })
+        })
+        .await
+    }
+
+    /// The ids of every room the database knows.
+    pub async fn room_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|conn| {
+            Ok(db!(conn, |c| rooms::table
+                .select(rooms::room_id)
+                .order(rooms::room_id)
+                .load::<String>(c))?)
         })
         .await
     }

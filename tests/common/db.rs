@@ -45,6 +45,17 @@ pub fn sqlite() -> TestDb {
     }
 }
 
+/// A SQLite database at a file a test made in `dir` (a backup, say); removed with `dir`.
+// Each test crate compiles the harness; only tests/copy.rs uses this.
+#[allow(dead_code)]
+pub fn sqlite_file(dir: tempfile::TempDir, path: &std::path::Path) -> TestDb {
+    TestDb {
+        url: format!("sqlite://{}", path.display()),
+        label: "sqlite",
+        _guard: Guard::Sqlite(dir),
+    }
+}
+
 /// A fresh schema in the PostgreSQL database of `TEST_DATABASE_URL`, or `None` when that is
 /// unset or empty. Panics when it is set but PostgreSQL cannot be reached (CI must fail then).
 pub fn postgres() -> Option<TestDb> {

@@ -69,6 +69,8 @@ struct HsInner {
     media: HashMap<String, (String, Vec<u8>)>,
     /// Answer the authenticated media endpoint with 404 `M_UNRECOGNIZED` (an old homeserver).
     legacy_media_only: bool,
+    /// Rooms whose leave is answered 403.
+    refuse_leave: std::collections::HashSet<String>,
 }
 
 /// A fake homeserver implementing the client-server calls the bot makes.
@@ -86,7 +88,8 @@ impl FakeHs {
             .route("/_matrix/client/v3/profile/{user}/displayname", put(hs_ok))
             .route("/_matrix/client/v1/appservice/{id}/ping", post(hs_ping))
             .route("/_matrix/client/v3/rooms/{room}/join", post(hs_join))
-            .route("/_matrix/client/v3/rooms/{room}/leave", post(hs_ok))
+            .route("/_matrix/client/v3/rooms/{room}/leave", post(hs_leave))
+            .route("/_matrix/client/v3/joined_rooms", get(hs_joined_rooms))
             .route("/_matrix/client/v3/rooms/{room}/forget", post(hs_ok))
             .route("/_matrix/client/v3/rooms/{room}/state", get(hs_state))
             .route(
@@ -144,6 +147,11 @@ impl FakeHs {
         self.lock().send_script.push_back(answer);
     }
 
+    /// Leaving `room` is refused (403).
+    pub fn refuse_leave(&self, room: &str) {
+        self.lock().refuse_leave.insert(room.into());
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.lock().seen.clone()
     }
@@ -194,6 +202,40 @@ async fn hs_ok(State(s): HsState, uri: axum::http::Uri, h: HeaderMap, b: Bytes) 
         .to_string();
     record(&s, "PUT/POST", path, &h, &b);
     Json(json!({}))
+}
+/// Leaves a room: the bot is no longer a member (unless the leave is refused).
+async fn hs_leave(
+    State(s): HsState,
+    Path(room): Path<String>,
+    uri: axum::http::Uri,
+    h: HeaderMap,
+    b: Bytes,
+) -> Response {
+    let path = percent_encoding::percent_decode_str(uri.path())
+        .decode_utf8_lossy()
+        .to_string();
+    record(&s, "PUT/POST", path, &h, &b);
+    let mut inner = s.lock().unwrap();
+    if inner.refuse_leave.contains(&room) {
+        let body = json!({"errcode": "M_FORBIDDEN", "error": "no"});
+        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+    }
+    if let Some(members) = inner.members.get_mut(&room) {
+        members.retain(|m| m != BOT);
+    }
+    Json(json!({})).into_response()
+}
+/// The rooms whose members include the bot.
+async fn hs_joined_rooms(State(s): HsState) -> Json<Value> {
+    let inner = s.lock().unwrap();
+    let mut rooms: Vec<&String> = inner
+        .members
+        .iter()
+        .filter(|(_, m)| m.iter().any(|u| u == BOT))
+        .map(|(r, _)| r)
+        .collect();
+    rooms.sort();
+    Json(json!({ "joined_rooms": rooms }))
 }
 async fn hs_ping(State(s): HsState, h: HeaderMap, b: Bytes) -> Json<Value> {
     record(&s, "POST", "/ping".into(), &h, &b);
