@@ -205,7 +205,7 @@ async fn resetting_provider() -> (String, Arc<AtomicUsize>) {
                 let mut buf = [0u8; 4096];
                 let _ = stream.read(&mut buf).await;
                 // Linger 0: close sends a reset instead of a clean end.
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 drop(stream);
             });
         }
