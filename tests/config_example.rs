@@ -136,7 +136,11 @@ fn every_key_is_the_default_or_marked_changed() {
             _ => {}
         }
     }
-    assert!(wrong.is_empty(), "config.example.yaml:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "config.example.yaml:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
