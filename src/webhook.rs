@@ -309,13 +309,19 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         .probes
         .backlog(&state.store, state.limiter.today())
         .await;
-    let (claims, held, overshoot) = match backlog {
-        Ok(b) => (b.claims_pending, b.reservations_held, b.overshoot_ticks),
+    let (claims, held, overshoot, spent) = match backlog {
+        Ok(b) => (
+            b.claims_pending,
+            b.reservations_held,
+            b.overshoot_ticks,
+            b.spent_ticks,
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "metrics: backlog unavailable");
-            (-1, -1, -1)
+            (-1, -1, -1, -1)
         }
     };
+    let ceiling = crate::config::usd_to_ticks(state.config.limits.daily_ceiling_usd);
     let gauges = [
         (
             "claims_pending",
@@ -331,6 +337,16 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
             "budget_overshoot_ticks",
             "Today's (UTC) settled spend past the daily ceiling, in ticks (-1: unknown).",
             overshoot,
+        ),
+        (
+            "budget_spent_today_ticks",
+            "Today's (UTC) settled spend, all replicas, in ticks (-1: unknown).",
+            spent,
+        ),
+        (
+            "budget_ceiling_ticks",
+            "The daily spend ceiling (limits.daily_ceiling_usd) in ticks.",
+            ceiling,
         ),
     ];
     (

@@ -441,6 +441,8 @@ pub struct Backlog {
     pub reservations_held: i64,
     /// How far the day's settled spend went past the daily ceiling (0 when within it).
     pub overshoot_ticks: i64,
+    /// The day's settled spend, all replicas together.
+    pub spent_ticks: i64,
 }
 
 /// A claim row as read back (recovery).
@@ -884,6 +886,7 @@ impl Store {
                     reservations_held,
                     overshoot_ticks: global
                         .map_or(0, |(cap, settled)| budget::overshoot(cap, settled)),
+                    spent_ticks: global.map_or(0, |(_, settled)| settled),
                 })
             })
         })
