@@ -673,6 +673,7 @@ async fn settling_past_the_ceiling_is_shown_as_overshoot() {
         };
         let before = store.backlog(limiter.today()).await.unwrap();
         assert_eq!(before.overshoot_ticks, 0, "[{}]", db.label);
+        assert_eq!(before.spent_ticks, 0, "[{}] held is not spent", db.label);
         // The real cost came out larger than the whole ceiling.
         limiter
             .settle(&reservation_id, ceiling + 777)
@@ -680,6 +681,7 @@ async fn settling_past_the_ceiling_is_shown_as_overshoot() {
             .unwrap();
         let after = store.backlog(limiter.today()).await.unwrap();
         assert_eq!(after.overshoot_ticks, 777, "[{}]", db.label);
+        assert_eq!(after.spent_ticks, ceiling + 777, "[{}]", db.label);
         assert_eq!(
             store
                 .backlog("2026-11-29".into())
