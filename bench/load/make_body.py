@@ -10,6 +10,7 @@ in here (--tag, and the current time).
 
   make_body.py OUT [--events 100] [--addressed-pct 2] [--target-bytes 40000] [--template]
   make_body.py OUT --all-addressed --events 100 --tag t3   # every event mentions the bot
+  make_body.py OUT --target-bytes 33554432 --body-chars 64000  # large events up to a size
 """
 import argparse
 import json
@@ -43,21 +44,23 @@ def text(rng, target_chars):
     return out
 
 
-def event(rng, index, event_id, ts, mode):
+def event(rng, event_id, ts, mode, body_chars):
     """One event; mode is None (chatter), "mention" or "prefix"."""
     room = ROOMS[rng.randrange(len(ROOMS))]
     sender = SENDERS[rng.randrange(len(SENDERS))]
-    body = text(rng, rng.randint(20, 230))
+    body = text(rng, body_chars or rng.randint(20, 230))
     content = {"msgtype": "m.text", "body": body, "m.mentions": {}}
     if mode == "mention":
         content["body"] = f"{DISPLAY_NAME}: {body}"
         content["format"] = "org.matrix.custom.html"
+        # Large events keep their HTML short, so that none passes Matrix's 64 KiB limit.
+        html = body[:200] if body_chars else body
         content["formatted_body"] = (
-            f'<a href="https://matrix.to/#/{BOT}">{DISPLAY_NAME}</a>: {body}')
+            f'<a href="https://matrix.to/#/{BOT}">{DISPLAY_NAME}</a>: {html}')
         content["m.mentions"] = {"user_ids": [BOT]}
     elif mode == "prefix":
         content["body"] = f"grok: {body}"
-    elif rng.random() < 0.15:
+    elif rng.random() < 0.15 and not body_chars:
         content["format"] = "org.matrix.custom.html"
         content["formatted_body"] = f"<p>{body}</p>"
     if mode is None and rng.random() < 0.1:
@@ -82,6 +85,8 @@ def main():
     ap.add_argument("--all-addressed", action="store_true")
     ap.add_argument("--target-bytes", type=int, default=0,
                     help="append events until the body reaches this size (overrides --events)")
+    ap.add_argument("--body-chars", type=int, default=0,
+                    help="every message body this long (default: 20-230 characters)")
     ap.add_argument("--template", action="store_true")
     ap.add_argument("--tag", default="t0")
     ap.add_argument("--seed", type=int, default=12)
@@ -101,7 +106,7 @@ def main():
             mode = None
         eid = "$" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
                             for _ in range(24)) + f"_{tag}_{i}"
-        e = json.dumps(event(rng, i, eid, 0, mode), separators=(",", ":"))
+        e = json.dumps(event(rng, eid, 0, mode, args.body_chars), separators=(",", ":"))
         e = e.replace('"origin_server_ts":0', f'"origin_server_ts":{ts}')
         parts.append(e)
         size += len(e) + 1
