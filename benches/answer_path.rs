@@ -84,10 +84,18 @@ async fn provider(State(marks): State<Shared>, body: Bytes) -> Response {
         .provider_in
         .entry(tag.clone())
         .or_insert(arrived);
-    let answer = response_body("grok-4.3", &format!("answer to {tag}"), Some(FAKE_COST_TICKS));
+    let answer = response_body(
+        "grok-4.3",
+        &format!("answer to {tag}"),
+        Some(FAKE_COST_TICKS),
+    );
     let response = Json(answer).into_response();
     // The last response of a message counts (a route may call the provider twice).
-    marks.lock().unwrap().provider_out.insert(tag, Instant::now());
+    marks
+        .lock()
+        .unwrap()
+        .provider_out
+        .insert(tag, Instant::now());
     response
 }
 
@@ -177,7 +185,11 @@ async fn answer_one(
         .unwrap();
     let receipt = Instant::now();
     let response = router.clone().oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "the webhook refused message {i}");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the webhook refused message {i}"
+    );
     let deadline = receipt + Duration::from_secs(10);
     let sent = loop {
         if let Some(t) = marks.lock().unwrap().sent.get(&tag) {
