@@ -6,13 +6,12 @@ own echoes, other namespace users, notices and edits ignored) and dedupes the id
 addressed events in memory. Handlers run synchronously, so the transaction is acknowledged
 only after every event was classified, as grok-appservice does before answering 200.
 
-  peer.py PORT HS_TOKEN      (GET /bench/stats -> {"txns": N, "addressed": M})
+  peer.py PORT HS_TOKEN STATE_DIR   (GET /bench/stats -> {"txns": N, "addressed": M})
 """
 import asyncio
 import logging
 import re
 import sys
-import tempfile
 
 from aiohttp import web
 from mautrix.appservice import AppService
@@ -67,9 +66,8 @@ async def on_event(event) -> None:
             stats["addressed"] += 1
 
 
-async def main(port: int, hs_token: str) -> None:
+async def main(port: int, hs_token: str, state_dir: str) -> None:
     logging.basicConfig(level=logging.WARNING)
-    state_dir = tempfile.mkdtemp(prefix="mautrix-peer-")
     appservice = AppService(
         server="http://127.0.0.1:9", domain=SERVER, as_token="unused", hs_token=hs_token,
         bot_localpart=LOCALPART, id="bench", state_store=FileASStateStore(
@@ -88,4 +86,4 @@ async def main(port: int, hs_token: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
