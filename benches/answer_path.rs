@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use common::{db, response_body, text_event, ALICE, BOT, FAKE_COST_TICKS};
-use grok_appservice::classify::{classify, Event, Facts, Identity, Verdict};
+use grok_appservice::classify::{classify, Facts, Identity, Verdict};
 use grok_appservice::config::Config;
 use grok_appservice::registration;
 use grok_appservice::state::{AppState, Timings};
@@ -43,16 +43,10 @@ const DM: &str = "!dm:example.org";
 /// The webhook's parse and classify steps for one transaction body, without the store: keep
 /// this in step with `webhook::transaction` and `webhook::plan`. Returns the addressed count.
 fn parse_and_classify(body: &[u8], me: &Identity) -> usize {
-    #[derive(serde::Deserialize)]
-    struct TransactionBody {
-        events: Vec<Value>,
-    }
-    let value: Value = serde_json::from_slice(body).expect("the body is JSON");
-    let parsed: TransactionBody = serde_json::from_value(value).expect("the body is a transaction");
+    let parsed = grok_appservice::ingest::parse_transaction(body).expect("a transaction");
     parsed
         .events
         .iter()
-        .filter_map(|raw| Event::parse(raw).ok())
         .filter(|e| matches!(classify(e, me, Facts::default()), Verdict::Addressed(_)))
         .count()
 }
