@@ -28,7 +28,7 @@ use axum::http::{Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::json;
 use tower::ServiceExt;
 
 use common::{db, response_body, text_event, ALICE, BOT, FAKE_COST_TICKS};
