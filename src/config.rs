@@ -112,6 +112,20 @@ pub struct AppserviceConfig {
     /// claims handed to other replicas.
     #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// A connection is closed when a whole request head has not arrived this long after the
+    /// server began waiting for it (a slow client, or a keep-alive connection idle that long).
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub header_read_timeout: Duration,
+    /// An appservice request whose body has not fully arrived this long after its head gets a
+    /// 408 and its connection is closed.
+    #[serde(
+        default = "default_body_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for AppserviceConfig {
@@ -124,6 +138,8 @@ impl Default for AppserviceConfig {
             max_message_age: default_max_message_age(),
             metrics_token: None,
             shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -681,6 +697,14 @@ fn default_claim_lease() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
+/// Synapse sends a transaction's head at once; only a stuck or hostile client takes longer.
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+/// A full 32 MiB transaction within it needs about 4.5 Mbit/s: any link to a homeserver.
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_recovery_interval() -> Duration {
     Duration::from_secs(2)
 }
@@ -1040,6 +1064,20 @@ impl Config {
                 ),
             ));
         }
+        for (key, timeout) in [
+            (
+                "appservice.header_read_timeout",
+                self.appservice.header_read_timeout,
+            ),
+            (
+                "appservice.body_read_timeout",
+                self.appservice.body_read_timeout,
+            ),
+        ] {
+            if timeout.is_zero() {
+                return Err(invalid(key, "must be more than 0"));
+            }
+        }
         if self.appservice.recovery_interval.is_zero() {
             return Err(invalid(
                 "appservice.recovery_interval",
@@ -1390,6 +1428,33 @@ mod tests {
         assert!(c.telemetry.enabled && !c.telemetry.store_text);
         assert_eq!(c.telemetry.retention, Duration::from_secs(30 * 86_400));
         assert!(c.provider.api_key.is_none());
+    }
+
+    #[test]
+    fn read_timeouts_have_defaults_and_must_be_positive() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.appservice.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.appservice.body_read_timeout, Duration::from_secs(60));
+        let hs = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n";
+        let set = load(
+            &format!("{hs}appservice: {{header_read_timeout: 1500ms, body_read_timeout: 2m}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                set.appservice.header_read_timeout,
+                set.appservice.body_read_timeout
+            ),
+            (Duration::from_millis(1500), Duration::from_secs(120))
+        );
+        for key in ["header_read_timeout", "body_read_timeout"] {
+            let zero = format!("{hs}appservice: {{{key}: 0s}}\n");
+            assert_eq!(
+                key_of(load(&zero, &[]).unwrap_err()),
+                format!("appservice.{key}")
+            );
+        }
     }
 
     #[test]
