@@ -22,6 +22,8 @@ use schema::*;
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 /// Advisory-lock key that serialises migrations of replicas starting together.
+/// Most ids one `IN (...)` query binds, well under SQLite's limit of 32,766 parameters.
+const MAX_BINDS: usize = 10_000;
 const MIGRATION_LOCK_KEY: i64 = 0x6772_6f6b_6d69_6772; // "grokmigr"
 
 /// A store error that callers branch on.
@@ -535,26 +537,41 @@ impl Store {
         room_ids: Vec<String>,
         reply_targets: Vec<String>,
     ) -> Result<RoomFacts, StoreError> {
+        // Distinct ids, in slices under both backends' bind-parameter limits (SQLite 32,766,
+        // PostgreSQL 65,535): a transaction of 100,000 events must not fail its lookup.
+        let distinct = |mut ids: Vec<String>| {
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let (room_ids, reply_targets) = (distinct(room_ids), distinct(reply_targets));
         self.run(move |conn| {
             db!(conn, |c| {
-                let direct: Vec<(String, bool)> = rooms::table
-                    .filter(rooms::room_id.eq_any(&room_ids))
-                    .select((rooms::room_id, rooms::is_direct))
-                    .load(c)?;
-                let counts: Vec<(String, i64)> = room_members::table
-                    .filter(room_members::room_id.eq_any(&room_ids))
-                    .group_by(room_members::room_id)
-                    .select((room_members::room_id, diesel::dsl::count_star()))
-                    .load(c)?;
+                let (mut direct, mut counts, mut bot) = (Vec::new(), Vec::new(), Vec::new());
+                for ids in room_ids.chunks(MAX_BINDS) {
+                    direct.extend(
+                        rooms::table
+                            .filter(rooms::room_id.eq_any(ids))
+                            .select((rooms::room_id, rooms::is_direct))
+                            .load::<(String, bool)>(c)?,
+                    );
+                    counts.extend(
+                        room_members::table
+                            .filter(room_members::room_id.eq_any(ids))
+                            .group_by(room_members::room_id)
+                            .select((room_members::room_id, diesel::dsl::count_star()))
+                            .load::<(String, i64)>(c)?,
+                    );
+                }
                 let counts: HashMap<String, i64> = counts.into_iter().collect();
-                let bot: Vec<String> = if reply_targets.is_empty() {
-                    Vec::new()
-                } else {
-                    bot_events::table
-                        .filter(bot_events::event_id.eq_any(&reply_targets))
-                        .select(bot_events::event_id)
-                        .load(c)?
-                };
+                for ids in reply_targets.chunks(MAX_BINDS) {
+                    bot.extend(
+                        bot_events::table
+                            .filter(bot_events::event_id.eq_any(ids))
+                            .select(bot_events::event_id)
+                            .load::<String>(c)?,
+                    );
+                }
                 let rooms = direct
                     .into_iter()
                     .map(|(id, d)| {
