@@ -30,10 +30,16 @@ impl Event {
         let text = |key: &str| -> Result<String, String> {
             obj.get(key)
                 .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
+                .filter(|s| !s.is_empty() && !s.contains('\0'))
                 .map(str::to_string)
-                .ok_or_else(|| format!("event has no string `{key}`"))
+                .ok_or_else(|| format!("event has no string `{key}` (or one with a NUL)"))
         };
+        // No Matrix id holds a NUL, and PostgreSQL text cannot: such an event would fail
+        // the transaction's commit on every retry.
+        let state_key = obj.get("state_key").and_then(Value::as_str);
+        if state_key.is_some_and(|k| k.contains('\0')) {
+            return Err("event has a NUL in `state_key`".into());
+        }
         let content = obj.get("content").cloned().unwrap_or(Value::Null);
         if !content.is_object() {
             return Err("event has no object `content`".into());
@@ -43,10 +49,7 @@ impl Event {
             room_id: text("room_id")?,
             sender: text("sender")?,
             kind: text("type")?,
-            state_key: obj
-                .get("state_key")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            state_key: state_key.map(str::to_string),
             content,
             origin_server_ts: obj
                 .get("origin_server_ts")
@@ -65,8 +68,10 @@ impl Event {
         if rel["rel_type"] == "m.thread" && rel["is_falling_back"] == true {
             return None;
         }
+        // An id with a NUL names no event (and PostgreSQL could not look it up).
         rel.pointer("/m.in_reply_to/event_id")
             .and_then(Value::as_str)
+            .filter(|id| !id.contains('\0'))
     }
 
     /// A membership change of a user other than the bot: `(user, joined now)`. Used to keep the
@@ -439,6 +444,27 @@ mod tests {
             ignored_senders: vec![Regex::new(r"^@.*bot:example\.org$").unwrap()],
             allowed_servers: vec!["example.org".into(), "friends.org".into()],
         }
+    }
+
+    #[test]
+    fn ids_with_a_nul_make_the_event_malformed() {
+        let event = |key: &str, value: &str| {
+            let mut e = json!({"event_id": "$e", "room_id": "!r:x", "sender": "@a:x",
+                "type": "m.room.member", "state_key": "@a:x", "content": {"membership": "join"}});
+            e[key] = json!(value);
+            Event::parse(&e)
+        };
+        assert!(event("event_id", "$ok").is_ok());
+        for key in ["event_id", "room_id", "sender", "type", "state_key"] {
+            assert!(event(key, "a\u{0}b").is_err(), "{key}");
+        }
+        let reply = msg(
+            "@alice:example.org",
+            json!({"msgtype": "m.text", "body": "a\u{0}b",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": "$x\u{0}"}}}),
+        );
+        assert_eq!(reply.in_reply_to(), None, "a NUL id is no reply target");
+        assert_eq!(reply.content["body"], "a\u{0}b", "a NUL in text is fine");
     }
 
     #[test]
