@@ -774,3 +774,53 @@ async fn room_facts_takes_more_ids_than_a_query_can_bind() {
         assert!(facts.bot_events.is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_the_request_in_flight_then_stops() {
+    let h = Harness::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(grok_appservice::server::serve(
+        listener,
+        h.router.clone(),
+        Duration::from_secs(30),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // A request whose body is still on its way when the shutdown starts.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let body = br#"{"events": []}"#;
+    let head = format!(
+        "PUT /_matrix/app/v1/transactions/last HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        h.hs_token,
+        body.len()
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    wr.write_all(&body[..5]).await.unwrap();
+    // An idle keep-alive connection, which has nothing in flight.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut idle).await.unwrap().status, 200);
+
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wr.write_all(&body[5..]).await.unwrap();
+    let reply = tokio::time::timeout(PATIENCE, read_response(&mut rd))
+        .await
+        .unwrap()
+        .unwrap();
+    reply.assert_ok();
+    closed_by_server(&mut idle).await;
+    tokio::time::timeout(PATIENCE, server)
+        .await
+        .expect("serve returned within a minute")
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    assert!(h.state.store.txn_seen("last".into()).await.unwrap());
+}
