@@ -933,19 +933,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration like 30d, 12h, 15m, 90s or 1500ms"))?;
-    let secs = match unit {
+    let per_unit: u64 = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3_600,
-        "d" => n * 86_400,
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
         _ => {
             return Err(format!(
                 "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
             ))
         }
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
 }
 
 /// Converts a USD amount from the config into ticks (config is the only place floats appear).
@@ -1030,9 +1032,12 @@ impl Config {
     /// backoff (at most 30 s a wait).
     pub fn longest_run(&self) -> Duration {
         let p = &self.provider;
+        // Saturating: absurd settings must fail validation by name, not overflow.
         let attempts = u64::from(p.max_retries) + 1;
-        let per_call = attempts * p.timeout_secs + u64::from(p.max_retries) * 30;
-        Duration::from_secs(3 * per_call)
+        let per_call = attempts
+            .saturating_mul(p.timeout_secs)
+            .saturating_add(u64::from(p.max_retries) * 30);
+        Duration::from_secs(per_call.saturating_mul(3))
     }
 
     /// Checks every value once; fills `rooms.allowed_servers` with the bot's server if empty.
@@ -1455,6 +1460,29 @@ mod tests {
                 format!("appservice.{key}")
             );
         }
+    }
+
+    #[test]
+    fn huge_numbers_are_errors_not_overflows() {
+        // Found by fuzz/config: both panicked with overflow checks on (and wrapped without).
+        assert!(parse_duration("99999999999999999d")
+            .unwrap_err()
+            .contains("too long"));
+        assert_eq!(
+            parse_duration("18446744073709551615s").unwrap(),
+            Duration::from_secs(u64::MAX)
+        );
+        let hs = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n";
+        let slow = format!(
+            "{hs}provider: {{timeout_secs: 18446744073709551615, max_retries: 4294967295}}\n"
+        );
+        assert_eq!(
+            key_of(load(&slow, &[]).unwrap_err()),
+            "limits.reservation_ttl"
+        );
+        let long = format!("{hs}appservice: {{claim_lease: 99999999999999999d}}\n");
+        let err = load(&long, &[]).unwrap_err().to_string();
+        assert!(err.contains("too long"), "{err}");
     }
 
     #[test]
