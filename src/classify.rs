@@ -85,14 +85,19 @@ impl Event {
 
     fn from_wire(wire: WireEvent) -> Result<Self, String> {
         // Lenient like the old tree walk: a field of the wrong type counts as missing.
+        // No Matrix id holds a NUL, and PostgreSQL text cannot: such an event would fail the
+        // transaction's commit on every retry.
         let text = |v: Option<Value>, key: &str| -> Result<String, String> {
             match v {
-                Some(Value::String(s)) if !s.is_empty() => Ok(s),
-                _ => Err(format!("event has no string `{key}`")),
+                Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => Ok(s),
+                _ => Err(format!("event has no string `{key}` (or one with a NUL)")),
             }
         };
         if !wire.content.is_object() {
             return Err("event has no object `content`".into());
+        }
+        if matches!(&wire.state_key, Some(Value::String(k)) if k.contains('\0')) {
+            return Err("event has a NUL in `state_key`".into());
         }
         Ok(Self {
             event_id: text(wire.event_id, "event_id")?,
@@ -127,8 +132,10 @@ impl Event {
         if rel["rel_type"] == "m.thread" && rel["is_falling_back"] == true {
             return None;
         }
+        // An id with a NUL names no event (and PostgreSQL could not look it up).
         rel.pointer("/m.in_reply_to/event_id")
             .and_then(Value::as_str)
+            .filter(|id| !id.contains('\0'))
     }
 
     /// A membership change of a user other than the bot: `(user, joined now)`. Used to keep the
@@ -536,6 +543,27 @@ mod tests {
             allowed_servers: vec!["example.org".into(), "friends.org".into()],
             access: Access::default(),
         }
+    }
+
+    #[test]
+    fn ids_with_a_nul_make_the_event_malformed() {
+        let event = |key: &str, value: &str| {
+            let mut e = json!({"event_id": "$e", "room_id": "!r:x", "sender": "@a:x",
+                "type": "m.room.member", "state_key": "@a:x", "content": {"membership": "join"}});
+            e[key] = json!(value);
+            Event::parse(&e)
+        };
+        assert!(event("event_id", "$ok").is_ok());
+        for key in ["event_id", "room_id", "sender", "type", "state_key"] {
+            assert!(event(key, "a\u{0}b").is_err(), "{key}");
+        }
+        let reply = msg(
+            "@alice:example.org",
+            json!({"msgtype": "m.text", "body": "a\u{0}b",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": "$x\u{0}"}}}),
+        );
+        assert_eq!(reply.in_reply_to(), None, "a NUL id is no reply target");
+        assert_eq!(reply.content["body"], "a\u{0}b", "a NUL in text is fine");
     }
 
     #[test]

@@ -112,6 +112,20 @@ pub struct AppserviceConfig {
     /// claims handed to other replicas.
     #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// A connection is closed when a whole request head has not arrived this long after the
+    /// server began waiting for it (a slow client, or a keep-alive connection idle that long).
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub header_read_timeout: Duration,
+    /// An appservice request whose body has not fully arrived this long after its head gets a
+    /// 408 and its connection is closed.
+    #[serde(
+        default = "default_body_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for AppserviceConfig {
@@ -124,6 +138,8 @@ impl Default for AppserviceConfig {
             max_message_age: default_max_message_age(),
             metrics_token: None,
             shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -698,6 +714,14 @@ fn default_claim_lease() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
+/// Synapse sends a transaction's head at once; only a stuck or hostile client takes longer.
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+/// A full 32 MiB transaction within it needs about 4.5 Mbit/s: any link to a homeserver.
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_recovery_interval() -> Duration {
     Duration::from_secs(2)
 }
@@ -926,19 +950,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration like 30d, 12h, 15m, 90s or 1500ms"))?;
-    let secs = match unit {
+    let per_unit: u64 = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3_600,
-        "d" => n * 86_400,
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
         _ => {
             return Err(format!(
                 "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
             ))
         }
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
 }
 
 /// Converts a USD amount from the config into ticks (config is the only place floats appear).
@@ -1023,9 +1049,12 @@ impl Config {
     /// backoff (at most 30 s a wait).
     pub fn longest_run(&self) -> Duration {
         let p = &self.provider;
+        // Saturating: absurd settings must fail validation by name, not overflow.
         let attempts = u64::from(p.max_retries) + 1;
-        let per_call = attempts * p.timeout_secs + u64::from(p.max_retries) * 30;
-        Duration::from_secs(3 * per_call)
+        let per_call = attempts
+            .saturating_mul(p.timeout_secs)
+            .saturating_add(u64::from(p.max_retries) * 30);
+        Duration::from_secs(per_call.saturating_mul(3))
     }
 
     /// Checks every value once; fills `rooms.allowed_servers` with the bot's server if empty.
@@ -1056,6 +1085,20 @@ impl Config {
                     self.provider.max_retries
                 ),
             ));
+        }
+        for (key, timeout) in [
+            (
+                "appservice.header_read_timeout",
+                self.appservice.header_read_timeout,
+            ),
+            (
+                "appservice.body_read_timeout",
+                self.appservice.body_read_timeout,
+            ),
+        ] {
+            if timeout.is_zero() {
+                return Err(invalid(key, "must be more than 0"));
+            }
         }
         if self.appservice.recovery_interval.is_zero() {
             return Err(invalid(
@@ -1440,6 +1483,56 @@ mod tests {
             &[],
         );
         assert_eq!(key_of(alias.unwrap_err()), "rooms.allowed_rooms");
+    }
+
+    #[test]
+    fn read_timeouts_have_defaults_and_must_be_positive() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.appservice.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.appservice.body_read_timeout, Duration::from_secs(60));
+        let hs = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n";
+        let set = load(
+            &format!("{hs}appservice: {{header_read_timeout: 1500ms, body_read_timeout: 2m}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                set.appservice.header_read_timeout,
+                set.appservice.body_read_timeout
+            ),
+            (Duration::from_millis(1500), Duration::from_secs(120))
+        );
+        for key in ["header_read_timeout", "body_read_timeout"] {
+            let zero = format!("{hs}appservice: {{{key}: 0s}}\n");
+            assert_eq!(
+                key_of(load(&zero, &[]).unwrap_err()),
+                format!("appservice.{key}")
+            );
+        }
+    }
+
+    #[test]
+    fn huge_numbers_are_errors_not_overflows() {
+        // Found by fuzz/config: both panicked with overflow checks on (and wrapped without).
+        assert!(parse_duration("99999999999999999d")
+            .unwrap_err()
+            .contains("too long"));
+        assert_eq!(
+            parse_duration("18446744073709551615s").unwrap(),
+            Duration::from_secs(u64::MAX)
+        );
+        let hs = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n";
+        let slow = format!(
+            "{hs}provider: {{timeout_secs: 18446744073709551615, max_retries: 4294967295}}\n"
+        );
+        assert_eq!(
+            key_of(load(&slow, &[]).unwrap_err()),
+            "limits.reservation_ttl"
+        );
+        let long = format!("{hs}appservice: {{claim_lease: 99999999999999999d}}\n");
+        let err = load(&long, &[]).unwrap_err().to_string();
+        assert!(err.contains("too long"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod probes;
 pub mod provider;
 pub mod registration;
 pub mod render;
+pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod stats;

@@ -13,7 +13,7 @@ use grok_appservice::matrix::MatrixClient;
 use grok_appservice::provider::{AccountCheck, Provider};
 use grok_appservice::state::{AppState, Timings};
 use grok_appservice::store::{redact_url, Store};
-use grok_appservice::{answer, registration, webhook};
+use grok_appservice::{answer, registration, server, webhook};
 
 #[derive(Parser)]
 #[command(
@@ -484,14 +484,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%listen, bot = %state.identity.user_id, version = env!("CARGO_PKG_VERSION"),
         "serving the appservice API");
     let shutdown_state = state.clone();
-    axum::serve(listener, webhook::router(state.clone()))
-        .with_graceful_shutdown(async move {
+    let header_read_timeout = state.config.appservice.header_read_timeout;
+    server::serve(
+        listener,
+        webhook::router(state.clone()),
+        header_read_timeout,
+        async move {
             shutdown_signal().await;
             // /ready fails from now on, so a load balancer stops sending transactions here.
             shutdown_state.accepting.store(false, Ordering::SeqCst);
             tracing::info!("shutting down: finishing in-flight answers");
-        })
-        .await?;
+        },
+    )
+    .await?;
     grok_appservice::shutdown::drain(&state, state.config.appservice.shutdown_grace).await;
     Ok(())
 }

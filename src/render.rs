@@ -519,7 +519,9 @@ fn split_lines(text: &str, range: Range<usize>, room: usize) -> Vec<Range<usize>
             pieces.push(from..cut);
             from = cut;
         }
-        piece = Some(from..line.end);
+        // Taking one char at a time can reach the line's end: an empty piece would make the
+        // caller split the same range again, forever.
+        piece = (from < line.end).then_some(from..line.end);
     }
     pieces.extend(piece);
     pieces
@@ -720,6 +722,24 @@ mod tests {
         let parts = render_parts(&"\n".repeat(40_000), MAX_PART_BYTES);
         assert_eq!(parts.len(), 1);
         assert!(parts[0].json_len() <= MAX_PART_BYTES);
+    }
+
+    #[test]
+    fn budgets_below_one_char_still_end() {
+        // Found by fuzz/render: a stack overflow (the last piece was empty and fit() split
+        // the same range again, forever).
+        let text = "a\u{2}t\u{f}\0\0\0";
+        let parts = render_parts(text, 0);
+        assert_eq!(parts.len(), text.chars().count());
+        assert_eq!(split_markdown(text, 0).len(), text.chars().count());
+        // The same with production-sized parts: a code block whose fence line is longer than
+        // what is left for a part leaves no room for its lines.
+        let code = format!("```{}\n{}\n```\n", "x".repeat(70_000), "code ".repeat(20));
+        let parts = render_parts(&code, MAX_PART_BYTES);
+        assert!(parts.len() > 1);
+        for chunk in split_markdown(&code, 60_000) {
+            assert!(!chunk.is_empty());
+        }
     }
 
     // --- Invariants -------------------------------------------------------------------

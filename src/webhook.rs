@@ -1,17 +1,18 @@
 //! The HTTP side: the appservice API Synapse calls (`/_matrix/app/v1/*`), hs_token auth,
 //! Matrix error JSON, and `/health`, `/ready`, `/metrics`.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -24,6 +25,9 @@ use crate::store::Ingested;
 
 /// Largest transaction body accepted: 100 events of up to 64 KiB each fit with room to spare.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Malformed events of one transaction logged one by one; the rest only counted.
+const MALFORMED_LOGGED: usize = 5;
 
 /// A Matrix-facing error: `{"errcode": ..., "error": ...}` with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,10 @@ pub enum MatrixApiError {
     MethodNotAllowed,
     /// The database is down: Synapse must retry the transaction later.
     Unavailable,
+    /// The body did not arrive within `appservice.body_read_timeout`.
+    BodyTimeout,
+    /// A path or query parameter that cannot be read (not UTF-8 once decoded, say).
+    InvalidParam(String),
 }
 
 impl MatrixApiError {
@@ -71,6 +79,12 @@ impl MatrixApiError {
                 "M_UNRECOGNIZED",
                 "Method not allowed".into(),
             ),
+            Self::InvalidParam(m) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM", m.clone()),
+            Self::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "M_UNKNOWN",
+                "Request body not received in time".into(),
+            ),
             Self::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "M_UNKNOWN",
@@ -94,6 +108,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/_matrix/app/v1/users/{user_id}", get(query_user))
         .route("/_matrix/app/v1/rooms/{alias}", get(query_room))
         .route("/_matrix/app/v1/ping", post(ping))
+        // Inside the token check: an unauthenticated client never gets its body read.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .route_layer(middleware::from_fn(refuse_nul_in_path))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_hs_token,
@@ -106,6 +123,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { MatrixApiError::Unrecognized })
         .method_not_allowed_fallback(|| async { MatrixApiError::MethodNotAllowed })
+        .layer(middleware::map_response(matrix_rejections))
         .with_state(state)
 }
 
@@ -119,37 +137,109 @@ fn token_matches(given: &str, expected: &str) -> bool {
 }
 
 /// Checks `hs_token` from `Authorization: Bearer` or the legacy `access_token` query
-/// parameter; when both are present, both must match.
+/// parameter. Every copy given must match: a header and a parameter, or a header or a
+/// parameter given twice, that disagree are refused rather than one of them picked.
 async fn require_hs_token(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     request: Request,
     next: Next,
 ) -> Result<Response, MatrixApiError> {
-    let header_token = match request.headers().get(header::AUTHORIZATION) {
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or(MatrixApiError::Forbidden)?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let query_token = query.get("access_token").cloned();
-    if header_token.is_none() && query_token.is_none() {
+    let Query(query) = query.map_err(|e| MatrixApiError::InvalidParam(e.body_text()))?;
+    let mut given = Vec::new();
+    for value in request.headers().get_all(header::AUTHORIZATION) {
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(MatrixApiError::Forbidden)?;
+        given.push(token.trim().to_string());
+    }
+    given.extend(
+        query
+            .into_iter()
+            .filter(|(key, _)| key == "access_token")
+            .map(|(_, token)| token),
+    );
+    if given.is_empty() {
         return Err(MatrixApiError::MissingToken);
     }
     let expected = &state.registration.hs_token;
-    let all_match = [header_token, query_token]
-        .iter()
-        .flatten()
-        .all(|t| token_matches(t, expected));
-    if !all_match {
+    if !given.iter().all(|t| token_matches(t, expected)) {
         return Err(MatrixApiError::Forbidden);
     }
+    Ok(next.run(request).await)
+}
+
+/// Turns axum's plain-text rejections (a path parameter that is not UTF-8 once decoded, a
+/// malformed query) into Matrix errors, so every error a client sees is `{errcode, error}`.
+async fn matrix_rejections(response: Response) -> Response {
+    let status = response.status();
+    let plain_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"text/plain"));
+    if !plain_text || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let errcode = match status {
+        StatusCode::BAD_REQUEST => "M_INVALID_PARAM",
+        StatusCode::PAYLOAD_TOO_LARGE => "M_TOO_LARGE",
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => "M_UNRECOGNIZED",
+        _ => "M_UNKNOWN",
+    };
+    (status, Json(json!({"errcode": errcode, "error": text}))).into_response()
+}
+
+/// Refuses a NUL in a path parameter (`%00`): no txnId or Matrix id holds one, and PostgreSQL
+/// text cannot, so such a transaction would fail with a 503 on every retry.
+async fn refuse_nul_in_path(request: Request, next: Next) -> Result<Response, MatrixApiError> {
+    if request.uri().path().contains("%00") {
+        return Err(MatrixApiError::InvalidParam(
+            "a path parameter holds a NUL".into(),
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+/// Reads the whole body within `appservice.body_read_timeout` and at most
+/// [`MAX_BODY_BYTES`], so a client trickling its body (slowloris) is cut off; the handlers
+/// then take it from memory. A declared length over the limit is refused before any read.
+async fn read_body(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, MatrixApiError> {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(MatrixApiError::TooLarge);
+    }
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    let deadline = state.config.appservice.body_read_timeout;
+    let bytes = match tokio::time::timeout(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(MatrixApiError::TooLarge)
+        }
+        Ok(Err(e)) => {
+            return Err(MatrixApiError::BadJson(format!(
+                "cannot read the body: {e}"
+            )))
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?deadline, "a request body arrived too slowly; closing");
+            return Err(MatrixApiError::BodyTimeout);
+        }
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
     Ok(next.run(request).await)
 }
 
@@ -171,8 +261,16 @@ async fn transaction(
     })?;
     // The events are owned now; the body's memory goes before the database work.
     drop(body);
-    for (index, why) in &parsed.malformed {
+    // A few lines say what was wrong; a transaction of 100,000 bad events must not log each.
+    for (index, why) in parsed.malformed.iter().take(MALFORMED_LOGGED) {
         tracing::warn!(txn_id, index, %why, "skipping a malformed event");
+    }
+    if parsed.malformed.len() > MALFORMED_LOGGED {
+        tracing::warn!(
+            txn_id,
+            skipped = parsed.malformed.len(),
+            "skipping more malformed events"
+        );
     }
     if !parsed.malformed.is_empty() {
         state.metrics.add(

@@ -22,6 +22,8 @@ use schema::*;
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 /// Advisory-lock key that serialises migrations of replicas starting together.
+/// Most ids one `IN (...)` query binds, well under SQLite's limit of 32,766 parameters.
+const MAX_BINDS: usize = 10_000;
 const MIGRATION_LOCK_KEY: i64 = 0x6772_6f6b_6d69_6772; // "grokmigr"
 
 /// A store error that callers branch on.
@@ -233,26 +235,41 @@ impl TxnWrite {
 }
 
 fn read_room_facts(conn: &mut Conn, query: &FactsQuery) -> Result<RoomFacts, StoreError> {
-    let (room_ids, reply_targets) = (&query.room_ids, &query.reply_targets);
+    // Distinct ids, in slices under both backends' bind-parameter limits (SQLite 32,766,
+    // PostgreSQL 65,535): a transaction of 100,000 events must not fail its lookup.
+    let distinct = |ids: &[String]| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let (room_ids, reply_targets) = (distinct(&query.room_ids), distinct(&query.reply_targets));
     db!(conn, |c| {
-        let direct: Vec<(String, bool)> = rooms::table
-            .filter(rooms::room_id.eq_any(room_ids))
-            .select((rooms::room_id, rooms::is_direct))
-            .load(c)?;
-        let counts: Vec<(String, i64)> = room_members::table
-            .filter(room_members::room_id.eq_any(room_ids))
-            .group_by(room_members::room_id)
-            .select((room_members::room_id, diesel::dsl::count_star()))
-            .load(c)?;
+        let (mut direct, mut counts, mut bot) = (Vec::new(), Vec::new(), Vec::new());
+        for ids in room_ids.chunks(MAX_BINDS) {
+            direct.extend(
+                rooms::table
+                    .filter(rooms::room_id.eq_any(ids))
+                    .select((rooms::room_id, rooms::is_direct))
+                    .load::<(String, bool)>(c)?,
+            );
+            counts.extend(
+                room_members::table
+                    .filter(room_members::room_id.eq_any(ids))
+                    .group_by(room_members::room_id)
+                    .select((room_members::room_id, diesel::dsl::count_star()))
+                    .load::<(String, i64)>(c)?,
+            );
+        }
         let counts: HashMap<String, i64> = counts.into_iter().collect();
-        let bot: Vec<String> = if reply_targets.is_empty() {
-            Vec::new()
-        } else {
-            bot_events::table
-                .filter(bot_events::event_id.eq_any(reply_targets))
-                .select(bot_events::event_id)
-                .load(c)?
-        };
+        for ids in reply_targets.chunks(MAX_BINDS) {
+            bot.extend(
+                bot_events::table
+                    .filter(bot_events::event_id.eq_any(ids))
+                    .select(bot_events::event_id)
+                    .load::<String>(c)?,
+            );
+        }
         let rooms = direct
             .into_iter()
             .map(|(id, d)| {

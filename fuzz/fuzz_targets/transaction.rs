@@ -1,0 +1,48 @@
+//! A transaction body as Synapse PUTs it, through the webhook's parse and classify steps:
+//! JSON, then each event parsed and classified on its own (a bad event is skipped alone).
+#![no_main]
+
+use std::sync::LazyLock;
+
+use grok_appservice::classify::{classify, prompt_text, Event, Facts, Identity, Verdict};
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+
+static ME: LazyLock<Identity> = LazyLock::new(|| Identity {
+    user_id: "@grok:example.org".into(),
+    localpart: "grok".into(),
+    display_name: "Grok".into(),
+    namespaces: vec![regex(r"^@grok:example\.org$"), regex(r"^@_bridge_.*:example\.org$")],
+    ignored_senders: vec![regex(r"^@spam.*:.*$")],
+    allowed_servers: vec!["example.org".into()],
+});
+
+fn regex(re: &str) -> regex::Regex {
+    regex::Regex::new(re).unwrap()
+}
+
+fuzz_target!(|data: &[u8]| {
+    // The library call: the same steps as the webhook's `transaction` and `plan`.
+    let Ok(body) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let Some(events) = body.get("events").and_then(Value::as_array) else {
+        return;
+    };
+    for (i, raw) in events.iter().enumerate() {
+        let Ok(event) = Event::parse(raw) else {
+            continue;
+        };
+        let _ = (event.in_reply_to(), event.membership());
+        // Every combination of room facts, spread over the events.
+        let facts = Facts {
+            direct_room: i % 2 == 0,
+            replies_to_bot: i % 4 < 2,
+        };
+        if let Verdict::Addressed(request) = classify(&event, &ME, facts) {
+            assert_eq!(request.direct, facts.direct_room);
+            assert_eq!(request.text.trim(), request.text, "the text is trimmed");
+        }
+        let _ = prompt_text(&event.content, &ME);
+    }
+});
