@@ -1261,6 +1261,10 @@ impl Config {
         if self.bot.display_name.trim().is_empty() {
             return Err(invalid("bot.display_name", "must not be empty"));
         }
+        // tracing-subscriber 0.3 slices a directive at offsets of its trimmed self: space
+        // around one shifts its target by a byte, and a multi-byte char there panics.
+        let directives: Vec<&str> = self.log.level.split(',').map(str::trim).collect();
+        self.log.level = directives.join(",");
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -1533,6 +1537,21 @@ mod tests {
         let long = format!("{hs}appservice: {{claim_lease: 99999999999999999d}}\n");
         let err = load(&long, &[]).unwrap_err().to_string();
         assert!(err.contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn log_filters_with_spaces_are_trimmed_not_a_panic() {
+        // Found by fuzz/config: tracing-subscriber panicked on ` é=info` (a space, then a
+        // multi-byte char before the `=`).
+        let hs = "homeserver: {url: 'http://127.0.0.1:8008', server_name: example.org}\n";
+        let c = load(&format!("{hs}log: {{level: 'info, é=debug'}}\n"), &[]).unwrap();
+        assert_eq!(c.log.level, "info,é=debug");
+        let c = load(
+            &format!("{hs}log: {{level: ' warn , grok_appservice=debug '}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.log.level, "warn,grok_appservice=debug");
     }
 
     #[test]
