@@ -7,7 +7,10 @@ use libfuzzer_sys::fuzz_target;
 /// Whether every non-whitespace char of `text` appears, in order, in `pieces` (splitting only
 /// drops whitespace between chunks and adds fence lines: it never loses text).
 fn keeps_text(text: &str, pieces: &[&str]) -> bool {
-    let mut have = pieces.iter().flat_map(|p| p.chars()).filter(|c| !c.is_whitespace());
+    let mut have = pieces
+        .iter()
+        .flat_map(|p| p.chars())
+        .filter(|c| !c.is_whitespace());
     text.chars()
         .filter(|c| !c.is_whitespace())
         .all(|want| have.any(|c| c == want))
@@ -29,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
     let parts = render_parts(&text, max_bytes);
 
     // Raw HTML is text, and links and images keep only their allowed schemes.
-    assert!(!html.contains("<script") && !html.contains("<iframe"), "{html:?}");
+    assert!(
+        !html.contains("<script") && !html.contains("<iframe"),
+        "{html:?}"
+    );
     for (tag, schemes) in [
         ("<a href=\"", &["http:", "https:", "mailto:", "matrix:"][..]),
         ("<img src=\"", &["mxc:"][..]),
@@ -51,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
     // Escaping inflates a byte at most sixfold (`\u0000`), in body and HTML alike.
     if max_bytes >= 64 * longest_line + 256 {
         for part in &parts {
-            assert!(part.json_len() <= max_bytes, "{} > {max_bytes}", part.json_len());
+            assert!(
+                part.json_len() <= max_bytes,
+                "{} > {max_bytes}",
+                part.json_len()
+            );
         }
     }
     for part in &parts {

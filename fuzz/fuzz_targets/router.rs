@@ -21,6 +21,9 @@ fuzz_target!(|data: &[u8]| {
         "confidence {} out of [0, 1]",
         decision.confidence
     );
-    assert!(decision.text.len() <= text.len(), "the text only loses a prefix");
+    assert!(
+        decision.text.len() <= text.len(),
+        "the text only loses a prefix"
+    );
     assert_eq!(decide(&text, &options), decision, "not deterministic");
 });

@@ -4,17 +4,22 @@
 
 use std::sync::LazyLock;
 
-use grok_appservice::classify::{classify, prompt_text, Event, Facts, Identity, Verdict};
+use grok_appservice::access::Access;
+use grok_appservice::classify::{classify, prompt_text, Facts, Identity, Verdict};
+use grok_appservice::ingest::{facts_query, parse_transaction};
 use libfuzzer_sys::fuzz_target;
-use serde_json::Value;
 
 static ME: LazyLock<Identity> = LazyLock::new(|| Identity {
     user_id: "@grok:example.org".into(),
     localpart: "grok".into(),
     display_name: "Grok".into(),
-    namespaces: vec![regex(r"^@grok:example\.org$"), regex(r"^@_bridge_.*:example\.org$")],
+    namespaces: vec![
+        regex(r"^@grok:example\.org$"),
+        regex(r"^@_bridge_.*:example\.org$"),
+    ],
     ignored_senders: vec![regex(r"^@spam.*:.*$")],
     allowed_servers: vec!["example.org".into()],
+    access: Access::compile(&["@*:example.org".into()], &["/^@blocked/".into()], &[]).unwrap(),
 });
 
 fn regex(re: &str) -> regex::Regex {
@@ -22,24 +27,20 @@ fn regex(re: &str) -> regex::Regex {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // The library call: the same steps as the webhook's `transaction` and `plan`.
-    let Ok(body) = serde_json::from_slice::<Value>(data) else {
+    // The library call: the webhook's own parse, then classify as its plan does.
+    let Ok(parsed) = parse_transaction(data) else {
         return;
     };
-    let Some(events) = body.get("events").and_then(Value::as_array) else {
-        return;
-    };
-    for (i, raw) in events.iter().enumerate() {
-        let Ok(event) = Event::parse(raw) else {
-            continue;
-        };
+    let _ = facts_query(&parsed.events);
+    for (i, event) in parsed.events.iter().enumerate() {
         let _ = (event.in_reply_to(), event.membership());
         // Every combination of room facts, spread over the events.
         let facts = Facts {
             direct_room: i % 2 == 0,
             replies_to_bot: i % 4 < 2,
+            sender_blocked: i % 8 == 7,
         };
-        if let Verdict::Addressed(request) = classify(&event, &ME, facts) {
+        if let Verdict::Addressed(request) = classify(event, &ME, facts) {
             assert_eq!(request.direct, facts.direct_room);
             assert_eq!(request.text.trim(), request.text, "the text is trimmed");
         }
