@@ -66,18 +66,12 @@ pub fn parse_transaction(body: &[u8]) -> Result<Parsed, BodyError> {
     Ok(parsed)
 }
 
-/// What the store must look up to classify these events: each room and reply target once.
+/// What the store must look up to classify these events.
 pub fn facts_query(events: &[Event]) -> FactsQuery {
-    let distinct = |ids: Vec<&str>| {
-        let mut ids = ids;
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter().map(str::to_string).collect()
-    };
-    FactsQuery {
-        room_ids: distinct(events.iter().map(|e| e.room_id.as_str()).collect()),
-        reply_targets: distinct(events.iter().filter_map(Event::in_reply_to).collect()),
-    }
+    FactsQuery::new(
+        events.iter().map(|e| e.room_id.as_str()),
+        events.iter().filter_map(Event::in_reply_to),
+    )
 }
 
 /// What a transaction will do once its write is committed.
@@ -285,7 +279,7 @@ mod tests {
              "content": {"body": "z", "m.relates_to": {"m.in_reply_to": {"event_id": "$t"}}}}
         ]}"#;
         let q = facts_query(&parse_transaction(body).unwrap().events);
-        assert_eq!(q.room_ids, ["!r1", "!r2"]);
-        assert_eq!(q.reply_targets, ["$t"]);
+        assert_eq!(q.room_ids(), ["!r1", "!r2"]);
+        assert_eq!(q.reply_targets(), ["$t"]);
     }
 }

@@ -147,10 +147,14 @@ async fn query_ping_health_and_unknown_paths() {
     );
     let (s, b) = h.call(get("/metrics")).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(b["raw"]
-        .as_str()
-        .unwrap()
-        .contains("grok_transactions_total"));
+    let text = b["raw"].as_str().unwrap();
+    assert!(text.contains("grok_transactions_total"));
+    // The default 10 USD ceiling, and nothing spent yet: what the spend alert compares.
+    assert!(
+        text.contains("grok_budget_ceiling_ticks 100000000000"),
+        "{text}"
+    );
+    assert!(text.contains("grok_budget_spent_today_ticks 0"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

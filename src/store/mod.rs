@@ -209,11 +209,38 @@ macro_rules! db_tx {
     };
 }
 
-/// The rooms and reply targets a transaction's classification depends on.
+/// The rooms and reply targets a transaction's classification depends on, each once (built
+/// by [`FactsQuery::new`], so the store never looks an id up twice).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FactsQuery {
-    pub room_ids: Vec<String>,
-    pub reply_targets: Vec<String>,
+    room_ids: Vec<String>,
+    reply_targets: Vec<String>,
+}
+
+impl FactsQuery {
+    /// The distinct ids of each list, sorted; only those are copied.
+    pub fn new<'a>(
+        room_ids: impl IntoIterator<Item = &'a str>,
+        reply_targets: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let distinct = |ids: std::collections::BTreeSet<&str>| {
+            ids.into_iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        Self {
+            room_ids: distinct(room_ids.into_iter().collect()),
+            reply_targets: distinct(reply_targets.into_iter().collect()),
+        }
+    }
+
+    /// The rooms asked about.
+    pub fn room_ids(&self) -> &[String] {
+        &self.room_ids
+    }
+
+    /// The events asked whether the bot sent them.
+    pub fn reply_targets(&self) -> &[String] {
+        &self.reply_targets
+    }
 }
 
 /// What `Store::ingest` did with a transaction.
@@ -235,15 +262,9 @@ impl TxnWrite {
 }
 
 fn read_room_facts(conn: &mut Conn, query: &FactsQuery) -> Result<RoomFacts, StoreError> {
-    // Distinct ids, in slices under both backends' bind-parameter limits (SQLite 32,766,
-    // PostgreSQL 65,535): a transaction of 100,000 events must not fail its lookup.
-    let distinct = |ids: &[String]| {
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    };
-    let (room_ids, reply_targets) = (distinct(&query.room_ids), distinct(&query.reply_targets));
+    // In slices under both backends' bind-parameter limits (SQLite 32,766, PostgreSQL
+    // 65,535): a transaction of 100,000 events must not fail its lookup.
+    let (room_ids, reply_targets) = (query.room_ids(), query.reply_targets());
     db!(conn, |c| {
         let (mut direct, mut counts, mut bot) = (Vec::new(), Vec::new(), Vec::new());
         for ids in room_ids.chunks(MAX_BINDS) {
@@ -725,10 +746,10 @@ impl Store {
         room_ids: Vec<String>,
         reply_targets: Vec<String>,
     ) -> Result<RoomFacts, StoreError> {
-        let query = FactsQuery {
-            room_ids,
-            reply_targets,
-        };
+        let query = FactsQuery::new(
+            room_ids.iter().map(String::as_str),
+            reply_targets.iter().map(String::as_str),
+        );
         self.run(move |conn| read_room_facts(conn, &query)).await
     }
 
