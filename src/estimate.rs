@@ -284,15 +284,16 @@ pub fn estimate(mix: &[(Route, i64)], costs: &BTreeMap<Route, RouteCost>) -> Est
     Estimate { routes, months }
 }
 
+/// Whole dollars with separators from $100, cents from $1, else five places (a message's cost).
 fn usd(ticks: i64) -> String {
-    let dollars = ticks as f64 / TICKS_PER_USD as f64;
-    if dollars.abs() >= 100.0 {
-        let sign = if dollars < 0.0 { "-" } else { "" };
-        format!("{sign}${}", grouped(dollars.abs().round() as i64))
-    } else if dollars.abs() >= 1.0 {
-        format!("${dollars:.2}")
+    let abs = ticks.abs();
+    if abs >= 100 * TICKS_PER_USD {
+        let sign = if ticks < 0 { "-" } else { "" };
+        format!("{sign}${}", grouped((abs + TICKS_PER_USD / 2) / TICKS_PER_USD))
+    } else if abs >= TICKS_PER_USD {
+        crate::stats::usd(ticks, 2)
     } else {
-        format!("${dollars:.5}")
+        crate::stats::usd(ticks, 5)
     }
 }
 
