@@ -289,7 +289,10 @@ fn usd(ticks: i64) -> String {
     let abs = ticks.abs();
     if abs >= 100 * TICKS_PER_USD {
         let sign = if ticks < 0 { "-" } else { "" };
-        format!("{sign}${}", grouped((abs + TICKS_PER_USD / 2) / TICKS_PER_USD))
+        format!(
+            "{sign}${}",
+            grouped((abs + TICKS_PER_USD / 2) / TICKS_PER_USD)
+        )
     } else if abs >= TICKS_PER_USD {
         crate::stats::usd(ticks, 2)
     } else {
