@@ -203,6 +203,8 @@ pub struct Facts {
     pub replies_to_bot: bool,
     /// The sender's per-user cap is 0 (`Limiter::blocks`): they get a notice, never a model.
     pub sender_blocked: bool,
+    /// The bot reads encrypted messages (`encryption.enabled`).
+    pub decrypts: bool,
 }
 
 /// Why an addressed event cannot be served (the stable `degraded` tokens).
@@ -291,6 +293,8 @@ pub enum Verdict {
     },
     Skip(SkipReason),
     Addressed(Request),
+    /// An encrypted event: classified again once decrypted (`crate::answer::encrypted`).
+    Decrypt,
 }
 
 impl Verdict {
@@ -301,6 +305,7 @@ impl Verdict {
             Verdict::Invite { .. } => "invite",
             Verdict::Skip(_) => "skip",
             Verdict::Addressed(_) => "addressed",
+            Verdict::Decrypt => "decrypt",
         }
     }
 }
@@ -339,8 +344,9 @@ pub fn classify(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     }
     match event.kind.as_str() {
         "m.room.redaction" => Verdict::Ignore(IgnoreReason::Redaction),
-        // Encrypted content is unreadable here; in a direct chat the user is clearly talking to
-        // the bot, so tell them. In a group it may not concern the bot at all.
+        "m.room.encrypted" if facts.decrypts => Verdict::Decrypt,
+        // Without encryption the content is unreadable; in a direct chat the user is clearly
+        // talking to the bot, so tell them. In a group it may not concern the bot at all.
         "m.room.encrypted" if facts.direct_room => Verdict::Skip(SkipReason::EncryptedRoom),
         "m.room.encrypted" => Verdict::Ignore(IgnoreReason::NotAddressed),
         "m.sticker" => addressed_or(event, me, facts, |e| image_request(e, me, facts)),
@@ -608,6 +614,7 @@ mod tests {
             direct_room: true,
             replies_to_bot: false,
             sender_blocked: false,
+            decrypts: false,
         };
         let text = json!({"msgtype": "m.text", "body": "hello"});
         assert_eq!(
@@ -682,16 +689,19 @@ mod tests {
         direct_room: false,
         replies_to_bot: false,
         sender_blocked: false,
+        decrypts: false,
     };
     const DIRECT: Facts = Facts {
         direct_room: true,
         replies_to_bot: false,
         sender_blocked: false,
+        decrypts: false,
     };
     const REPLY: Facts = Facts {
         direct_room: false,
         replies_to_bot: true,
         sender_blocked: false,
+        decrypts: false,
     };
     const IGNORE_NA: Verdict = Verdict::Ignore(IgnoreReason::NotAddressed);
 
@@ -705,6 +715,20 @@ mod tests {
                 msg(alice, text("lunch at noon?")),
                 GROUP,
                 IGNORE_NA,
+            ),
+            (
+                "encrypted in a group, read by a bot with encryption",
+                event(
+                    "m.room.encrypted",
+                    alice,
+                    None,
+                    json!({"algorithm": "m.megolm.v1.aes-sha2"}),
+                ),
+                Facts {
+                    decrypts: true,
+                    ..GROUP
+                },
+                Verdict::Decrypt,
             ),
             (
                 "any text in a direct room",

@@ -69,6 +69,8 @@ pub struct Config {
     #[serde(default)]
     pub vision: VisionConfig,
     #[serde(default)]
+    pub encryption: EncryptionConfig,
+    #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
@@ -206,6 +208,62 @@ impl Default for ProviderConfig {
             api_key: None,
         }
     }
+}
+
+/// `encryption.*`: end-to-end encryption through one cross-signed bot device. The crypto
+/// store's passphrase comes only from env `GROK_CRYPTO_PASSPHRASE`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The directory of the crypto store (Olm account, sessions, cross-signing keys).
+    #[serde(default = "default_crypto_store")]
+    pub store_path: PathBuf,
+    /// How long an encrypted message waits for its room key before the bot gives up on it.
+    #[serde(default = "default_key_wait", deserialize_with = "de_duration")]
+    pub key_wait: Duration,
+    /// How long one replica owns the crypto machine before another may take it over.
+    #[serde(default = "default_crypto_lease", deserialize_with = "de_duration")]
+    pub lease: Duration,
+    /// Never read from the file: filled from env `GROK_CRYPTO_PASSPHRASE`.
+    #[serde(skip)]
+    pub passphrase: Option<String>,
+}
+
+impl std::fmt::Debug for EncryptionConfig {
+    // Hand-written so the passphrase can never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptionConfig")
+            .field("enabled", &self.enabled)
+            .field("store_path", &self.store_path)
+            .field("key_wait", &self.key_wait)
+            .field("lease", &self.lease)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            store_path: default_crypto_store(),
+            key_wait: default_key_wait(),
+            lease: default_crypto_lease(),
+            passphrase: None,
+        }
+    }
+}
+
+fn default_crypto_store() -> PathBuf {
+    PathBuf::from("crypto-store")
+}
+fn default_key_wait() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_crypto_lease() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `models.*`: model ids per role; nothing about a model is hard-coded elsewhere.
@@ -1025,12 +1083,14 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies `DATABASE_URL`, `XAI_API_KEY` and the `TELEMETRY_*` overrides.
+    /// Applies `DATABASE_URL`, `XAI_API_KEY`, `GROK_CRYPTO_PASSPHRASE` and the `TELEMETRY_*`
+    /// overrides.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(url) = env("DATABASE_URL").filter(|v| !v.is_empty()) {
             self.database.url = url;
         }
         self.provider.api_key = env("XAI_API_KEY").filter(|v| !v.is_empty());
+        self.encryption.passphrase = env("GROK_CRYPTO_PASSPHRASE").filter(|v| !v.is_empty());
         if let Some(v) = env("TELEMETRY_ENABLED") {
             self.telemetry.enabled = parse_bool("TELEMETRY_ENABLED", &v)?;
         }
@@ -1057,6 +1117,20 @@ impl Config {
         Duration::from_secs(per_call.saturating_mul(3))
     }
 
+    fn validate_encryption(&self) -> Result<(), ConfigError> {
+        let e = &self.encryption;
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&e.key_wait) {
+            return Err(invalid("encryption.key_wait", "must be between 1s and 10m"));
+        }
+        if e.lease < Duration::from_secs(5) {
+            return Err(invalid("encryption.lease", "must be at least 5s"));
+        }
+        if e.store_path.as_os_str().is_empty() {
+            return Err(invalid("encryption.store_path", "must not be empty"));
+        }
+        Ok(())
+    }
+
     /// Checks every value once; fills `rooms.allowed_servers` with the bot's server if empty.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         check_http_url("homeserver.url", &self.homeserver.url)?;
@@ -1073,6 +1147,7 @@ impl Config {
         if self.bot.max_concurrent_answers == 0 {
             return Err(invalid("bot.max_concurrent_answers", "must be at least 1"));
         }
+        self.validate_encryption()?;
         if self.limits.reservation_ttl < self.longest_run() {
             return Err(invalid(
                 "limits.reservation_ttl",

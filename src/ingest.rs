@@ -93,6 +93,7 @@ pub struct VerdictCounts {
     invite: u64,
     skip: u64,
     addressed: u64,
+    decrypt: u64,
 }
 
 impl VerdictCounts {
@@ -102,16 +103,18 @@ impl VerdictCounts {
             Verdict::Invite { .. } => self.invite += 1,
             Verdict::Skip(_) => self.skip += 1,
             Verdict::Addressed(_) => self.addressed += 1,
+            Verdict::Decrypt => self.decrypt += 1,
         }
     }
 
     /// `(label, count)` pairs with the labels of `Verdict::label`.
-    pub fn pairs(&self) -> [(&'static str, u64); 4] {
+    pub fn pairs(&self) -> [(&'static str, u64); 5] {
         [
             ("ignore", self.ignore),
             ("invite", self.invite),
             ("skip", self.skip),
             ("addressed", self.addressed),
+            ("decrypt", self.decrypt),
         ]
     }
 }
@@ -161,6 +164,7 @@ pub fn plan(state: &AppState, txn_id: &str, parsed: Parsed, facts: RoomFacts) ->
                 .in_reply_to()
                 .is_some_and(|id| facts.bot_events.contains(id)),
             sender_blocked: state.limiter.blocks(&event.sender),
+            decrypts: state.config.encryption.enabled,
         };
         let verdict = classify(&event, me, event_facts);
         plan.verdicts.count(&verdict);
@@ -175,9 +179,15 @@ pub fn plan(state: &AppState, txn_id: &str, parsed: Parsed, facts: RoomFacts) ->
             Verdict::Invite { .. } => ClaimKind::Invite,
             Verdict::Skip(_) => ClaimKind::Skip,
             Verdict::Addressed(_) => ClaimKind::Addressed,
+            Verdict::Decrypt => ClaimKind::Encrypted,
         };
-        // Without a free worker slot the claim is queued in the database, not in memory.
-        let slot = state.slots.clone().try_acquire_owned().ok();
+        // Without a free worker slot the claim is queued in the database, not in memory; an
+        // encrypted one also while another replica owns the crypto machine.
+        let slot = if kind == ClaimKind::Encrypted && state.matrix.crypto().is_none() {
+            None
+        } else {
+            state.slots.clone().try_acquire_owned().ok()
+        };
         plan.queued |= slot.is_none();
         write.claims.push(NewClaim {
             event_id: event.event_id.clone(),

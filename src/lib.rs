@@ -11,6 +11,7 @@ pub mod classify;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod crypto;
 pub mod estimate;
 pub mod housekeeping;
 pub mod ingest;

@@ -455,6 +455,9 @@ async fn open_current(config: &Config, pool_size: u32) -> anyhow::Result<Store> 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
     let registration = registration::load(&config.appservice.registration)?;
+    if config.encryption.enabled {
+        check_encryption(&config, &registration).await?;
+    }
     let store = Store::connect(&config.database.url, config.database.pool_size)?;
     let _single_process = store.lock_single_process(&config.database.url)?;
     let applied = store.migrate().await.context("running migrations")?;
@@ -501,6 +504,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses to start with encryption on when the registration cannot serve it, the passphrase
+/// is missing, or the crypto store does not open with it.
+async fn check_encryption(
+    config: &Config,
+    registration: &ruma::api::appservice::Registration,
+) -> anyhow::Result<()> {
+    registration::check_for_encryption(registration, &config.homeserver.server_name)
+        .map_err(|why| anyhow::anyhow!("{why}"))?;
+    let Some(passphrase) = config.encryption.passphrase.as_deref() else {
+        anyhow::bail!(
+            "encryption.enabled is true but GROK_CRYPTO_PASSPHRASE is not set: set it to a long \
+             random secret and keep it (the crypto store cannot be read without it)"
+        );
+    };
+    grok_appservice::crypto::device::check_store(&config.encryption.store_path, passphrase)
+        .await
+        .with_context(|| format!("encryption.store_path {}", config.encryption.store_path.display()))?;
+    Ok(())
+}
+
 /// Refuses to start on a key xAI refuses or a model id it does not know; starts with a
 /// warning when xAI cannot be asked.
 async fn check_account(config: &Config) -> anyhow::Result<()> {
@@ -529,7 +552,7 @@ async fn check_account(config: &Config) -> anyhow::Result<()> {
 
 /// Registers the bot user and pings the homeserver, retrying while it starts up.
 async fn announce(state: std::sync::Arc<AppState>) {
-    let localpart = state.registration.sender_localpart.clone();
+    let localpart = registration::bot_localpart(&state.registration, &state.config.homeserver.server_name);
     for attempt in 1..=10 {
         match state.matrix.register(&localpart).await {
             Ok(()) => break,
@@ -538,6 +561,10 @@ async fn announce(state: std::sync::Arc<AppState>) {
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
         }
+    }
+    // The device belongs to the bot user: it is made once the user exists.
+    if state.config.encryption.enabled {
+        tokio::spawn(grok_appservice::crypto::owner::run(state.clone()));
     }
     if let Err(e) = state
         .matrix

@@ -3,12 +3,15 @@
 //! 429 is waited out (`Retry-After`) a bounded number of times.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use crate::crypto::Crypto;
 
 /// A failed client-server call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -92,6 +95,10 @@ pub struct MatrixClient {
     as_token: String,
     /// The bot's full user id.
     pub user_id: String,
+    /// Encryption, when this replica owns the crypto machine (shared by every clone).
+    crypto: Arc<RwLock<Option<Arc<Crypto>>>>,
+    /// `encryption.enabled`: a send into an encrypted room needs the crypto machine.
+    encryption: bool,
 }
 
 impl MatrixClient {
@@ -107,6 +114,44 @@ impl MatrixClient {
             base_url: base_url.trim_end_matches('/').to_string(),
             as_token: as_token.to_string(),
             user_id: user_id.to_string(),
+            crypto: Arc::default(),
+            encryption: false,
+        }
+    }
+
+    /// This client with `encryption.enabled`: sends into encrypted rooms are encrypted once a
+    /// crypto machine is installed, and refused (a transient error) until then.
+    pub fn with_encryption(mut self) -> Self {
+        self.encryption = true;
+        self
+    }
+
+    /// Installs (or, with `None`, removes) the crypto machine this replica owns.
+    pub fn set_crypto(&self, crypto: Option<Arc<Crypto>>) {
+        *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = crypto;
+    }
+
+    /// The crypto machine, when this replica owns it.
+    pub fn crypto(&self) -> Option<Arc<Crypto>> {
+        self.crypto
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The event types that can hold a message: encrypted ones too when encryption is on.
+    fn message_types(&self) -> &'static [&'static str] {
+        if self.encryption {
+            &["m.room.message", "m.room.encrypted"]
+        } else {
+            &["m.room.message"]
+        }
+    }
+
+    /// Decrypts what it can of `events` in place (when encryption is on and owned here).
+    async fn decrypt_all(&self, room_id: &str, events: &mut [Value]) {
+        if let Some(crypto) = self.crypto() {
+            crypto.decrypt_all(room_id, events).await;
         }
     }
 
@@ -116,7 +161,9 @@ impl MatrixClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, MatrixError> {
-        let url = format!("{}{}", self.base_url, path);
+        // Every call names the bot user: it is not the registration's sender_localpart.
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}user_id={}", self.base_url, enc(&self.user_id));
         let mut waits = 0;
         loop {
             let mut req = self
@@ -300,14 +347,16 @@ impl MatrixClient {
         room_id: &str,
         limit: u32,
     ) -> Result<Vec<Value>, MatrixError> {
-        let filter = json!({"types": ["m.room.message"]}).to_string();
+        let filter = json!({ "types": self.message_types() }).to_string();
         let path = format!(
             "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
             enc(room_id),
             enc(&filter)
         );
         let v = self.call(reqwest::Method::GET, &path, None).await?;
-        Ok(chunk(v))
+        let mut events = chunk(v);
+        self.decrypt_all(room_id, &mut events).await;
+        Ok(events)
     }
 
     /// The latest `limit` messages of the thread under `root` (the root itself not included),
@@ -324,23 +373,50 @@ impl MatrixClient {
             enc(root)
         );
         let v = self.call(reqwest::Method::GET, &path, None).await?;
-        Ok(chunk(v))
+        let mut events = chunk(v);
+        self.decrypt_all(room_id, &mut events).await;
+        Ok(events)
     }
 
-    /// Sends an `m.room.message`; the txnId makes a repeated send a no-op at the homeserver.
+    /// Sends an `m.room.message`, encrypted in an encrypted room; the txnId makes a repeated
+    /// send a no-op at the homeserver.
     pub async fn send_message(
         &self,
         room_id: &str,
         txn_id: &str,
         content: &Value,
     ) -> Result<String, MatrixError> {
+        let (event_type, body) = match self.crypto() {
+            Some(crypto) => {
+                let crypt = |e: crate::crypto::CryptoError| {
+                    MatrixError::Transport(format!("encrypting the message: {e}"))
+                };
+                if crypto.is_encrypted(room_id).await.map_err(crypt)? {
+                    let sealed = crypto
+                        .encrypt(room_id, "m.room.message", content)
+                        .await
+                        .map_err(crypt)?;
+                    ("m.room.encrypted", std::borrow::Cow::Owned(sealed))
+                } else {
+                    ("m.room.message", std::borrow::Cow::Borrowed(content))
+                }
+            }
+            None if self.encryption && self.is_encrypted(room_id).await? => {
+                // Another replica owns the crypto machine; a retry may find it here.
+                return Err(MatrixError::Transport(
+                    "the room is encrypted and this replica does not own the crypto machine"
+                        .into(),
+                ));
+            }
+            None => ("m.room.message", std::borrow::Cow::Borrowed(content)),
+        };
         let path = format!(
-            "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+            "/_matrix/client/v3/rooms/{}/send/{event_type}/{}",
             enc(room_id),
             enc(txn_id)
         );
         let v = self
-            .call(reqwest::Method::PUT, &path, Some(content))
+            .call(reqwest::Method::PUT, &path, Some(&body))
             .await?;
         v["event_id"]
             .as_str()
@@ -380,18 +456,19 @@ impl MatrixClient {
         source_event_id: &str,
         limit: u32,
     ) -> Result<Vec<(usize, String)>, MatrixError> {
-        let filter = json!({"senders": [self.user_id], "types": ["m.room.message"]}).to_string();
+        let filter =
+            json!({"senders": [self.user_id], "types": self.message_types()}).to_string();
         let path = format!(
             "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
             enc(room_id),
             enc(&filter)
         );
         let v = self.call(reqwest::Method::GET, &path, None).await?;
+        let mut events = chunk(v);
+        self.decrypt_all(room_id, &mut events).await;
         let marker = crate::answer::render::PART_KEY;
-        let found = v["chunk"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let found = events
+            .iter()
             .filter(|e| e["sender"] == self.user_id.as_str())
             .filter_map(|e| {
                 let content = &e["content"];
@@ -483,7 +560,52 @@ impl MatrixClient {
             enc(room_id),
             enc(event_id)
         );
-        self.call(reqwest::Method::GET, &path, None).await
+        let event = self.call(reqwest::Method::GET, &path, None).await?;
+        let mut one = [event];
+        self.decrypt_all(room_id, &mut one).await;
+        let [event] = one;
+        Ok(event)
+    }
+
+    /// One state event's content; `None` when the room has none of that type and key.
+    pub async fn state_event(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>, MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/{}/{}",
+            enc(room_id),
+            enc(event_type),
+            enc(state_key)
+        );
+        match self.call(reqwest::Method::GET, &path, None).await {
+            Ok(content) => Ok(Some(content)),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the room has `m.room.encryption` in its state.
+    async fn is_encrypted(&self, room_id: &str) -> Result<bool, MatrixError> {
+        Ok(self
+            .state_event(room_id, "m.room.encryption", "")
+            .await?
+            .is_some())
+    }
+
+    /// Creates the bot user's device `device_id` as the appservice (MSC4190: no login, no
+    /// interactive auth); an existing device is kept.
+    pub async fn create_device(&self, device_id: &str, name: &str) -> Result<(), MatrixError> {
+        let path = format!("/_matrix/client/v3/devices/{}", enc(device_id));
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&json!({ "display_name": name })),
+        )
+        .await
+        .map(|_| ())
     }
 }
 

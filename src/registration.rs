@@ -33,9 +33,60 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The bot's full user id, `@<sender_localpart>:<server_name>`.
+/// The bot user's localpart. A namespace regex that names exactly one user (as
+/// `generate` writes) names the bot: the `sender_localpart` when it is such a user (older
+/// registrations), else the one such user. Without one, the bot is the `sender_localpart`.
+pub fn bot_localpart(registration: &Registration, server_name: &str) -> String {
+    let named: Vec<String> = registration
+        .namespaces
+        .users
+        .iter()
+        .filter(|ns| ns.exclusive)
+        .filter_map(|ns| literal_user(&ns.regex, server_name))
+        .collect();
+    let sender = &registration.sender_localpart;
+    match named.as_slice() {
+        [one] if one != sender && !named.contains(sender) => one.clone(),
+        _ => sender.clone(),
+    }
+}
+
+/// The localpart of the one user on `server_name` a regex matches, when it matches only one.
+fn literal_user(regex: &str, server_name: &str) -> Option<String> {
+    let inner = regex.strip_prefix('^')?.strip_suffix('$')?;
+    let mut literal = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => literal.push(chars.next()?),
+            c if "^$.|?*+()[]{}".contains(c) => return None,
+            c => literal.push(c),
+        }
+    }
+    let localpart = literal
+        .strip_prefix('@')?
+        .strip_suffix(&format!(":{server_name}"))?;
+    (!localpart.is_empty() && !localpart.contains(':')).then(|| localpart.to_string())
+}
+
+/// The bot's full user id, `@<bot_localpart>:<server_name>`.
 pub fn bot_user_id(registration: &Registration, server_name: &str) -> String {
-    format!("@{}:{server_name}", registration.sender_localpart)
+    format!("@{}:{server_name}", bot_localpart(registration, server_name))
+}
+
+/// Why a registration cannot serve with encryption on: the homeserver refuses `/sync` (which
+/// the bot's device needs for its keys) to the `sender_localpart` user.
+pub fn check_for_encryption(registration: &Registration, server_name: &str) -> Result<(), String> {
+    if bot_localpart(registration, server_name) == registration.sender_localpart {
+        return Err(format!(
+            "encryption.enabled needs a bot user other than the registration's sender_localpart \
+             `{}` (the homeserver refuses /sync to that user): run generate-registration again, \
+             or set sender_localpart to a random string and keep the bot user in the exclusive \
+             users namespace (see the README, \"Encrypted rooms\"), then restart the homeserver",
+            registration.sender_localpart
+        ));
+    }
+    Ok(())
 }
 
 /// The exclusive user-namespace regex that covers exactly the bot user.
@@ -46,18 +97,22 @@ pub fn bot_user_regex(localpart: &str, server_name: &str) -> String {
     )
 }
 
-/// Builds a registration with fresh tokens and an exclusive namespace for the bot user.
+/// Builds a registration with fresh tokens, an exclusive namespace for the bot user and a
+/// random `sender_localpart`: the homeserver's own appservice user stays apart from the bot,
+/// so the registration works with encryption on or off.
 pub fn generate(server_name: &str, url: &str, localpart: &str) -> Registration {
     let mut namespaces = Namespaces::new();
     namespaces
         .users
         .push(Namespace::new(true, bot_user_regex(localpart, server_name)));
+    // Not in the namespace: the homeserver knows its appservice user without one.
+    let sender = format!("_grok_as_{}", hex::encode(rand::random::<[u8; 8]>()));
     let mut registration: Registration = RegistrationInit {
         id: localpart.to_string(),
         url: Some(url.trim_end_matches('/').to_string()),
         as_token: random_token(),
         hs_token: random_token(),
-        sender_localpart: localpart.to_string(),
+        sender_localpart: sender,
         namespaces,
         rate_limited: Some(false),
         protocols: None,
@@ -143,7 +198,9 @@ mod tests {
         let reg = generate("example.org", "http://127.0.0.1:9000/", "grok");
         let back = parse(&to_yaml(&reg)).unwrap();
         assert_eq!(back.id, "grok");
-        assert_eq!(back.sender_localpart, "grok");
+        assert_ne!(back.sender_localpart, "grok");
+        assert_eq!(bot_user_id(&back, "example.org"), "@grok:example.org");
+        assert!(check_for_encryption(&back, "example.org").is_ok());
         assert_eq!(back.url.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(back.rate_limited, Some(false));
         let ns = &back.namespaces.users[0];
@@ -152,6 +209,41 @@ mod tests {
         assert!(re.is_match("@grok:example.org"));
         assert!(!re.is_match("@grok:exampleXorg"));
         assert!(!re.is_match("@grokker:example.org"));
+    }
+
+    fn with(sender: &str, regexes: &[&str]) -> Registration {
+        let mut reg = generate("example.org", "http://x", "grok");
+        reg.sender_localpart = sender.into();
+        reg.namespaces.users = regexes
+            .iter()
+            .map(|r| Namespace::new(true, r.to_string()))
+            .collect();
+        reg
+    }
+
+    #[test]
+    fn the_bot_is_the_one_user_a_namespace_names() {
+        let bot = |reg: &Registration| bot_localpart(reg, "example.org");
+        // Registrations written before the random sender_localpart: the sender is the bot.
+        let old = with("grok", &[r"^@grok:example\.org$"]);
+        assert_eq!(bot(&old), "grok");
+        assert!(check_for_encryption(&old, "example.org")
+            .unwrap_err()
+            .contains("generate-registration"));
+        // Hand-edited as the README says: a random sender, the bot named by its namespace.
+        assert_eq!(bot(&with("xyz", &[r"^@grok:example\.org$"])), "grok");
+        // A pattern names no single user; another server's user is not ours.
+        assert_eq!(bot(&with("xyz", &[r"^@grok_.*:example\.org$"])), "xyz");
+        assert_eq!(bot(&with("xyz", &[r"^@grok:other\.org$"])), "xyz");
+        assert_eq!(bot(&with("xyz", &["@grok:example\\.org"])), "xyz");
+        // Two named users and neither is the sender: ambiguous, so the sender.
+        assert_eq!(
+            bot(&with("xyz", &[r"^@a:example\.org$", r"^@b:example\.org$"])),
+            "xyz"
+        );
+        let mut shared = with("xyz", &[r"^@grok:example\.org$"]);
+        shared.namespaces.users[0].exclusive = false;
+        assert_eq!(bot(&shared), "xyz");
     }
 
     #[test]

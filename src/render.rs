@@ -320,7 +320,7 @@ impl Opener {
     }
 
     fn closing_line(&self) -> String {
-        " ".repeat(self.indent) + &char::from(self.ch).to_string().repeat(self.len)
+        " ".repeat(self.indent) + char::from(self.ch).to_string().repeat(self.len).as_str()
     }
 }
 

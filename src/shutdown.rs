@@ -56,6 +56,7 @@ pub async fn drain(state: &AppState, grace: Duration) -> Drained {
     if released > 0 {
         tracing::info!(released, "released unfinished claims");
     }
+    crate::crypto::owner::release(state).await;
     Drained {
         cancelled,
         released,

@@ -135,7 +135,11 @@ impl AppState {
             access: config.rooms.access.clone(),
         };
         let metrics = Arc::new(Metrics::default());
-        let matrix = MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);
+        let mut matrix =
+            MatrixClient::new(&config.homeserver.url, &registration.as_token, &user_id);
+        if config.encryption.enabled {
+            matrix = matrix.with_encryption();
+        }
         let provider = Provider::new(&config.provider, &config.prices);
         let cascade = Cascade::new(&config, provider, store.clone());
         let limiter = Limiter::new(&config, store.clone(), clock);

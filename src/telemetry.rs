@@ -274,6 +274,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Workers that stopped because another replica took their claim.",
     ),
     (
+        "decrypted_total",
+        "Encrypted claimed events, by result (ok, missing_key, broken).",
+    ),
+    (
         "telemetry_write_failures_total",
         "request_log writes that failed.",
     ),

@@ -682,7 +682,7 @@ async fn claims_are_fenced_through_their_life() {
         assert_eq!(path_expire, 1, "[{l}]");
         tokio::time::sleep(Duration::from_millis(5)).await;
         let taken = store
-            .take_expired_claims("w3".into(), HOUR, 10, vec![])
+            .take_expired_claims("w3".into(), HOUR, 10, vec![], vec![])
             .await
             .unwrap();
         assert_eq!(taken.len(), 1, "[{l}]");
@@ -809,7 +809,7 @@ async fn expired_claims_are_taken_over_once() {
 
         let before = now();
         let taken = store
-            .take_expired_claims("w2".into(), HOUR, 100, vec![])
+            .take_expired_claims("w2".into(), HOUR, 100, vec![], vec![])
             .await
             .unwrap();
         let mut got: Vec<&str> = taken.iter().map(|r| r.event_id.as_str()).collect();
@@ -849,7 +849,7 @@ async fn expired_claims_are_taken_over_once() {
 
         // Now leased for an hour: nothing to take.
         let again = store
-            .take_expired_claims("w3".into(), HOUR, 100, vec![])
+            .take_expired_claims("w3".into(), HOUR, 100, vec![], vec![])
             .await
             .unwrap();
         assert!(again.is_empty(), "[{l}] {again:?}");
@@ -870,13 +870,13 @@ async fn expired_claims_are_taken_over_once() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         let first = store
-            .take_expired_claims("w4".into(), Duration::ZERO, 3, vec![])
+            .take_expired_claims("w4".into(), Duration::ZERO, 3, vec![], vec![])
             .await
             .unwrap();
         assert_eq!(first.len(), 3, "[{l}] limit");
         tokio::time::sleep(Duration::from_millis(5)).await;
         let second = store
-            .take_expired_claims("w5".into(), Duration::ZERO, 100, vec![])
+            .take_expired_claims("w5".into(), Duration::ZERO, 100, vec![], vec![])
             .await
             .unwrap();
         assert_eq!(second.len(), 5, "[{l}] all five expired again");
@@ -919,7 +919,7 @@ async fn concurrent_takers_never_share_a_claim() {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
             async move {
                 store
-                    .take_expired_claims(format!("w{i}"), HOUR, 100, vec![])
+                    .take_expired_claims(format!("w{i}"), HOUR, 100, vec![], vec![])
                     .await
             }
         }))

@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
             direct_room: i % 2 == 0,
             replies_to_bot: i % 4 < 2,
             sender_blocked: i % 8 == 7,
+            decrypts: i % 16 >= 8,
         };
         if let Verdict::Addressed(request) = classify(event, &ME, facts) {
             assert_eq!(request.direct, facts.direct_room);

@@ -2,10 +2,12 @@
 //! admit (too old?) -> [`run`] (commands, decide, reserve, cascade) -> [`render`] (safe, split
 //! reply into the outbox) -> [`deliver`] (outbox stored with the claim, then sent) ->
 //! [`record`] (the `request_log` row). [`recover`] takes over claims of dead workers;
-//! [`notice`] handles skip notices and invites. Every claim change is fenced ([`crate::claims`]).
+//! [`notice`] handles skip notices and invites; [`encrypted`] decrypts an encrypted claim
+//! before it takes this path. Every claim change is fenced ([`crate::claims`]).
 
 pub mod command;
 pub mod deliver;
+pub mod encrypted;
 pub mod images;
 pub mod notice;
 pub mod progress;
@@ -216,26 +218,12 @@ pub fn dispatch(
     let span = tracing::info_span!("request", event_id = %event.event_id);
     let working = state.working.enter(&event.event_id);
     let task = async move {
-        match verdict {
-            Verdict::Addressed(request) => {
-                let job = Job {
-                    event_id: event.event_id,
-                    room_id: event.room_id,
-                    sender: event.sender,
-                    request,
-                    origin_ts: event.origin_server_ts,
-                    progress_event,
-                };
-                answer(worker.clone(), job, fence).await;
-            }
-            Verdict::Skip(reason) => notice::skip(worker.clone(), event, reason, fence).await,
-            Verdict::Invite {
-                declined,
-                is_direct,
-            } => notice::invite(worker.clone(), event, declined, is_direct, fence).await,
-            Verdict::Ignore(_) => {
-                close(&worker, &fence, ClaimState::Done, None).await;
-            }
+        let decrypted = match verdict {
+            Verdict::Decrypt => encrypted::decrypt(&worker, event, &fence).await,
+            verdict => Some((event, verdict)),
+        };
+        if let Some((event, verdict)) = decrypted {
+            work(worker.clone(), event, verdict, fence, progress_event).await;
         }
         drop(working);
         drop(slot);
@@ -243,4 +231,36 @@ pub fn dispatch(
         worker.slot_freed.notify_one();
     };
     state.spawn_worker(task.instrument(span));
+}
+
+/// Does what a (plaintext) verdict asks.
+async fn work(
+    state: Arc<AppState>,
+    event: Event,
+    verdict: Verdict,
+    fence: Fence,
+    progress_event: Option<String>,
+) {
+    match verdict {
+        Verdict::Addressed(request) => {
+            let job = Job {
+                event_id: event.event_id,
+                room_id: event.room_id,
+                sender: event.sender,
+                request,
+                origin_ts: event.origin_server_ts,
+                progress_event,
+            };
+            answer(state, job, fence).await;
+        }
+        Verdict::Skip(reason) => notice::skip(state, event, reason, fence).await,
+        Verdict::Invite {
+            declined,
+            is_direct,
+        } => notice::invite(state, event, declined, is_direct, fence).await,
+        // A decrypted event that is itself encrypted again is not read twice.
+        Verdict::Ignore(_) | Verdict::Decrypt => {
+            close(&state, &fence, ClaimState::Done, None).await;
+        }
+    }
 }

@@ -17,6 +17,11 @@ use super::render::{Outbox, ReplyTarget};
 /// The notice for an addressed message the bot cannot serve.
 pub(super) fn skip_notice(state: &AppState, reason: SkipReason) -> String {
     match reason {
+        SkipReason::EncryptedRoom if state.config.encryption.enabled => {
+            "I couldn't decrypt a message here: its key never reached me. Please send it \
+             again; if this keeps happening, your client may not share keys with my device."
+                .into()
+        }
         SkipReason::EncryptedRoom => {
             "I can't read encrypted messages. Please talk to me in a room \
                                       without encryption."

@@ -44,6 +44,12 @@ pub async fn recover_once(state: &Arc<AppState>) -> usize {
             state.timings.claim_lease,
             slots.len() as i64,
             state.working.snapshot(),
+            // Encrypted claims wait for the replica that owns the crypto machine.
+            if state.matrix.crypto().is_some() {
+                Vec::new()
+            } else {
+                vec![crate::store::ClaimKind::Encrypted.as_str()]
+            },
         )
         .await
     {
@@ -170,35 +176,9 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
     };
     // /event omits room_id in some servers' answers.
     event.room_id = claim.room_id.clone();
-    let Ok(facts) = state
-        .store
-        .room_facts(
-            vec![event.room_id.clone()],
-            event
-                .in_reply_to()
-                .map(str::to_string)
-                .into_iter()
-                .collect(),
-        )
-        .await
-    else {
+    let Some(verdict) = classify_now(&state, &event).await else {
         return;
     };
-    let direct = facts
-        .rooms
-        .get(&event.room_id)
-        .is_some_and(|(d, n)| classify::is_direct_room(*d, *n));
-    let verdict = classify::classify(
-        &event,
-        &state.identity,
-        Facts {
-            direct_room: direct,
-            replies_to_bot: event
-                .in_reply_to()
-                .is_some_and(|id| facts.bot_events.contains(id)),
-            sender_blocked: state.limiter.blocks(&event.sender),
-        },
-    );
     tracing::info!(verdict = verdict.label(), "recovering a claim");
     if matches!(verdict, Verdict::Ignore(_)) {
         close(&state, &fence, ClaimState::Done, None).await;
@@ -212,6 +192,39 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
             claim.progress_event_id.clone(),
         );
     }
+}
+
+/// Classifies an event read back from the homeserver against the room facts as they are now;
+/// `None` when the facts cannot be read (the claim's lease runs out and it is tried again).
+pub(super) async fn classify_now(state: &AppState, event: &Event) -> Option<Verdict> {
+    let facts = state
+        .store
+        .room_facts(
+            vec![event.room_id.clone()],
+            event
+                .in_reply_to()
+                .map(str::to_string)
+                .into_iter()
+                .collect(),
+        )
+        .await
+        .ok()?;
+    let direct = facts
+        .rooms
+        .get(&event.room_id)
+        .is_some_and(|(d, n)| classify::is_direct_room(*d, *n));
+    Some(classify::classify(
+        event,
+        &state.identity,
+        Facts {
+            direct_room: direct,
+            replies_to_bot: event
+                .in_reply_to()
+                .is_some_and(|id| facts.bot_events.contains(id)),
+            sender_blocked: state.limiter.blocks(&event.sender),
+            decrypts: state.config.encryption.enabled,
+        },
+    ))
 }
 
 /// Whether the reply of a claim that died while sending (stored before outboxes existed) is

@@ -192,6 +192,7 @@ impl Store {
         lease: Duration,
         limit: i64,
         exclude: Vec<String>,
+        skip_kinds: Vec<&'static str>,
     ) -> Result<Vec<ClaimRow>, StoreError> {
         self.run(move |conn| {
             let now = now();
@@ -201,6 +202,7 @@ impl Store {
                     .filter(processed_events::state.eq_any(ClaimState::open_tokens()))
                     .filter(processed_events::lease_expires_at.lt(now))
                     .filter(processed_events::event_id.ne_all(&exclude))
+                    .filter(processed_events::kind.ne_all(&skip_kinds))
                     .order(processed_events::lease_expires_at)
                     .limit(limit)
                     .load(c)?;

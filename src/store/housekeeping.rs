@@ -112,6 +112,20 @@ impl Store {
         .await
     }
 
+    /// Gives up the lease `name` if `owner` holds it, so another replica may take it at once.
+    pub async fn release_lease(&self, name: String, owner: String) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            db!(conn, |c| diesel::delete(
+                leases::table
+                    .filter(leases::name.eq(&name))
+                    .filter(leases::owner.eq(&owner))
+            )
+            .execute(c))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Deletes up to `batch` `appservice_transactions` rows received before `cutoff`.
     pub async fn prune_transactions(
         &self,

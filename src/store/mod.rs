@@ -397,6 +397,7 @@ fn write_transaction(
 mod analytics;
 pub mod budget;
 mod claims;
+mod crypto;
 pub mod copy;
 mod housekeeping;
 pub mod room_state;
@@ -417,14 +418,18 @@ pub enum ClaimKind {
     Skip,
     /// An invite of the bot.
     Invite,
+    /// An encrypted event: only the replica owning the crypto machine takes it.
+    Encrypted,
 }
 
 impl ClaimKind {
-    fn as_str(self) -> &'static str {
+    /// The stored token (`processed_events.kind`).
+    pub fn as_str(self) -> &'static str {
         match self {
             ClaimKind::Addressed => "addressed",
             ClaimKind::Skip => "skip",
             ClaimKind::Invite => "invite",
+            ClaimKind::Encrypted => "encrypted",
         }
     }
 }

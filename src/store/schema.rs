@@ -163,6 +163,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    crypto_devices (user_id) {
+        user_id -> Text,
+        device_id -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     leases (name) {
         name -> Text,
         owner -> Text,
@@ -182,6 +190,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     grounding_usage,
     budget_counters,
     budget_reservations,
+    crypto_devices,
     leases,
     room_settings,
     room_answer_windows,

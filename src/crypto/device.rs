@@ -1,0 +1,203 @@
+//! The bot's encryption device: created once as the appservice (`PUT /devices/{id}`,
+//! MSC4190), its id kept in the database and its keys in the passphrase-encrypted crypto
+//! store, its keys uploaded and cross-signed. On every start the homeserver's copy of the
+//! device keys is compared with the store's: a lost or replaced store gets a new device.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use matrix_sdk_crypto::store::CryptoStore;
+use matrix_sdk_crypto::OlmMachine;
+use matrix_sdk_sqlite::SqliteCryptoStore;
+use ruma::api::client::keys::get_keys;
+use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+
+use super::http::DeviceHttp;
+use super::{Crypto, CryptoError};
+use crate::matrix::MatrixClient;
+use crate::store::Store;
+
+/// The display name of the bot's device in clients' device lists.
+const DEVICE_NAME: &str = "grok-appservice";
+
+/// What `open` needs to find or make the device.
+pub struct DeviceSetup<'a> {
+    pub homeserver_url: &'a str,
+    pub as_token: &'a str,
+    pub user_id: &'a str,
+    pub store_path: &'a Path,
+    pub passphrase: &'a str,
+    pub store: &'a Store,
+}
+
+/// Opens the crypto store and the device it belongs to, making a new device when there is
+/// none or the homeserver no longer has this one's keys; uploads keys and cross-signs.
+pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
+    let user: OwnedUserId =
+        UserId::parse(setup.user_id).map_err(|e| CryptoError::Id(e.to_string()))?;
+    let matrix = MatrixClient::new(setup.homeserver_url, setup.as_token, setup.user_id);
+    let known = setup.store.crypto_device(setup.user_id.to_string()).await?;
+    let sqlite = open_store(setup.store_path, setup.passphrase).await?;
+    let account_device = sqlite
+        .load_account()
+        .await
+        .map_err(|e| CryptoError::Open(e.to_string()))?
+        .map(|a| a.device_id().to_owned());
+    let http_for = |device: &OwnedDeviceId| {
+        DeviceHttp::new(
+            setup.homeserver_url,
+            setup.as_token,
+            user.clone(),
+            device.clone(),
+        )
+    };
+    match (known, account_device) {
+        (Some(known), Some(device)) if known == device.as_str() => {
+            let machine = OlmMachine::with_store(&user, &device, sqlite, None).await?;
+            let http = http_for(&device);
+            if keys_on_server(&http, &machine).await? {
+                tracing::info!(device_id = %device, "encryption device reused");
+                return finish(Crypto::new(machine, http, matrix)).await;
+            }
+            tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (pruned, or the store is from elsewhere); creating a new device");
+            drop(machine);
+        }
+        (Some(known), None) => tracing::warn!(
+            old_device_id = %known,
+            "the crypto store is empty but device {known} was created before: the store was \
+             lost; creating a new device (messages encrypted for the old one stay unreadable)"
+        ),
+        (known, Some(device)) => tracing::warn!(
+            store_device_id = %device,
+            recorded = ?known,
+            "the crypto store belongs to another device than the database records; creating a new device"
+        ),
+        (None, None) => tracing::info!("creating the encryption device"),
+    }
+    let sqlite = fresh_store(setup.store_path, setup.passphrase).await?;
+    let device: OwnedDeviceId = new_device_id().into();
+    matrix.create_device(device.as_str(), DEVICE_NAME).await?;
+    setup
+        .store
+        .set_crypto_device(setup.user_id.to_string(), device.to_string())
+        .await?;
+    let machine = OlmMachine::with_store(&user, &device, sqlite, None).await?;
+    tracing::info!(device_id = %device, "encryption device created");
+    finish(Crypto::new(machine, http_for(&device), matrix)).await
+}
+
+/// Uploads what the machine has queued (device and one-time keys) and makes sure the device
+/// is cross-signed by the bot's own identity.
+async fn finish(crypto: Crypto) -> Result<Arc<Crypto>, CryptoError> {
+    crypto.http.flush(&crypto.machine).await?;
+    let status = crypto.machine.cross_signing_status().await;
+    if !(status.has_master && status.has_self_signing && status.has_user_signing) {
+        let requests = crypto.machine.bootstrap_cross_signing(false).await?;
+        if let Some(upload) = &requests.upload_keys_req {
+            crypto.http.execute(&crypto.machine, upload).await?;
+        }
+        crypto
+            .http
+            .upload_signing_keys(requests.upload_signing_keys_req)
+            .await?;
+        crypto.http.send(requests.upload_signatures_req).await?;
+        tracing::info!("encryption device cross-signed");
+    }
+    Ok(Arc::new(crypto))
+}
+
+/// Whether the homeserver holds this device with the store's identity key.
+async fn keys_on_server(http: &DeviceHttp, machine: &OlmMachine) -> Result<bool, CryptoError> {
+    let mut query = get_keys::v3::Request::new();
+    query
+        .device_keys
+        .insert(http.user_id.clone(), vec![http.device_id.clone()]);
+    let response = http.send(query).await?;
+    let Some(keys) = response
+        .device_keys
+        .get(&http.user_id)
+        .and_then(|devices| devices.get(&http.device_id))
+    else {
+        return Ok(false);
+    };
+    let keys: serde_json::Value = serde_json::from_str(keys.json().get())?;
+    let ours = machine.identity_keys().ed25519.to_base64();
+    Ok(keys["keys"][format!("ed25519:{}", http.device_id)] == ours.as_str())
+}
+
+/// Opens the store once and closes it: a wrong passphrase or an unreadable store is found at
+/// start, before the replica serves.
+pub async fn check_store(path: &Path, passphrase: &str) -> Result<(), CryptoError> {
+    open_store(path, passphrase).await.map(drop)
+}
+
+async fn open_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, CryptoError> {
+    create_private_dir(path)?;
+    SqliteCryptoStore::open(path, Some(passphrase))
+        .await
+        .map_err(|e| {
+            CryptoError::Open(format!(
+                "{e} (is GROK_CRYPTO_PASSPHRASE the one the store was made with?)"
+            ))
+        })
+}
+
+/// Moves an unusable store aside (never deletes key material) and opens an empty one.
+async fn fresh_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, CryptoError> {
+    if path.exists() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()) {
+        let aside = aside_path(path);
+        std::fs::rename(path, &aside).map_err(|e| {
+            CryptoError::Open(format!("cannot move {} aside: {e}", path.display()))
+        })?;
+        tracing::warn!(path = %aside.display(), "the old crypto store was moved aside");
+    }
+    open_store(path, passphrase).await
+}
+
+fn aside_path(path: &Path) -> PathBuf {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".replaced-{stamp}"));
+    path.with_file_name(name)
+}
+
+fn create_private_dir(path: &Path) -> Result<(), CryptoError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(path)
+        .map_err(|e| CryptoError::Open(format!("cannot create {}: {e}", path.display())))
+}
+
+/// A fresh device id: ten random capital letters, as clients make them.
+fn new_device_id() -> String {
+    (0..10)
+        .map(|_| char::from(b'A' + rand::random_range(0..26u8)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_look_like_clients_ones() {
+        let a = new_device_id();
+        assert_eq!(a.len(), 10);
+        assert!(a.chars().all(|c| c.is_ascii_uppercase()));
+        assert_ne!(a, new_device_id());
+    }
+
+    #[test]
+    fn a_replaced_store_is_kept_beside_the_new_one() {
+        let aside = aside_path(Path::new("/var/lib/grok/crypto-store"));
+        assert_eq!(aside.parent(), Some(Path::new("/var/lib/grok")));
+        assert!(aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("crypto-store.replaced-"));
+    }
+}
