@@ -218,6 +218,25 @@ def ensure_venv():
     return out.stdout.strip().splitlines()[-1]
 
 
+# The E2EE client of tests/e2e/encryption.py; its `e2e` extra brings vodozemac wheels (no
+# system library). NIO_SPEC overrides what is installed.
+NIO_SPEC = os.environ.get("NIO_SPEC", "matrix-nio[e2e]==0.26.0")
+
+
+def ensure_nio(venv):
+    """Installs NIO_SPEC into the virtualenv `venv` unless its python already imports nio with
+    encryption; returns that python's path. (The harness stays stdlib-only: only the venv's
+    interpreter imports nio.)"""
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", "import nio.crypto, sys; sys.exit(0 if nio.crypto.ENCRYPTION_ENABLED else 1)"]
+    if subprocess.run(check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        log(f"ensure_nio: installing {NIO_SPEC} into {venv}")
+        subprocess.run([python, "-m", "pip", "install", "--quiet", NIO_SPEC], check=True,
+                       stdout=sys.stderr)
+        subprocess.run(check, check=True)
+    return python
+
+
 def write_synapse_config(stack, port, registration_path):
     """Writes a minimal single-process homeserver.yaml for `localhost`; returns (path, secret)."""
     d = stack.path("synapse")
@@ -488,12 +507,12 @@ class Bot:
         codes = self.stack.stop("bot", timeout, forget=True)
         return codes[-1] if codes else None
 
-    def restart(self, api_key, extra_config=None, timeout=60):
+    def restart(self, api_key, extra_config=None, timeout=60, extra_env=None):
         """Stops the bot, rewrites its config with `extra_config`, starts it again on the same
-        database, registration and port."""
+        database, registration and port (with `extra_env` as for `start`)."""
         code = self.stop()
         self.write_config(extra=extra_config)
-        self.start(api_key, timeout)
+        self.start(api_key, timeout, extra_env=extra_env)
         return code
 
     def query(self, sql, args=()):

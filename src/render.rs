@@ -984,7 +984,7 @@ mod tests {
                         } else {
                             1 + rng.below(12)
                         };
-                        doc += &words(rng, n);
+                        doc.push_str(&words(rng, n));
                         doc += nl;
                     }
                 }
@@ -992,7 +992,7 @@ mod tests {
                     let indent = " ".repeat(rng.below(4));
                     let fence = rng.pick(&["```", "~~~", "````", "~~~~~"]);
                     let info = rng.pick(&["", "rust", "py title=\"a b\"", " sh"]);
-                    doc += &format!("{indent}{fence}{info}{nl}");
+                    doc.push_str(&format!("{indent}{fence}{info}{nl}"));
                     for _ in 0..rng.below(30) {
                         let line = match rng.below(8) {
                             0 => String::new(),
@@ -1007,12 +1007,12 @@ mod tests {
                                 format!("    {}", words(rng, n))
                             }
                         };
-                        doc += &line;
+                        doc.push_str(&line);
                         doc += nl;
                     }
                     // Sometimes the last block is left open, as a truncated reply would be.
                     if b + 1 < blocks || rng.below(4) != 0 {
-                        doc += &format!("{indent}{fence}{nl}");
+                        doc.push_str(&format!("{indent}{fence}{nl}"));
                     }
                 }
                 _ => {
@@ -1060,12 +1060,12 @@ mod tests {
         let mut text = String::new();
         let mut rng = Lcg(42);
         while text.len() < 200_000 {
-            text += &words(&mut rng, 60);
+            text.push_str(&words(&mut rng, 60));
             text += "\n";
-            text += &words(&mut rng, 40);
+            text.push_str(&words(&mut rng, 40));
             text += "\n\n```rust\n";
             for i in 0..800 {
-                text += &format!("    let x{i} = \"<{i}>\"; // {}\n", words(&mut rng, 3));
+                text.push_str(&format!("    let x{i} = \"<{i}>\"; // {}\n", words(&mut rng, 3)));
                 if i % 100 == 0 {
                     text += "\n";
                 }
@@ -1073,8 +1073,8 @@ mod tests {
             text += "```\n\n";
         }
         // One line over a part on its own, in code and in prose.
-        text += &format!("~~~\n{}\n~~~\n\n", "y".repeat(70_000));
-        text += &words(&mut rng, 12_000);
+        text.push_str(&format!("~~~\n{}\n~~~\n\n", "y".repeat(70_000)));
+        text.push_str(&words(&mut rng, 12_000));
         text += "\n\nThe end.";
         let parts = check_parts(&text, MAX_PART_BYTES, 60_000);
         assert!(parts.len() >= 4, "{}", parts.len());

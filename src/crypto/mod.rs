@@ -364,12 +364,18 @@ mod tests {
         );
         let matrix = MatrixClient::new("http://127.0.0.1:9", "token", user.as_str());
         let crypto = std::sync::Arc::new(Crypto::new(machine, http, matrix));
+        // A real Megolm message of a session nobody shared with the bot.
+        let mut session = matrix_sdk_crypto::vodozemac::megolm::GroupSession::new(
+            Default::default(),
+        );
+        let ciphertext = session.encrypt(r#"{"type":"m.room.message","content":{}}"#);
+        let sender_key = matrix_sdk_crypto::vodozemac::Curve25519PublicKey::from_bytes([7; 32]);
         let event = json!({"event_id": "$e:x", "sender": "@a:example.org",
             "origin_server_ts": 1, "type": "m.room.encrypted",
             "content": {"algorithm": "m.megolm.v1.aes-sha2",
-                "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
-                "device_id": "ALICE", "sender_key": "SGVsbG8gd29ybGQgdGhpcyBpcyBhIGtleSBvayBvaw",
-                "session_id": "c29tZSBzZXNzaW9uIGlkIHRoYXQgbm9ib2R5IGhhcyBzaGFyZWQ"}});
+                "ciphertext": ciphertext.to_base64(),
+                "device_id": "ALICE", "sender_key": sender_key.to_base64(),
+                "session_id": session.session_id()}});
         assert_eq!(
             crypto.decrypt("!r:example.org", &event).await,
             Err(Undecryptable::MissingKey)
