@@ -142,8 +142,13 @@ enum Command {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // The crypto crates' debug and trace lines name sessions, keys and decrypted events:
+    // whatever RUST_LOG says, they log warnings and errors only.
+    for quiet in ["matrix_sdk_crypto=warn", "matrix_sdk_sqlite=warn", "vodozemac=warn"] {
+        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    }
     // Colour codes only on a terminal, never in log files or pipes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

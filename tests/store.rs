@@ -896,6 +896,62 @@ async fn expired_claims_are_taken_over_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn encrypted_claims_wait_for_the_crypto_owner() {
+    for db in db::all() {
+        let l = db.label;
+        let store = open(&db).await;
+        store
+            .commit_transaction(
+                txn(
+                    "t1",
+                    vec![
+                        claim("$plain", "!r:x", ClaimKind::Addressed),
+                        claim("$sealed", "!r:x", ClaimKind::Encrypted),
+                    ],
+                ),
+                "dead".into(),
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let encrypted = vec![ClaimKind::Encrypted.as_str()];
+        let other = store
+            .take_expired_claims("plain-replica".into(), HOUR, 100, vec![], encrypted)
+            .await
+            .unwrap();
+        let got: Vec<&str> = other.iter().map(|r| r.event_id.as_str()).collect();
+        assert_eq!(got, ["$plain"], "[{l}] a replica without the machine");
+        let owner = store
+            .take_expired_claims("owner".into(), HOUR, 100, vec![], vec![])
+            .await
+            .unwrap();
+        let got: Vec<(&str, &str)> = owner
+            .iter()
+            .map(|r| (r.event_id.as_str(), r.kind.as_str()))
+            .collect();
+        assert_eq!(got, [("$sealed", "encrypted")], "[{l}] the owner");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crypto_device_is_recorded_once_per_user() {
+    for db in db::all() {
+        let l = db.label;
+        let store = open(&db).await;
+        let user = format!("@grok-{}:x", rand::random::<u32>());
+        assert_eq!(store.crypto_device(user.clone()).await.unwrap(), None, "[{l}]");
+        store.set_crypto_device(user.clone(), "AAAA".into()).await.unwrap();
+        store.set_crypto_device(user.clone(), "BBBB".into()).await.unwrap();
+        assert_eq!(
+            store.crypto_device(user).await.unwrap().as_deref(),
+            Some("BBBB"),
+            "[{l}] a new device replaces the old"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_takers_never_share_a_claim() {
     for db in db::all() {
         let l = db.label;

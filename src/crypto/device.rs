@@ -43,24 +43,23 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
         .await
         .map_err(|e| CryptoError::Open(e.to_string()))?
         .map(|a| a.device_id().to_owned());
-    let http_for = |device: &OwnedDeviceId| {
-        DeviceHttp::new(
-            setup.homeserver_url,
-            setup.as_token,
-            user.clone(),
-            device.clone(),
-        )
-    };
-    match (known, account_device) {
+    match (known, account_device.clone()) {
         (Some(known), Some(device)) if known == device.as_str() => {
             let machine = OlmMachine::with_store(&user, &device, sqlite, None).await?;
-            let http = http_for(&device);
+            let http = DeviceHttp::new(
+                setup.homeserver_url,
+                setup.as_token,
+                user.clone(),
+                device.clone(),
+            );
             if keys_on_server(&http, &machine).await? {
                 tracing::info!(device_id = %device, "encryption device reused");
                 return finish(Crypto::new(machine, http, matrix)).await;
             }
             tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (pruned, or the store is from elsewhere); creating a new device");
             drop(machine);
+            let sqlite = fresh_store(setup.store_path, setup.passphrase).await?;
+            return create(&setup, &matrix, &user, sqlite).await;
         }
         (Some(known), None) => tracing::warn!(
             old_device_id = %known,
@@ -74,16 +73,37 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
         ),
         (None, None) => tracing::info!("creating the encryption device"),
     }
-    let sqlite = fresh_store(setup.store_path, setup.passphrase).await?;
+    // A store without an account is empty and serves as it is; one with another device's
+    // account is moved aside.
+    let sqlite = match account_device {
+        None => sqlite,
+        Some(_) => fresh_store(setup.store_path, setup.passphrase).await?,
+    };
+    create(&setup, &matrix, &user, sqlite).await
+}
+
+/// Creates a new device on the homeserver, records it and opens its machine on `sqlite`.
+async fn create(
+    setup: &DeviceSetup<'_>,
+    matrix: &MatrixClient,
+    user: &OwnedUserId,
+    sqlite: SqliteCryptoStore,
+) -> Result<Arc<Crypto>, CryptoError> {
     let device: OwnedDeviceId = new_device_id().into();
     matrix.create_device(device.as_str(), DEVICE_NAME).await?;
     setup
         .store
         .set_crypto_device(setup.user_id.to_string(), device.to_string())
         .await?;
-    let machine = OlmMachine::with_store(&user, &device, sqlite, None).await?;
+    let machine = OlmMachine::with_store(user, &device, sqlite, None).await?;
     tracing::info!(device_id = %device, "encryption device created");
-    finish(Crypto::new(machine, http_for(&device), matrix)).await
+    let http = DeviceHttp::new(
+        setup.homeserver_url,
+        setup.as_token,
+        user.clone(),
+        device,
+    );
+    finish(Crypto::new(machine, http, matrix.clone())).await
 }
 
 /// Uploads what the machine has queued (device and one-time keys) and makes sure the device

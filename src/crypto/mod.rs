@@ -30,6 +30,7 @@ use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::Value;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::matrix::{MatrixClient, MatrixError};
 use http::DeviceHttp;
@@ -132,11 +133,14 @@ impl Crypto {
         }
         let raw: Raw<EncryptedEvent> =
             Raw::from_json(serde_json::value::to_raw_value(&outer).map_err(|e| broken(&e))?);
-        let decrypted = match self
+        // A span of its own without fields: the machine records the event's ids into the
+        // current span, which would otherwise be the worker's (once per retry).
+        let settings = decryption_settings();
+        let decrypting = self
             .machine
-            .decrypt_room_event(&raw, &room_id, &decryption_settings())
-            .await
-        {
+            .decrypt_room_event(&raw, &room_id, &settings)
+            .instrument(tracing::info_span!("decrypt"));
+        let decrypted = match decrypting.await {
             Ok(d) => d,
             Err(MegolmError::MissingRoomKey(_)) => return Err(Undecryptable::MissingKey),
             Err(e) => return Err(broken(&e)),
