@@ -239,7 +239,10 @@ impl std::fmt::Debug for EncryptionConfig {
             .field("store_path", &self.store_path)
             .field("key_wait", &self.key_wait)
             .field("lease", &self.lease)
-            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .field(
+                "passphrase",
+                &self.passphrase.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

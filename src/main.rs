@@ -146,7 +146,11 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     // The crypto crates' debug and trace lines name sessions, keys and decrypted events:
     // whatever RUST_LOG says, they log warnings and errors only.
-    for quiet in ["matrix_sdk_crypto=warn", "matrix_sdk_sqlite=warn", "vodozemac=warn"] {
+    for quiet in [
+        "matrix_sdk_crypto=warn",
+        "matrix_sdk_sqlite=warn",
+        "vodozemac=warn",
+    ] {
         filter = filter.add_directive(quiet.parse().expect("a valid directive"));
     }
     // Colour codes only on a terminal, never in log files or pipes.
@@ -525,7 +529,12 @@ async fn check_encryption(
     };
     grok_appservice::crypto::device::check_store(&config.encryption.store_path, passphrase)
         .await
-        .with_context(|| format!("encryption.store_path {}", config.encryption.store_path.display()))?;
+        .with_context(|| {
+            format!(
+                "encryption.store_path {}",
+                config.encryption.store_path.display()
+            )
+        })?;
     Ok(())
 }
 
@@ -557,7 +566,8 @@ async fn check_account(config: &Config) -> anyhow::Result<()> {
 
 /// Registers the bot user and pings the homeserver, retrying while it starts up.
 async fn announce(state: std::sync::Arc<AppState>) {
-    let localpart = registration::bot_localpart(&state.registration, &state.config.homeserver.server_name);
+    let localpart =
+        registration::bot_localpart(&state.registration, &state.config.homeserver.server_name);
     for attempt in 1..=10 {
         match state.matrix.register(&localpart).await {
             Ok(()) => break,

@@ -404,8 +404,7 @@ impl MatrixClient {
             None if self.encryption && self.is_encrypted(room_id).await? => {
                 // Another replica owns the crypto machine; a retry may find it here.
                 return Err(MatrixError::Transport(
-                    "the room is encrypted and this replica does not own the crypto machine"
-                        .into(),
+                    "the room is encrypted and this replica does not own the crypto machine".into(),
                 ));
             }
             None => ("m.room.message", std::borrow::Cow::Borrowed(content)),
@@ -415,9 +414,7 @@ impl MatrixClient {
             enc(room_id),
             enc(txn_id)
         );
-        let v = self
-            .call(reqwest::Method::PUT, &path, Some(&body))
-            .await?;
+        let v = self.call(reqwest::Method::PUT, &path, Some(&body)).await?;
         v["event_id"]
             .as_str()
             .map(str::to_string)
@@ -456,8 +453,7 @@ impl MatrixClient {
         source_event_id: &str,
         limit: u32,
     ) -> Result<Vec<(usize, String)>, MatrixError> {
-        let filter =
-            json!({"senders": [self.user_id], "types": self.message_types()}).to_string();
+        let filter = json!({"senders": [self.user_id], "types": self.message_types()}).to_string();
         let path = format!(
             "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}&filter={}",
             enc(room_id),

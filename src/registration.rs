@@ -71,7 +71,10 @@ fn literal_user(regex: &str, server_name: &str) -> Option<String> {
 
 /// The bot's full user id, `@<bot_localpart>:<server_name>`.
 pub fn bot_user_id(registration: &Registration, server_name: &str) -> String {
-    format!("@{}:{server_name}", bot_localpart(registration, server_name))
+    format!(
+        "@{}:{server_name}",
+        bot_localpart(registration, server_name)
+    )
 }
 
 /// Why a registration cannot serve with encryption on: the homeserver refuses `/sync` (which

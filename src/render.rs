@@ -1065,7 +1065,10 @@ mod tests {
             text.push_str(&words(&mut rng, 40));
             text += "\n\n```rust\n";
             for i in 0..800 {
-                text.push_str(&format!("    let x{i} = \"<{i}>\"; // {}\n", words(&mut rng, 3)));
+                text.push_str(&format!(
+                    "    let x{i} = \"<{i}>\"; // {}\n",
+                    words(&mut rng, 3)
+                ));
                 if i % 100 == 0 {
                     text += "\n";
                 }

@@ -940,9 +940,19 @@ async fn the_crypto_device_is_recorded_once_per_user() {
         let l = db.label;
         let store = open(&db).await;
         let user = format!("@grok-{}:x", rand::random::<u32>());
-        assert_eq!(store.crypto_device(user.clone()).await.unwrap(), None, "[{l}]");
-        store.set_crypto_device(user.clone(), "AAAA".into()).await.unwrap();
-        store.set_crypto_device(user.clone(), "BBBB".into()).await.unwrap();
+        assert_eq!(
+            store.crypto_device(user.clone()).await.unwrap(),
+            None,
+            "[{l}]"
+        );
+        store
+            .set_crypto_device(user.clone(), "AAAA".into())
+            .await
+            .unwrap();
+        store
+            .set_crypto_device(user.clone(), "BBBB".into())
+            .await
+            .unwrap();
         assert_eq!(
             store.crypto_device(user).await.unwrap().as_deref(),
             Some("BBBB"),

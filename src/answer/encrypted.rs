@@ -66,7 +66,11 @@ pub(super) async fn decrypt(
                 Undecryptable::MissingKey => "missing_key",
                 Undecryptable::Broken(_) => "broken",
             };
-            tracing::warn!(reason = label, ?patience, "an encrypted message could not be decrypted");
+            tracing::warn!(
+                reason = label,
+                ?patience,
+                "an encrypted message could not be decrypted"
+            );
             state.metrics.inc("decrypted_total", &[("result", label)]);
             Some((event, Verdict::Skip(SkipReason::EncryptedRoom)))
         }

@@ -97,12 +97,7 @@ async fn create(
         .await?;
     let machine = OlmMachine::with_store(user, &device, sqlite, None).await?;
     tracing::info!(device_id = %device, "encryption device created");
-    let http = DeviceHttp::new(
-        setup.homeserver_url,
-        setup.as_token,
-        user.clone(),
-        device,
-    );
+    let http = DeviceHttp::new(setup.homeserver_url, setup.as_token, user.clone(), device);
     finish(Crypto::new(machine, http, matrix.clone())).await
 }
 
@@ -166,9 +161,8 @@ async fn open_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, 
 async fn fresh_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, CryptoError> {
     if path.exists() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()) {
         let aside = aside_path(path);
-        std::fs::rename(path, &aside).map_err(|e| {
-            CryptoError::Open(format!("cannot move {} aside: {e}", path.display()))
-        })?;
+        std::fs::rename(path, &aside)
+            .map_err(|e| CryptoError::Open(format!("cannot move {} aside: {e}", path.display())))?;
         tracing::warn!(path = %aside.display(), "the old crypto store was moved aside");
     }
     open_store(path, passphrase).await

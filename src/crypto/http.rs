@@ -180,7 +180,8 @@ impl DeviceHttp {
         request: UploadSigningKeysRequest,
     ) -> Result<(), CryptoError> {
         let raw = |key: Option<matrix_sdk_crypto::types::CrossSigningKey>| {
-            key.map(|k| Raw::new(&k).map(Raw::cast_unchecked)).transpose()
+            key.map(|k| Raw::new(&k).map(Raw::cast_unchecked))
+                .transpose()
         };
         let mut upload = upload_signing_keys::v3::Request::new();
         upload.master_key = raw(request.master_key)?;

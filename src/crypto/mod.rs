@@ -207,7 +207,11 @@ impl Crypto {
             .matrix
             .state_event(room, "m.room.history_visibility", "")
             .await?
-            .and_then(|c| c["history_visibility"].as_str().map(HistoryVisibility::from))
+            .and_then(|c| {
+                c["history_visibility"]
+                    .as_str()
+                    .map(HistoryVisibility::from)
+            })
             .unwrap_or(HistoryVisibility::Shared);
         let known = RoomCrypto {
             encryption,
@@ -265,11 +269,9 @@ impl Crypto {
             self.machine.mark_request_as_sent(&id, &response).await?;
         }
         let encryption = match settings.encryption {
-            Some(e) => EncryptionSettings::new(
-                e,
-                settings.history_visibility,
-                CollectStrategy::AllDevices,
-            ),
+            Some(e) => {
+                EncryptionSettings::new(e, settings.history_visibility, CollectStrategy::AllDevices)
+            }
             None => EncryptionSettings::default(),
         };
         let shares = send_now(self.machine.share_room_key(
@@ -369,9 +371,8 @@ mod tests {
         let matrix = MatrixClient::new("http://127.0.0.1:9", "token", user.as_str());
         let crypto = std::sync::Arc::new(Crypto::new(machine, http, matrix));
         // A real Megolm message of a session nobody shared with the bot.
-        let mut session = matrix_sdk_crypto::vodozemac::megolm::GroupSession::new(
-            Default::default(),
-        );
+        let mut session =
+            matrix_sdk_crypto::vodozemac::megolm::GroupSession::new(Default::default());
         let ciphertext = session.encrypt(r#"{"type":"m.room.message","content":{}}"#);
         let sender_key = matrix_sdk_crypto::vodozemac::Curve25519PublicKey::from_bytes([7; 32]);
         let event = json!({"event_id": "$e:x", "sender": "@a:example.org",
@@ -404,7 +405,10 @@ mod tests {
         assert!(waited >= Duration::from_millis(700), "{waited:?}");
         assert!(matches!(
             crypto
-                .decrypt("!r:example.org", &json!({"type": "m.room.encrypted", "content": {}}))
+                .decrypt(
+                    "!r:example.org",
+                    &json!({"type": "m.room.encrypted", "content": {}})
+                )
                 .await,
             Err(Undecryptable::Broken(_))
         ));

@@ -56,7 +56,10 @@ pub async fn run(state: Arc<AppState>) {
             }
         };
         if let Some(crypto) = crypto {
-            tracing::info!(device_id = crypto.device_id(), "this replica owns the encryption device");
+            tracing::info!(
+                device_id = crypto.device_id(),
+                "this replica owns the encryption device"
+            );
             own(&state, crypto).await;
             state.matrix.set_crypto(None);
         }
@@ -94,7 +97,9 @@ async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
         }
         // Stop before the lease can have run out: another replica may take it then.
         if confirmed.elapsed() + every >= lease {
-            tracing::warn!("the encryption lease could not be renewed in time; dropping the device");
+            tracing::warn!(
+                "the encryption lease could not be renewed in time; dropping the device"
+            );
             break;
         }
     }

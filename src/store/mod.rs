@@ -397,8 +397,8 @@ fn write_transaction(
 mod analytics;
 pub mod budget;
 mod claims;
-mod crypto;
 pub mod copy;
+mod crypto;
 mod housekeeping;
 pub mod room_state;
 pub mod upgrade;
