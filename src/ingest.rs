@@ -136,7 +136,12 @@ pub fn plan(state: &AppState, txn_id: &str, parsed: Parsed, facts: RoomFacts) ->
         verdicts: VerdictCounts::default(),
         queued: false,
     };
+    let crypto = state.matrix.crypto();
     for event in parsed.events {
+        // Changed encryption settings (rotation) are read again before the next send.
+        if let (Some(crypto), "m.room.encryption") = (&crypto, event.kind.as_str()) {
+            crypto.forget_room(&event.room_id);
+        }
         // Membership changes apply in order, so a later message in the same transaction sees
         // the room as it is after them.
         if let Some((user, joined)) = event.membership() {

@@ -233,7 +233,7 @@ impl Crypto {
         rooms.get(room).cloned()
     }
 
-    /// Notes an `m.room.encryption` state event seen in a transaction (settings changed).
+    /// Forgets a room's encryption settings (an `m.room.encryption` event changed them).
     pub fn forget_room(&self, room: &str) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.remove(room);

@@ -67,8 +67,9 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
-/// Installs the machine, runs its sync loop and renews the lease until it is lost or the
-/// replica shuts down.
+/// Installs the machine, runs its sync loop and renews the lease until the lease is lost or
+/// shutdown's [`release`] takes the machine away. Shutdown alone keeps it: answers finishing
+/// in the grace period still encrypt.
 async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
     let lease = state.config.encryption.lease;
     let every = lease / 3;
@@ -78,9 +79,9 @@ async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
     let stop = CancellationToken::new();
     let sync = tokio::spawn(super::sync::run(crypto, stop.clone()));
     let mut confirmed = Instant::now();
-    while state.accepting.load(Ordering::SeqCst) {
+    loop {
         tokio::time::sleep(every).await;
-        if !state.accepting.load(Ordering::SeqCst) {
+        if state.matrix.crypto().is_none() {
             break;
         }
         match state
@@ -94,6 +95,11 @@ async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
                 break;
             }
             Err(e) => tracing::warn!(error = %e, "could not renew the encryption lease"),
+        }
+        if state.matrix.crypto().is_none() {
+            // Released while renewing: give the renewed lease back too.
+            let _ = release_lease(state).await;
+            break;
         }
         // Stop before the lease can have run out: another replica may take it then.
         if confirmed.elapsed() + every >= lease {
