@@ -329,65 +329,9 @@ async fn the_start_up_check_names_what_is_wrong() {
 /// (exited, stderr + stdout).
 async fn run_serve(xai_url: &str, models_final: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_grok-appservice");
-    let reg = dir.path().join("registration.yaml");
-    let status = std::process::Command::new(bin)
-        .args(["generate-registration", "--server-name", "example.org"])
-        .args(["--url", "http://127.0.0.1:1", "-o"])
-        .arg(&reg)
-        .output()
-        .unwrap();
-    assert!(status.status.success());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "homeserver: {{url: 'http://127.0.0.1:9', server_name: example.org}}\n\
-             appservice: {{registration: '{}', listen: '127.0.0.1:{port}'}}\n\
-             database: {{url: 'sqlite://{}'}}\n\
-             provider: {{base_url: '{xai_url}'}}\n\
-             models: {{final: {models_final}}}\n",
-            reg.display(),
-            dir.path().join("bot.db").display()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(bin)
-        .args(["serve", "-c"])
-        .arg(&config)
-        .env("XAI_API_KEY", "xai-test")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let exited = loop {
-        if child.try_wait().unwrap().is_some() {
-            break true;
-        }
-        let health = reqwest::get(format!("http://127.0.0.1:{port}/health")).await;
-        if health.is_ok_and(|r| r.status().is_success()) {
-            break false;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            panic!("serve neither exited nor served within a minute");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    (exited, text)
+    let reg = common::serve::generated_registration(dir.path());
+    let extra = format!("provider: {{base_url: '{xai_url}'}}\nmodels: {{final: {models_final}}}\n");
+    common::serve::run_serve(dir.path(), &reg, &extra, &[("XAI_API_KEY", "xai-test")]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod proxy;
+pub mod serve;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
