@@ -603,6 +603,16 @@ impl MatrixClient {
         .await
         .map(|_| ())
     }
+
+    /// Deletes the bot user's device `device_id` as the appservice (MSC4190: no interactive
+    /// auth); a device already gone counts as deleted.
+    pub async fn delete_device(&self, device_id: &str) -> Result<(), MatrixError> {
+        let path = format!("/_matrix/client/v3/devices/{}", enc(device_id));
+        match self.call(reqwest::Method::DELETE, &path, None).await {
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use matrix_sdk_crypto::store::CryptoStore;
 use matrix_sdk_crypto::OlmMachine;
-use matrix_sdk_sqlite::SqliteCryptoStore;
+use matrix_sdk_sqlite::{OpenStoreError, SqliteCryptoStore};
 use ruma::api::client::keys::get_keys;
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 
@@ -58,19 +58,29 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
             }
             tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (pruned, or the store is from elsewhere); creating a new device");
             drop(machine);
+            retire(&matrix, &known).await;
             let sqlite = fresh_store(setup.store_path, setup.passphrase).await?;
             return create(&setup, &matrix, &user, sqlite).await;
         }
-        (Some(known), None) => tracing::warn!(
-            old_device_id = %known,
-            "the crypto store is empty but device {known} was created before: the store was \
-             lost; creating a new device (messages encrypted for the old one stay unreadable)"
-        ),
-        (known, Some(device)) => tracing::warn!(
-            store_device_id = %device,
-            recorded = ?known,
-            "the crypto store belongs to another device than the database records; creating a new device"
-        ),
+        (Some(known), None) => {
+            tracing::warn!(
+                old_device_id = %known,
+                "the crypto store is empty but device {known} was created before: the store \
+                 was lost; creating a new device (messages encrypted for the old one stay \
+                 unreadable)"
+            );
+            retire(&matrix, &known).await;
+        }
+        (known, Some(device)) => {
+            tracing::warn!(
+                store_device_id = %device,
+                recorded = ?known,
+                "the crypto store belongs to another device than the database records; creating a new device"
+            );
+            if let Some(known) = known {
+                retire(&matrix, &known).await;
+            }
+        }
         (None, None) => tracing::info!("creating the encryption device"),
     }
     // A store without an account is empty and serves as it is; one with another device's
@@ -80,6 +90,17 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
         Some(_) => fresh_store(setup.store_path, setup.passphrase).await?,
     };
     create(&setup, &matrix, &user, sqlite).await
+}
+
+/// Deletes a device whose keys are lost, so that users' clients stop listing (and warning
+/// about) a bot session nobody can use; a failure only costs that warning.
+async fn retire(matrix: &MatrixClient, device_id: &str) {
+    match matrix.delete_device(device_id).await {
+        Ok(()) => tracing::info!(device_id, "the old encryption device was deleted"),
+        Err(e) => {
+            tracing::warn!(device_id, error = %e, "could not delete the old encryption device")
+        }
+    }
 }
 
 /// Creates a new device on the homeserver, records it and opens its machine on `sqlite`.
@@ -146,15 +167,42 @@ pub async fn check_store(path: &Path, passphrase: &str) -> Result<(), CryptoErro
     open_store(path, passphrase).await.map(drop)
 }
 
+/// Opens (and on first use creates) the store while holding its lock file: replicas sharing
+/// the store's volume would otherwise run its migrations, or make its cipher, at once, and a
+/// store whose cipher two processes wrote cannot be read again.
 async fn open_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, CryptoError> {
     create_private_dir(path)?;
+    let _lock = lock_store(path).await?;
     SqliteCryptoStore::open(path, Some(passphrase))
         .await
-        .map_err(|e| {
-            CryptoError::Open(format!(
+        .map_err(|e| match e {
+            OpenStoreError::InitCipher(_) => CryptoError::Open(format!(
                 "{e} (is GROK_CRYPTO_PASSPHRASE the one the store was made with?)"
-            ))
+            )),
+            other => CryptoError::Open(other.to_string()),
         })
+}
+
+/// Takes the exclusive lock on `<store>.lock` beside the store (beside, so a store moved
+/// aside does not take its lock along); released when the file is dropped.
+async fn lock_store(path: &Path) -> Result<std::fs::File, CryptoError> {
+    let lock = lock_path(path);
+    let taken = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|e| CryptoError::Open(format!("the store lock task failed: {e}")))?;
+    taken.map_err(|e| CryptoError::Open(format!("cannot lock {}: {e}", lock_path(path).display())))
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    sibling(path, ".lock")
 }
 
 /// Moves an unusable store aside (never deletes key material) and opens an empty one.
@@ -170,8 +218,13 @@ async fn fresh_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore,
 
 fn aside_path(path: &Path) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    sibling(path, &format!(".replaced-{stamp}"))
+}
+
+/// `path` with `suffix` appended to its last component.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".replaced-{stamp}"));
+    name.push(suffix);
     path.with_file_name(name)
 }
 
@@ -213,5 +266,28 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .starts_with("crypto-store.replaced-"));
+    }
+
+    /// Replicas starting together on an empty shared store: each open waits for the lock, so
+    /// one creates the store and the others open what it made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_opening_an_empty_store_together_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("crypto-store");
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { check_store(&store, "correct horse").await })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap().expect("every concurrent open succeeds");
+        }
+        check_store(&store, "correct horse")
+            .await
+            .expect("the store opens again");
+        let wrong = check_store(&store, "wrong").await.unwrap_err().to_string();
+        assert!(wrong.contains("GROK_CRYPTO_PASSPHRASE"), "{wrong}");
+        assert!(dir.path().join("crypto-store.lock").exists());
     }
 }

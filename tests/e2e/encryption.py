@@ -18,7 +18,17 @@
 - e5. no question's plaintext (random words) and not the crypto passphrase in the bot's log
   (run at RUST_LOG=grok_appservice=debug), and no question or answer text in Synapse's database;
 - e6. the bot's device is cross-signed: master and self-signing keys published, signatures valid,
-  unchanged by the restart.
+  unchanged by the restart;
+- e7. an encrypted group room (alice, bob, the bot): chatter is decrypted and ignored (no reply,
+  no provider call, no request_log row); `grok: ...` with m.mentions and `Grok, ...` are each
+  answered once, encrypted, and alice and bob both decrypt both answers (runs before e5);
+- e8. the crypto store is lost (moved away while the bot is stopped): a WARN naming the old
+  device, a new device (crypto_devices, /keys/query) and the old one deleted, a new
+  cross-signing identity signing it,
+  and alice decrypts the new device's answer once her client trusts it (on first use).
+
+The replica side of encryption (two replicas sharing one store, the lease, kill -9 failover) is
+tests/e2e/encryption_replicas.py.
 
 matrix-nio runs from the Synapse virtualenv (scripts/synapse-venv; E2E_VENV picks its place):
 when this interpreter cannot import nio, the script installs matrix-nio[e2e] there if needed
@@ -332,7 +342,7 @@ class Ctx:
         self.stack, self.synapse, self.loop, self.fake, self.bot = stack, synapse, loop, fake, bot
         self.devices = []
         self.dm = None
-        self.alice = self.alice2 = None
+        self.alice = self.alice2 = self.bob = None
         self.words = []  # the random words of every question sent to the bot
         self.questions = []  # their event ids
         self.answers = []  # texts of the bot's decrypted answers
@@ -709,9 +719,287 @@ def scenario_cross_signing(ctx):
                            f"device {', '.join(devices)} signed by both")
 
 
+# ---------------------------------------------------------------------------------------------
+# e7: an encrypted group room
+
+
+def bot_messages(dev, room):
+    """The bot's readable m.room.message events in the room, oldest first."""
+    return [e for e in dev.decrypted(room) if e.get("sender") == BOT and e.get("type") == "m.room.message"]
+
+
+def unexpected_bot_messages(dev, room, questions):
+    """Bot messages that are neither a reply to one of `questions` nor an edit of such a reply."""
+    replies = {e["event_id"] for e in bot_messages(dev, room) if L.in_reply_to(e) in questions}
+    out = []
+    for e in bot_messages(dev, room):
+        rel = L.relates_to(e)
+        if e["event_id"] in replies or (rel.get("rel_type") == "m.replace" and rel.get("event_id") in replies):
+            continue
+        out.append(e)
+    return out
+
+
+def group_room_problems(ctx, room, members):
+    """Waits until the bot has recorded the room as a group (not direct) with `members` joined."""
+    def recorded():
+        rows = ctx.bot.query("SELECT r.is_direct, (SELECT count(*) FROM room_members m WHERE m.room_id = "
+                             "r.room_id) AS n FROM rooms r WHERE r.room_id = ?", (room,))
+        return rows[0] if rows and rows[0]["n"] >= members else None
+
+    row = L.wait_until(recorded, 30, 0.5)
+    if not row:
+        rows = ctx.bot.query("SELECT user_id FROM room_members WHERE room_id = ?", (room,))
+        return [f"the bot did not record {members} members of the group room within 30s "
+                f"(room_members: {[r['user_id'] for r in rows]})"]
+    if row["is_direct"]:
+        return [f"the bot recorded the group room as direct (rooms.is_direct = {row['is_direct']})"]
+    return []
+
+
+def scenario_group(ctx):
+    """e7. An encrypted group room of alice, bob and the bot: chatter (decrypted by the bot,
+    then ignored) gets nothing; `grok: ...` with m.mentions from alice and `Grok, ...` (the
+    display name, no m.mentions) from bob are each answered once, encrypted, and both people
+    decrypt both answers. The chatter never reaches the provider."""
+    name = "e7. encrypted group room: chatter ignored, mentions answered, both members decrypt"
+    alice = ctx.alice
+    ctx.synapse.register("bob", PASSWORD)
+    bob = ctx.bob = ctx.device("bob", "bob-1")
+    # The members join before the bot is invited: the bot sees a room of three from the start.
+    room = alice.create_encrypted_room(invite=[bob.user_id], name="e2e encrypted group")
+    bob.join(room)
+    server = alice.plain_client()
+    if not server.wait_joined(room, bob.user_id, 30):
+        return report(name, ["bob did not join the group room within 30s"])
+    server.invite(room, BOT)
+    if not server.wait_joined(room, BOT, 30):
+        return report(name, [f"the bot did not join the encrypted group room within 30s "
+                             f"(membership {server.membership(room, BOT)})"])
+    problems = group_room_problems(ctx, room, 3)
+    for dev in (alice, bob):
+        others = [u for u in (alice.user_id, bob.user_id, BOT) if u != dev.user_id]
+        if not dev.wait(lambda: all(u in dev.client.rooms[room].users for u in others)
+                        and all(dev.devices_of(u) for u in others), 30):
+            return report(name, problems + [f"{dev.name} does not see every member joined, with their "
+                                            f"devices, within 30s"])
+    before = len(ctx.provider_calls())
+    words = [secret_word() for _ in range(4)]
+    ctx.words.extend(words)
+    chatter = [
+        alice.say(room, f"anyone up for lunch later? {words[0]}"),
+        bob.send(room, {"msgtype": "m.text", "body": f"alice: did you see the slides? {words[1]}",
+                        "m.mentions": {"user_ids": [alice.user_id]}}),
+        # The name in the middle of a sentence does not address the bot (README: a mention, a
+        # pill, the name as a prefix, or a reply to the bot).
+        bob.say(room, f"I asked grok about the trains yesterday {words[2]}"),
+    ]
+    # The bot decrypts each (its key comes by to-device) and then ignores it: its claim is done.
+    def chatter_claims():
+        rows = [ctx.bot.query("SELECT kind, state, reply_event_id FROM processed_events WHERE event_id = ?",
+                              (e,)) for e in chatter]
+        return rows if all(r and r[0]["state"] in ("done", "answered", "failed") for r in rows) else None
+
+    alice.wait(chatter_claims, REPLY_TIMEOUT)
+    alice.wait(lambda: False, QUIET_WAIT + 3)
+    claims = [ctx.bot.query("SELECT kind, state, reply_event_id FROM processed_events WHERE event_id = ?",
+                            (e,)) for e in chatter]
+    for i, (event_id, rows) in enumerate(zip(chatter, claims)):
+        got = rows[0] if rows else None
+        if not got or got["state"] != "done" or got["reply_event_id"]:
+            problems.append(f"chatter {i + 1}'s claim is {got} within {REPLY_TIMEOUT}s, want state done "
+                            f"without a reply (decrypted, then not addressed)")
+    early = unexpected_bot_messages(alice, room, set())
+    if early:
+        problems.append(f"before any mention the bot sent {len(early)} message(s) in the room: "
+                        f"{[e['content'].get('body', '')[:80] for e in early]}")
+    raw_early = [e for e in server.messages(room) if e.get("sender") == BOT and "state_key" not in e]
+    if raw_early:
+        problems.append(f"before any mention the bot sent {len(raw_early)} timeline event(s) "
+                        f"({sorted({e['type'] for e in raw_early})})")
+    if len(ctx.provider_calls()) != before:
+        problems.append(f"the provider got {len(ctx.provider_calls()) - before} requests for chatter, want 0")
+    rows = [r for e in chatter for r in ctx.bot.request_log(e)]
+    if rows:
+        problems.append(f"{len(rows)} request_log rows for chatter (degraded "
+                        f"{sorted({r['degraded'] for r in rows})}), want none")
+
+    questions = {
+        alice.send(room, {"msgtype": "m.text", "body": f"grok: {words[3]} what is the capital of Norway?",
+                          "m.mentions": {"user_ids": [BOT]}}): alice,
+    }
+    word = secret_word()
+    ctx.words.append(word)
+    questions[bob.say(room, f"Grok, {word} and the capital of Finland?")] = bob
+    ctx.questions.extend(questions)
+    got = {}
+    for q_id, asker in questions.items():
+        for dev in (alice, bob):
+            reply = dev.wait_reply(room, q_id)
+            label = "alice's" if asker is alice else "bob's"
+            if not reply:
+                problems.append(f"{dev.name} has no readable reply to {label} question within "
+                                f"{REPLY_TIMEOUT}s: " + reply_diagnosis(dev, room, q_id))
+                continue
+            got[(q_id, dev.name)] = reply
+            if reply["wire"] != "m.room.encrypted":
+                problems.append(f"the reply to {label} question reached {dev.name} as {reply['wire']}")
+            if dev is asker:
+                problems += [f"reply to {label} question: {p}"
+                             for p in reply_content_problems(reply, asker.user_id)]
+    alice.wait(lambda: False, QUIET_WAIT)  # a duplicate would come right behind
+    bob.sync(0)
+    for q_id, asker in questions.items():
+        label = "alice's" if asker is alice else "bob's"
+        for dev in (alice, bob):
+            n = len(dev.replies(room, q_id))
+            if n > 1:
+                problems.append(f"{dev.name} reads {n} replies to {label} question, want 1")
+        raw = [e for e in server.messages(room) if e.get("sender") == BOT and L.in_reply_to(e) == q_id]
+        if any(e.get("type") != "m.room.encrypted" for e in raw):
+            problems.append(f"the server holds a reply to {label} question unencrypted: "
+                            f"{[e.get('type') for e in raw]}")
+    for dev in (alice, bob):
+        extra = unexpected_bot_messages(dev, room, set(questions))
+        if extra:
+            problems.append(f"{dev.name} reads {len(extra)} bot message(s) that answer no question: "
+                            f"{[(L.in_reply_to(e), e['content'].get('body', '')[:60]) for e in extra]}")
+    calls = ctx.provider_calls()[before:]
+    inputs = [json.dumps(c["body"].get("input"), ensure_ascii=False) for c in calls]
+    if len(calls) != 2:
+        problems.append(f"the provider got {len(calls)} requests for two questions, want 2")
+    for w in words[:3]:
+        if any(w in i for i in inputs):
+            problems.append(f"chatter ({w}) reached the provider")
+    for w, who in ((words[3], "alice's"), (word, "bob's")):
+        if not any(w in i for i in inputs):
+            problems.append(f"no provider request carries {who} decrypted question")
+    report(name, problems, f"3 chatter messages decrypted and ignored; {len(got)} of 4 replies decrypted "
+                           f"(both questions, by alice and bob)")
+
+
+def reply_content_problems(reply, asker):
+    """As run.py's reply_problems: an m.notice mentioning the asker."""
+    content = reply.get("content", {})
+    problems = []
+    if content.get("msgtype") != "m.notice":
+        problems.append(f"msgtype is {content.get('msgtype')!r}, want 'm.notice'")
+    mentions = (content.get("m.mentions") or {}).get("user_ids")
+    if mentions != [asker]:
+        problems.append(f"m.mentions.user_ids is {mentions!r}, want [{asker!r}]")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# e8: the crypto store lost
+
+
+def recorded_device(bot):
+    rows = bot.query("SELECT device_id FROM crypto_devices WHERE user_id = ?", (BOT,))
+    return rows[0]["device_id"] if rows else None
+
+
+def log_since(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def scenario_store_lost(ctx):
+    """e8. The crypto store is lost (moved away while the bot is stopped): the bot WARNs, makes
+    a new device (recorded in crypto_devices, published in /keys/query), cross-signs it under a
+    new identity, and alice, once her client trusts the new device, reads its answer."""
+    name = "e8. crypto store lost: a WARN, a new cross-signed device, answers decrypt again"
+    if not ctx.dm:
+        return report(name, ["skipped: no encrypted DM (e1 failed)"])
+    alice, bot = ctx.alice, ctx.bot
+    server = alice.plain_client()
+    old = recorded_device(bot)
+    problems = []
+    if not old or (ctx.bot_device and old != ctx.bot_device[0]):
+        problems.append(f"before the loss crypto_devices names {old!r}, want the device alice saw "
+                        f"({ctx.bot_device and ctx.bot_device[0]})")
+    old_master = only_key((bot_keys(server).get("master_keys") or {}).get(BOT))[1]
+    bot.stop()
+    store = ctx.bot_config["encryption"]["store_path"]
+    lost = ctx.stack.path("crypto-lost-by-test")
+    os.rename(store, lost)
+    aside = set(moved_aside(ctx))
+    offset = os.path.getsize(ctx.stack.logs["bot"])
+    bot.start(API_KEY, timeout=START_TIMEOUT, extra_env=ctx.bot_env)
+    owns = L.wait_until(lambda: "this replica owns the encryption device" in log_since(ctx.stack.logs["bot"], offset),
+                        START_TIMEOUT, 0.5)
+    text = log_since(ctx.stack.logs["bot"], offset)
+    if not owns:
+        return report(name, problems + [f"the restarted bot never logged that it owns the encryption device "
+                                        f"within {START_TIMEOUT}s"])
+    warn = [ln for ln in text.splitlines() if " WARN " in ln and "store was lost" in ln]
+    if not warn:
+        problems.append("no WARN about the lost crypto store in the bot's log; WARN lines: "
+                        + repr([ln[:200] for ln in text.splitlines() if " WARN " in ln][:5]))
+    elif old and old not in warn[0]:
+        problems.append(f"the WARN does not name the old device {old}: {warn[0][:300]}")
+    new = recorded_device(bot)
+    if not new or new == old:
+        problems.append(f"crypto_devices names {new!r} after the loss, want a new device (old {old})")
+    keys = bot_keys(server)
+    devices = (keys.get("device_keys") or {}).get(BOT) or {}
+    if new not in devices:
+        problems.append(f"/keys/query lists the bot's devices {sorted(devices)}, not the new {new}")
+    if old and old in devices:
+        problems.append(f"the lost device {old} is still listed in /keys/query ({sorted(devices)}): "
+                        "the bot should delete it")
+    if set(moved_aside(ctx)) - aside:
+        problems.append(f"the bot moved an (empty) store aside: {sorted(set(moved_aside(ctx)) - aside)}")
+    if not os.path.isdir(store):
+        problems.append(f"no new crypto store at {store}")
+    # Cross-signed again: a new master key (the old one's private part went with the store).
+    master = (keys.get("master_keys") or {}).get(BOT)
+    ssk = (keys.get("self_signing_keys") or {}).get(BOT)
+    m_id, m_pub = only_key(master)
+    s_id, s_pub = only_key(ssk)
+    if not m_pub or m_pub == old_master:
+        problems.append(f"the bot's master key is {'unchanged' if m_pub else 'missing'} after the loss: "
+                        "it was not cross-signed again")
+    elif not signed_by(ssk or {}, BOT, m_id, m_pub):
+        problems.append("the new self-signing key is not validly signed by the new master key")
+    elif new in devices and not signed_by(devices[new], BOT, s_id, s_pub):
+        problems.append(f"the new device {new} carries no valid signature of the new self-signing key")
+    # Alice's client learns the bot's new device (device_lists.changed, then a keys query).
+    if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
+        return report(name, problems + [f"alice's client never saw the bot's new device {new} within 60s "
+                                        f"(she knows {sorted(alice.devices_of(BOT))})"])
+    word = secret_word()
+    ctx.words.append(word)
+    q_id = alice.say(ctx.dm, f"{word}: and the capital of Ecuador?")
+    ctx.questions.append(q_id)
+    reply = alice.wait_reply(ctx.dm, q_id)
+    if not reply:
+        problems.append(f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
+                        + reply_diagnosis(alice, ctx.dm, q_id))
+    else:
+        if reply["wire"] != "m.room.encrypted":
+            problems.append(f"the reply reached alice as {reply['wire']}")
+        # Who encrypted it: the Megolm content names the sending device and its curve25519 key.
+        raw = server.get_event(ctx.dm, reply["event_id"]).get("content") or {}
+        curve = ((devices.get(new) or {}).get("keys") or {}).get(f"curve25519:{new}")
+        if raw.get("device_id") != new:
+            problems.append(f"the reply was encrypted by device {raw.get('device_id')!r}, want the new {new}")
+        if raw.get("sender_key") != curve:
+            problems.append("the reply's sender_key is not the new device's curve25519 key")
+        alice.wait(lambda: False, QUIET_WAIT)
+        if len(alice.replies(ctx.dm, q_id)) != 1:
+            problems.append(f"{len(alice.replies(ctx.dm, q_id))} readable replies, want 1")
+    report(name, problems, f"old device {old} -> new device {new} (recorded and published, the old one "
+                           f"deleted: /keys/query lists {sorted(devices)}); "
+                           f"new master {m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
+
+
+# e7 runs before e5, so its words are in the log and database scan too; e8 last, as it replaces
+# the device and the identity e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
-             ("e4", scenario_no_key), ("e4b", scenario_malformed),
-             ("e5", scenario_logs), ("e6", scenario_cross_signing)]
+             ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
+             ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost)]
 
 
 def dummy_registration(stack):
@@ -767,12 +1055,15 @@ def main():
                 traceback.print_exc()
                 report("setup: alice's E2EE device", [f"{type(e).__name__}: {e}"])
                 scenarios = scenarios[:1]
+        timings = []
         for name, scenario in scenarios if ctx else []:
+            t0 = time.monotonic()
             try:
                 scenario(ctx)
             except Exception as e:
                 traceback.print_exc()
                 report(name, [f"{type(e).__name__}: {e}"])
+            timings.append((name, time.monotonic() - t0))
         for dev in ctx.devices if ctx else []:
             dev.close()
         failed = sum(1 for _, ok, _ in results if not ok)
@@ -783,7 +1074,8 @@ def main():
     loop.close()
     for name, ok, detail in results:
         L.log(f"encryption:   {'PASS' if ok else 'FAIL'}  {name}" + ("" if ok else f"  -- {detail[:400]}"))
-    L.log(f"encryption: took {time.monotonic() - started:.0f}s")
+    L.log("encryption: took " + ", ".join(f"{k} {t:.0f}s" for k, t in timings)
+          + f"; {time.monotonic() - started:.0f}s in all")
     print(f"encryption: {len(results) - failed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
