@@ -9,7 +9,7 @@
 - e1. alice (nio) opens an encrypted direct chat with the bot, trusts its device on first use,
   and decrypts one encrypted answer replying to her question; the provider saw the plaintext;
 - e2. after a restart on the same crypto store the bot keeps its one device and still answers
-  encrypted;
+  encrypted, with the earlier question read back from the room and decrypted as context;
 - e3. a second device of alice, logged in later, decrypts the bot's next answer (the bot noticed
   the new device through device-list changes);
 - e4. events whose room key never arrives (real Megolm messages of a session never shared) get,
@@ -464,11 +464,23 @@ def scenario_restart(ctx):
     aside = set(moved_aside(ctx))
     bot.restart(API_KEY, extra_config=ctx.bot_config, timeout=START_TIMEOUT, extra_env=ctx.bot_env)
     problems = []
+    earlier = list(ctx.words)
+    before = len(ctx.provider_calls())
     word = secret_word()
     ctx.words.append(word)
     q_id = alice.say(ctx.dm, f"{word}: and the capital of Chile?")
     ctx.questions.append(q_id)
     reply = alice.wait_reply(ctx.dm, q_id)
+    # The conversation so far is read back from the room (after the restart: nothing cached)
+    # and decrypted, so the provider sees the first question as context.
+    inputs = [json.dumps(c["body"].get("input"), ensure_ascii=False)
+              for c in ctx.provider_calls()[before:]]
+    asked = [i for i in inputs if word in i]
+    if not asked:
+        problems.append(f"no provider request carries the decrypted question ({len(inputs)} requests)")
+    elif earlier and not all(w in asked[0] for w in earlier):
+        problems.append("the provider's input lacks the earlier (encrypted) question as context: "
+                        + asked[0][:300])
     if not reply:
         problems.append(f"no readable reply after the restart within {REPLY_TIMEOUT}s: "
                         + reply_diagnosis(alice, ctx.dm, q_id))
@@ -491,7 +503,8 @@ def scenario_restart(ctx):
     if set(moved_aside(ctx)) - aside:
         problems.append(f"the restart moved the crypto store aside: {sorted(set(moved_aside(ctx)) - aside)}")
     report(name, problems, f"same device {ctx.bot_device and ctx.bot_device[0]}; reply "
-                           f"{reply and reply['event_id']} decrypted")
+                           f"{reply and reply['event_id']} decrypted; the earlier question decrypted "
+                           f"into its context")
 
 
 def scenario_second_device(ctx):
