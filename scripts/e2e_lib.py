@@ -44,8 +44,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_until(fn, timeout, interval=0.25, what="condition"):
-    """Polls `fn` until it returns a truthy value (returned) or `timeout` seconds pass (None)."""
+def reply_problems(reply, asker, msgtype="m.notice"):
+    """What is wrong with a bot reply's msgtype and mentions (empty list when fine)."""
+    content = reply.get("content", {})
+    problems = []
+    if content.get("msgtype") != msgtype:
+        problems.append(f"msgtype is {content.get('msgtype')!r}, want {msgtype!r}")
+    mentions = (content.get("m.mentions") or {}).get("user_ids")
+    if mentions != [asker]:
+        problems.append(f"m.mentions.user_ids is {mentions!r}, want [{asker!r}]")
+    return problems
+
+
+def wait_until(fn, timeout, interval=0.25, what="condition", pause=None):
+    """Polls `fn` until it returns a truthy value (returned) or `timeout` seconds pass (None);
+    between polls it sleeps `interval`, or calls `pause` (a client's sync) instead."""
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
@@ -53,7 +66,10 @@ def wait_until(fn, timeout, interval=0.25, what="condition"):
             return value
         if time.monotonic() >= deadline:
             return None
-        time.sleep(interval)
+        if pause:
+            pause()
+        else:
+            time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +251,17 @@ def ensure_nio(venv):
                        stdout=sys.stderr)
         subprocess.run(check, check=True)
     return python
+
+
+def run_under_nio(script):
+    """Runs `script` again under the virtualenv's python with nio installed (for a test that
+    failed to import nio here); does not return."""
+    if os.environ.get("GROK_E2E_NIO_REEXEC"):
+        raise ImportError("nio does not import even under the virtualenv's python")
+    python = ensure_nio(ensure_venv())
+    os.environ["GROK_E2E_NIO_REEXEC"] = "1"
+    sys.stdout.flush()
+    os.execv(python, [python, os.path.abspath(script)] + sys.argv[1:])
 
 
 def write_synapse_config(stack, port, registration_path):

@@ -17,17 +17,34 @@ use crate::state::AppState;
 /// The lease's name in the `leases` table.
 pub const LEASE: &str = "crypto";
 
-/// Takes the lease if it is free and opens the device; `Ok(None)` when another replica owns
-/// it.
-async fn try_open(state: &AppState) -> Result<Option<Arc<Crypto>>, CryptoError> {
-    let lease = state.config.encryption.lease;
-    if !state
-        .store
-        .take_lease(LEASE.into(), state.instance_id.clone(), lease)
-        .await?
-    {
-        return Ok(None);
+/// Runs for the life of the process: tries to take the lease every third of its length and,
+/// while it holds it, opens the device and runs the machine.
+pub async fn run(state: Arc<AppState>) {
+    let every = state.config.encryption.lease / 3;
+    while state.accepting.load(Ordering::SeqCst) {
+        match state
+            .store
+            .take_lease(
+                LEASE.into(),
+                state.instance_id.clone(),
+                state.config.encryption.lease,
+            )
+            .await
+        {
+            Ok(true) => hold(&state).await,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not take the encryption lease"),
+        }
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Holds the lease just taken: renews it in the background from this moment (opening a new
+/// device can outlast the lease), opens the device, serves it until the lease is lost or
+/// shutdown releases it, then gives the lease back.
+async fn hold(state: &Arc<AppState>) {
+    let lost = CancellationToken::new();
+    let keeper = tokio::spawn(keep(state.clone(), lost.clone()));
     let setup = DeviceSetup {
         homeserver_url: &state.config.homeserver.url,
         as_token: &state.registration.as_token,
@@ -36,53 +53,43 @@ async fn try_open(state: &AppState) -> Result<Option<Arc<Crypto>>, CryptoError> 
         passphrase: state.config.encryption.passphrase.as_deref().unwrap_or(""),
         store: &state.store,
     };
-    let opened = device::open(setup).await;
-    if opened.is_err() {
-        let _ = release_lease(state).await;
-    }
-    opened.map(Some)
-}
-
-/// Runs for the life of the process: owns the machine while it holds the lease, otherwise
-/// tries to take the lease every third of its length.
-pub async fn run(state: Arc<AppState>) {
-    let every = state.config.encryption.lease / 3;
-    while state.accepting.load(Ordering::SeqCst) {
-        let crypto = match try_open(&state).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the encryption device; encrypted rooms wait");
-                None
-            }
-        };
-        if let Some(crypto) = crypto {
+    // A lease lost mid-open abandons the open: another replica may be opening the store now.
+    let opened = tokio::select! {
+        opened = device::open(setup) => Some(opened),
+        () = lost.cancelled() => None,
+    };
+    match opened {
+        Some(Ok(crypto)) => {
             tracing::info!(
                 device_id = crypto.device_id(),
                 "this replica owns the encryption device"
             );
-            own(&state, crypto).await;
-            state.matrix.set_crypto(None);
+            serve(state, crypto, &lost).await;
         }
-        tokio::time::sleep(every).await;
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot open the encryption device; encrypted rooms wait")
+        }
+        None => tracing::warn!("the encryption lease was lost while the device opened"),
+    }
+    lost.cancel();
+    let _ = keeper.await;
+    // Only this replica's own lease is deleted: one another replica took stays.
+    if let Err(e) = release_lease(state).await {
+        tracing::warn!(error = %e, "could not release the encryption lease; it expires");
     }
 }
 
-/// Installs the machine, runs its sync loop and renews the lease until the lease is lost or
-/// shutdown's [`release`] takes the machine away. Shutdown alone keeps it: answers finishing
-/// in the grace period still encrypt.
-async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
+/// Renews the lease every third of its length until `lost` is cancelled; cancels it itself
+/// when another replica holds the lease or a renewal has failed for so long that the lease
+/// could run out before the next.
+async fn keep(state: Arc<AppState>, lost: CancellationToken) {
     let lease = state.config.encryption.lease;
     let every = lease / 3;
-    state.matrix.set_crypto(Some(crypto.clone()));
-    // Encrypted claims queued while nobody owned the machine are taken at the next sweep.
-    state.queued.store(true, Ordering::SeqCst);
-    let stop = CancellationToken::new();
-    let sync = tokio::spawn(super::sync::run(crypto, stop.clone()));
     let mut confirmed = Instant::now();
     loop {
-        tokio::time::sleep(every).await;
-        if state.matrix.crypto().is_none() {
-            break;
+        tokio::select! {
+            () = lost.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
         }
         match state
             .store
@@ -96,17 +103,34 @@ async fn own(state: &Arc<AppState>, crypto: Arc<Crypto>) {
             }
             Err(e) => tracing::warn!(error = %e, "could not renew the encryption lease"),
         }
-        if state.matrix.crypto().is_none() {
-            // Released while renewing: give the renewed lease back too.
-            let _ = release_lease(state).await;
-            break;
-        }
-        // Stop before the lease can have run out: another replica may take it then.
         if confirmed.elapsed() + every >= lease {
             tracing::warn!(
                 "the encryption lease could not be renewed in time; dropping the device"
             );
             break;
+        }
+    }
+    lost.cancel();
+}
+
+/// Installs the machine and runs its sync loop until the lease is lost or shutdown's
+/// [`release`] takes the machine away. Shutdown alone keeps it: answers finishing in the
+/// grace period still encrypt.
+async fn serve(state: &AppState, crypto: Arc<Crypto>, lost: &CancellationToken) {
+    let every = state.config.encryption.lease / 3;
+    state.matrix.set_crypto(Some(crypto.clone()));
+    // Encrypted claims queued while nobody owned the machine are taken at the next sweep.
+    state.queued.store(true, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let sync = tokio::spawn(super::sync::run(crypto, stop.clone()));
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => break,
+            () = tokio::time::sleep(every) => {
+                if state.matrix.crypto().is_none() {
+                    break;
+                }
+            }
         }
     }
     state.matrix.set_crypto(None);

@@ -57,12 +57,7 @@ try:
     import vodozemac  # noqa: E402
 except ImportError:
     # Not the venv's interpreter (or nio is missing there): install it, then run under it.
-    if os.environ.get("GROK_E2E_NIO_REEXEC"):
-        raise
-    _python = L.ensure_nio(L.ensure_venv())
-    os.environ["GROK_E2E_NIO_REEXEC"] = "1"
-    sys.stdout.flush()
-    os.execv(_python, [_python, os.path.abspath(__file__)] + sys.argv[1:])
+    L.run_under_nio(__file__)
 
 BOT = L.BOT_ID
 API_KEY = "e2e-dummy-key"
@@ -187,14 +182,7 @@ class Device:
 
     def wait(self, fn, timeout):
         """Syncs until `fn()` is truthy (returned) or `timeout` seconds pass (None)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = fn()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                return None
-            self.sync(1000)
+        return L.wait_until(fn, timeout, pause=lambda: self.sync(1000))
 
     def decrypted(self, room_id):
         """The room's events this device could read (decrypted or plain), oldest first."""
@@ -859,7 +847,7 @@ def scenario_group(ctx):
                 problems.append(f"the reply to {label} question reached {dev.name} as {reply['wire']}")
             if dev is asker:
                 problems += [f"reply to {label} question: {p}"
-                             for p in reply_content_problems(reply, asker.user_id)]
+                             for p in L.reply_problems(reply, asker.user_id)]
     alice.wait(lambda: False, QUIET_WAIT)  # a duplicate would come right behind
     bob.sync(0)
     for q_id, asker in questions.items():
@@ -889,18 +877,6 @@ def scenario_group(ctx):
             problems.append(f"no provider request carries {who} decrypted question")
     report(name, problems, f"3 chatter messages decrypted and ignored; {len(got)} of 4 replies decrypted "
                            f"(both questions, by alice and bob)")
-
-
-def reply_content_problems(reply, asker):
-    """As run.py's reply_problems: an m.notice mentioning the asker."""
-    content = reply.get("content", {})
-    problems = []
-    if content.get("msgtype") != "m.notice":
-        problems.append(f"msgtype is {content.get('msgtype')!r}, want 'm.notice'")
-    mentions = (content.get("m.mentions") or {}).get("user_ids")
-    if mentions != [asker]:
-        problems.append(f"m.mentions.user_ids is {mentions!r}, want [{asker!r}]")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,12 +55,7 @@ try:
     import nio  # noqa: E402,F401
 except ImportError:
     # As encryption.py: run again under the venv's python, where nio is installed.
-    if os.environ.get("GROK_E2E_NIO_REEXEC"):
-        raise
-    _python = L.ensure_nio(L.ensure_venv())
-    os.environ["GROK_E2E_NIO_REEXEC"] = "1"
-    sys.stdout.flush()
-    os.execv(_python, [_python, os.path.abspath(__file__)] + sys.argv[1:])
+    L.run_under_nio(__file__)
 
 import encryption as E  # noqa: E402  (Device, bot_keys, signature checks, reply diagnosis)
 from rr_proxy import RoundRobinProxy  # noqa: E402

@@ -54,18 +54,6 @@ class Ctx:
         return [r for r in self.fake.snapshot() if r["path"].rstrip("/") == "/v1/responses"]
 
 
-def reply_problems(reply, asker, msgtype="m.notice"):
-    """What is wrong with a bot reply's msgtype and mentions (empty list when fine)."""
-    content = reply.get("content", {})
-    problems = []
-    if content.get("msgtype") != msgtype:
-        problems.append(f"msgtype is {content.get('msgtype')!r}, want {msgtype!r}")
-    mentions = (content.get("m.mentions") or {}).get("user_ids")
-    if mentions != [asker]:
-        problems.append(f"m.mentions.user_ids is {mentions!r}, want [{asker!r}]")
-    return problems
-
-
 # ---------------------------------------------------------------------------------------------
 # Scenarios
 
@@ -83,7 +71,7 @@ def scenario_direct(ctx):
     reply = L.wait_reply(alice, ctx.dm, ctx.dm_question, REPLY_TIMEOUT)
     if not reply:
         return report("a. direct chat", [f"no bot reply to {ctx.dm_question} within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     body = reply["content"].get("body", "")
     if "[offline fake xAI]" not in body:
         problems.append(f"reply body does not carry the fake's answer: {body!r}")
@@ -131,7 +119,7 @@ def scenario_group(ctx):
     reply = L.wait_reply(alice, ctx.group, ctx.group_question, REPLY_TIMEOUT)
     if not reply:
         return report("b2. group mention answered", [f"no bot reply within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     time.sleep(1)  # a duplicate would show up right behind the first reply
     n_replies = len(L.replies_to(alice, ctx.group, ctx.group_question))
     if n_replies != 1:
@@ -157,7 +145,7 @@ def scenario_media(ctx):
     reply = L.wait_reply(alice, ctx.dm, ctx.media_event, REPLY_TIMEOUT)
     if not reply:
         return report("c. addressed media", [f"no bot notice within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     time.sleep(1)
     if len(ctx.provider_calls()) != before:
         problems.append(f"provider got {len(ctx.provider_calls()) - before} requests for a file, want 0")
@@ -201,7 +189,7 @@ def scenario_image(ctx):
     reply = L.wait_reply(alice, ctx.dm, event_id, REPLY_TIMEOUT)
     if not reply:
         return report(name, [f"no bot reply to the image within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     time.sleep(1)
     calls = ctx.provider_calls()[before:]
     if len(calls) != 1:
@@ -273,7 +261,7 @@ def scenario_thread(ctx):
     if not reply:
         return report("e. thread reply", [f"no bot reply within {REPLY_TIMEOUT}s"])
     rel = L.relates_to(reply)
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     if rel.get("rel_type") != "m.thread" or rel.get("event_id") != root:
         problems.append(f"m.relates_to is {rel!r}, want rel_type m.thread with event_id {root}")
     report("e. thread reply", problems, f"m.relates_to {json.dumps(rel)}")
@@ -387,7 +375,7 @@ def scenario_routes(ctx):
     if not reply:
         report(names[0], [f"no bot reply to 'thanks!' within {REPLY_TIMEOUT}s"])
     else:
-        problems = reply_problems(reply, alice.user_id)
+        problems = L.reply_problems(reply, alice.user_id)
         models = [sent_body(c).get("model") for c in calls]
         if models != [TRIVIAL_MODEL]:
             problems.append(f"provider saw models {models}, want [{TRIVIAL_MODEL!r}]")
@@ -404,7 +392,7 @@ def scenario_routes(ctx):
     if not reply:
         report(names[1], [f"no bot reply within {REPLY_TIMEOUT}s"])
     else:
-        problems = reply_problems(reply, alice.user_id)
+        problems = L.reply_problems(reply, alice.user_id)
         body = reply["content"].get("body", "")
         if len(calls) != 1:
             problems.append(f"provider got {len(calls)} requests, want 1")
@@ -436,7 +424,7 @@ def scenario_routes(ctx):
     if not reply:
         report(names[2], [f"no bot reply within {REPLY_TIMEOUT}s"])
     else:
-        problems = reply_problems(reply, alice.user_id)
+        problems = L.reply_problems(reply, alice.user_id)
         body = reply["content"].get("body", "")
         models = [sent_body(c).get("model") for c in calls]
         if models != [REASON_MODEL, FINAL_MODEL]:
@@ -467,7 +455,7 @@ def scenario_routes(ctx):
     if not reply:
         report(names[3], [f"no bot reply within {REPLY_TIMEOUT}s"])
     else:
-        problems = reply_problems(reply, alice.user_id)
+        problems = L.reply_problems(reply, alice.user_id)
         body = reply["content"].get("body", "")
         if len(calls) != 1 or not has_web_search(calls[0]):
             problems.append(f"provider got {len(calls)} requests ({[sent_body(c).get('tools') for c in calls]}), "
@@ -495,7 +483,7 @@ def scenario_cache(ctx):
     e2, r2, calls2, row2 = exchange(ctx, alice, room, question)
     if not r1 or not r2:
         return report(name, [f"no bot reply to the {'first' if not r1 else 'second'} question within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(r2, alice.user_id)
+    problems = L.reply_problems(r2, alice.user_id)
     b1, b2 = r1["content"].get("body"), r2["content"].get("body")
     if b1 != b2:
         problems.append(f"the cached reply differs: {b1!r} then {b2!r}")
@@ -701,7 +689,7 @@ def scenario_ceiling(ctx):
         event, reply, calls, row = refused
         body = reply["content"].get("body", "")
         detail += f", then refused: {body!r}"
-        problems += reply_problems(reply, bob.user_id)
+        problems += L.reply_problems(reply, bob.user_id)
         if "\n" in body.strip() or "00:00 UTC" not in body:
             problems.append(f"the refusal should be one line naming the 00:00 UTC reset: {body!r}")
         time.sleep(QUIET_WAIT)
@@ -733,7 +721,7 @@ def scenario_ceiling(ctx):
         return report(names[1], [f"no bot reply to !usage within {REPLY_TIMEOUT}s"])
     body = reply["content"].get("body", "")
     bob_spent = bob_before.get("settled_ticks", 0) + reported_cost([c for ex in answered for c in ex[2]])
-    problems = reply_problems(reply, bob.user_id)
+    problems = L.reply_problems(reply, bob.user_id)
     want = f"{fmt_usd(bob_spent)} over {len(answered) + bob_before.get('requests', 0)} request"
     if want not in body:
         problems.append(f"!usage reply lacks {want!r}: {body!r}")
@@ -853,7 +841,7 @@ def scenario_thread_context(ctx):
     reply = L.wait_reply(alice, room, q, REPLY_TIMEOUT)
     if not reply:
         return report(name, [f"no bot reply within {REPLY_TIMEOUT}s"])
-    problems = reply_problems(reply, alice.user_id)
+    problems = L.reply_problems(reply, alice.user_id)
     rel = L.relates_to(reply)
     want_rel = {"rel_type": "m.thread", "event_id": root, "is_falling_back": True, "m.in_reply_to": {"event_id": q}}
     if rel != want_rel:
