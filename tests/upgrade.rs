@@ -113,7 +113,13 @@ fn read_only_commands_refuse_a_schema_that_is_behind_and_migrate_fixes_it() {
         assert_eq!(pending.len(), 1, "{label}: {pending:?}");
 
         let migrated = run(&config, &["migrate"]);
-        assert!(migrated.status.success(), "{label}: {}", stderr(&migrated));
+        assert!(
+            migrated.status.success(),
+            "{label}: {:?}: {} {}",
+            migrated.status,
+            stderr(&migrated),
+            stdout(&migrated)
+        );
         assert!(stdout(&migrated).starts_with("1 migration(s) applied"));
         let stats = run(&config, &["stats", "--json"]);
         assert!(stats.status.success(), "{label}: {}", stderr(&stats));
