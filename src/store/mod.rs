@@ -617,6 +617,11 @@ impl Store {
                 Backend::Sqlite(pool)
             }
             DatabaseKind::Postgres(url) => {
+                // libpq's OpenSSL otherwise registers an exit handler that frees its state
+                // while the pool's threads may still be opening TLS connections: a command
+                // that exits right after its work (`migrate`) crashed one run in five.
+                // Initialising it first with OPENSSL_INIT_NO_ATEXIT leaves the cleanup to the OS.
+                openssl_sys::init();
                 // build_unchecked: a replica may start while the database is still coming up;
                 // /ready reports it until then.
                 let pool = Pool::builder()
