@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matrix_sdk_crypto::store::CryptoStore;
-use matrix_sdk_crypto::OlmMachine;
+use matrix_sdk_crypto::{CrossSigningKeyExport, OlmMachine};
 use matrix_sdk_sqlite::{OpenStoreError, SqliteCryptoStore};
 use ruma::api::client::keys::get_keys;
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
@@ -52,15 +52,21 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
                 user.clone(),
                 device.clone(),
             );
-            if keys_on_server(&http, &machine).await? {
+            let on_server = device_on_server(&http, &machine).await?;
+            if on_server != OnServer::Missing {
                 tracing::info!(device_id = %device, "encryption device reused");
-                return finish(Crypto::new(machine, http, matrix)).await;
+                // An earlier start may have stopped between making the device and signing it.
+                let sign = on_server == OnServer::Unsigned;
+                return finish(Crypto::new(machine, http, matrix), sign).await;
             }
-            tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (pruned, or the store is from elsewhere); creating a new device");
+            tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (deleted, pruned as stale, or the store is from elsewhere); creating a new device");
+            // The bot's identity survives its device: the new device is signed by the same
+            // cross-signing keys, so clients that trusted the bot keep trusting it.
+            let identity = machine.export_cross_signing_keys().await?;
             drop(machine);
             retire(&matrix, &known).await;
             let sqlite = fresh_store(setup.store_path, setup.passphrase).await?;
-            return create(&setup, &matrix, &user, sqlite).await;
+            return create(&setup, &matrix, &user, sqlite, identity).await;
         }
         (Some(known), None) => {
             tracing::warn!(
@@ -89,7 +95,7 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
         None => sqlite,
         Some(_) => fresh_store(setup.store_path, setup.passphrase).await?,
     };
-    create(&setup, &matrix, &user, sqlite).await
+    create(&setup, &matrix, &user, sqlite, None).await
 }
 
 /// Deletes a device whose keys are lost, so that users' clients stop listing (and warning
@@ -103,12 +109,15 @@ async fn retire(matrix: &MatrixClient, device_id: &str) {
     }
 }
 
-/// Creates a new device on the homeserver, records it and opens its machine on `sqlite`.
+/// Creates a new device on the homeserver, records it and opens its machine on `sqlite`;
+/// cross-signs it with `identity` when the bot's cross-signing keys survived, else with a new
+/// identity.
 async fn create(
     setup: &DeviceSetup<'_>,
     matrix: &MatrixClient,
     user: &OwnedUserId,
     sqlite: SqliteCryptoStore,
+    identity: Option<CrossSigningKeyExport>,
 ) -> Result<Arc<Crypto>, CryptoError> {
     let device: OwnedDeviceId = new_device_id().into();
     matrix.create_device(device.as_str(), DEVICE_NAME).await?;
@@ -119,46 +128,104 @@ async fn create(
     let machine = OlmMachine::with_store(user, &device, sqlite, None).await?;
     tracing::info!(device_id = %device, "encryption device created");
     let http = DeviceHttp::new(setup.homeserver_url, setup.as_token, user.clone(), device);
-    finish(Crypto::new(machine, http, matrix.clone())).await
+    let crypto = Crypto::new(machine, http, matrix.clone());
+    if let Some(keys) = identity {
+        keep_identity(&crypto, keys).await?;
+    }
+    finish(crypto, true).await
+}
+
+/// Imports the bot's surviving cross-signing keys into a new device's machine. When the
+/// homeserver's published identity does not match them, nothing is imported and [`finish`]
+/// makes a new identity.
+async fn keep_identity(crypto: &Crypto, keys: CrossSigningKeyExport) -> Result<(), CryptoError> {
+    // The import checks the keys against the published identity, which a key query fetches.
+    let own = crypto.machine.user_id().to_owned();
+    super::send_now(crypto.machine.update_tracked_users([own.as_ref()])).await?;
+    crypto.http.flush(&crypto.machine).await?;
+    if let Err(e) = crypto.machine.import_cross_signing_keys(keys).await {
+        tracing::warn!(error = %e, "the bot's cross-signing keys could not be kept; making a new identity");
+    }
+    Ok(())
 }
 
 /// Uploads what the machine has queued (device and one-time keys) and makes sure the device
-/// is cross-signed by the bot's own identity.
-async fn finish(crypto: Crypto) -> Result<Arc<Crypto>, CryptoError> {
+/// is cross-signed by the bot's own identity: a new identity when the store has none (first
+/// start, a lost store), else, when `sign_device`, this device signed by the existing one.
+async fn finish(crypto: Crypto, sign_device: bool) -> Result<Arc<Crypto>, CryptoError> {
     crypto.http.flush(&crypto.machine).await?;
     let status = crypto.machine.cross_signing_status().await;
-    if !(status.has_master && status.has_self_signing && status.has_user_signing) {
+    let complete = status.has_master && status.has_self_signing && status.has_user_signing;
+    if !complete || sign_device {
+        // Bootstrap makes the identity if there is none, and signs this device either way.
         let requests = crypto.machine.bootstrap_cross_signing(false).await?;
         if let Some(upload) = &requests.upload_keys_req {
             crypto.http.execute(&crypto.machine, upload).await?;
         }
-        crypto
-            .http
-            .upload_signing_keys(requests.upload_signing_keys_req)
-            .await?;
+        // An existing identity is on the homeserver already, unchanged; Synapse refuses its
+        // re-upload (M_INVALID_SIGNATURE), so only a new one is published.
+        if !complete {
+            crypto
+                .http
+                .upload_signing_keys(requests.upload_signing_keys_req)
+                .await?;
+        }
         crypto.http.send(requests.upload_signatures_req).await?;
-        tracing::info!("encryption device cross-signed");
+        if complete {
+            tracing::info!("encryption device cross-signed by the bot's existing identity");
+        } else {
+            tracing::info!("encryption device cross-signed");
+        }
     }
     Ok(Arc::new(crypto))
 }
 
-/// Whether the homeserver holds this device with the store's identity key.
-async fn keys_on_server(http: &DeviceHttp, machine: &OlmMachine) -> Result<bool, CryptoError> {
+/// What the homeserver holds of the bot's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnServer {
+    /// Not the device, or not with the store's identity key.
+    Missing,
+    /// The device's keys, signed by the device only.
+    Unsigned,
+    /// The device's keys, signed by the bot's self-signing key too.
+    CrossSigned,
+}
+
+/// Whether the homeserver holds this device with the store's identity key, and cross-signed.
+async fn device_on_server(
+    http: &DeviceHttp,
+    machine: &OlmMachine,
+) -> Result<OnServer, CryptoError> {
     let mut query = get_keys::v3::Request::new();
     query
         .device_keys
         .insert(http.user_id.clone(), vec![http.device_id.clone()]);
-    let response = http.send(query).await?;
+    // Asked as the device itself: a deleted device is refused outright (M_UNKNOWN_DEVICE).
+    let response = match http.send(query).await {
+        Err(e) if e.device_gone() => return Ok(OnServer::Missing),
+        other => other?,
+    };
     let Some(keys) = response
         .device_keys
         .get(&http.user_id)
         .and_then(|devices| devices.get(&http.device_id))
     else {
-        return Ok(false);
+        return Ok(OnServer::Missing);
     };
     let keys: serde_json::Value = serde_json::from_str(keys.json().get())?;
+    let own_key = format!("ed25519:{}", http.device_id);
     let ours = machine.identity_keys().ed25519.to_base64();
-    Ok(keys["keys"][format!("ed25519:{}", http.device_id)] == ours.as_str())
+    if keys["keys"][&own_key] != ours.as_str() {
+        return Ok(OnServer::Missing);
+    }
+    let signed_by_others = keys["signatures"][http.user_id.as_str()]
+        .as_object()
+        .is_some_and(|sigs| sigs.keys().any(|k| *k != own_key));
+    Ok(if signed_by_others {
+        OnServer::CrossSigned
+    } else {
+        OnServer::Unsigned
+    })
 }
 
 /// Opens the store once and closes it: a wrong passphrase or an unreadable store is found at

@@ -101,6 +101,7 @@ impl DeviceHttp {
             // The homeserver's error body names what it refused; it holds no key material.
             CryptoError::Homeserver {
                 status: status.as_u16(),
+                errcode: errcode_of(&body),
                 message: e.to_string(),
             }
         })
@@ -189,5 +190,43 @@ impl DeviceHttp {
         upload.user_signing_key = raw(request.user_signing_key)?;
         self.send(upload).await?;
         Ok(())
+    }
+}
+
+/// The `errcode` of a Matrix error body, if it is one.
+fn errcode_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct MatrixErrorBody {
+        errcode: String,
+    }
+    serde_json::from_slice::<MatrixErrorBody>(body)
+        .ok()
+        .map(|b| b.errcode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_errcode_is_read_from_matrix_errors_only() {
+        assert_eq!(
+            errcode_of(br#"{"errcode":"M_UNKNOWN_DEVICE","error":"gone"}"#).as_deref(),
+            Some("M_UNKNOWN_DEVICE")
+        );
+        assert_eq!(errcode_of(b"<html>502</html>"), None);
+        assert_eq!(errcode_of(br#"{"error":"no code"}"#), None);
+        let gone = CryptoError::Homeserver {
+            status: 400,
+            errcode: errcode_of(br#"{"errcode":"M_UNKNOWN_DEVICE","error":"gone"}"#),
+            message: String::new(),
+        };
+        assert!(gone.device_gone());
+        let other = CryptoError::Homeserver {
+            status: 400,
+            errcode: Some("M_FORBIDDEN".into()),
+            message: String::new(),
+        };
+        assert!(!other.device_gone());
     }
 }

@@ -43,7 +43,12 @@ pub enum CryptoError {
     #[error("homeserver unreachable: {0}")]
     Transport(String),
     #[error("homeserver answered {status}: {message}")]
-    Homeserver { status: u16, message: String },
+    Homeserver {
+        status: u16,
+        /// The Matrix `errcode` of the answer, when it had one.
+        errcode: Option<String>,
+        message: String,
+    },
     #[error("crypto store: {0}")]
     Store(#[from] matrix_sdk_crypto::store::CryptoStoreError),
     #[error("olm: {0}")]
@@ -60,6 +65,15 @@ pub enum CryptoError {
     Database(#[from] crate::store::StoreError),
     #[error("invalid id: {0}")]
     Id(String),
+}
+
+impl CryptoError {
+    /// Whether the homeserver no longer knows the bot's device (deleted by an admin, or pruned
+    /// by `delete_stale_devices_after`): every request as the device fails until a new one
+    /// is made.
+    pub fn device_gone(&self) -> bool {
+        matches!(self, Self::Homeserver { errcode: Some(code), .. } if code == "M_UNKNOWN_DEVICE")
+    }
 }
 
 /// Why an encrypted event could not be read.

@@ -11,6 +11,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::device::{self, DeviceSetup};
+use super::sync::SyncEnd;
 use super::{Crypto, CryptoError};
 use crate::state::AppState;
 
@@ -41,35 +42,43 @@ pub async fn run(state: Arc<AppState>) {
 
 /// Holds the lease just taken: renews it in the background from this moment (opening a new
 /// device can outlast the lease), opens the device, serves it until the lease is lost or
-/// shutdown releases it, then gives the lease back.
+/// shutdown releases it, then gives the lease back. A device the homeserver forgot while it
+/// served is replaced at once, still under the lease.
 async fn hold(state: &Arc<AppState>) {
     let lost = CancellationToken::new();
     let keeper = tokio::spawn(keep(state.clone(), lost.clone()));
-    let setup = DeviceSetup {
-        homeserver_url: &state.config.homeserver.url,
-        as_token: &state.registration.as_token,
-        user_id: &state.identity.user_id,
-        store_path: &state.config.encryption.store_path,
-        passphrase: state.config.encryption.passphrase.as_deref().unwrap_or(""),
-        store: &state.store,
-    };
-    // A lease lost mid-open abandons the open: another replica may be opening the store now.
-    let opened = tokio::select! {
-        opened = device::open(setup) => Some(opened),
-        () = lost.cancelled() => None,
-    };
-    match opened {
-        Some(Ok(crypto)) => {
-            tracing::info!(
-                device_id = crypto.device_id(),
-                "this replica owns the encryption device"
-            );
-            serve(state, crypto, &lost).await;
+    loop {
+        let setup = DeviceSetup {
+            homeserver_url: &state.config.homeserver.url,
+            as_token: &state.registration.as_token,
+            user_id: &state.identity.user_id,
+            store_path: &state.config.encryption.store_path,
+            passphrase: state.config.encryption.passphrase.as_deref().unwrap_or(""),
+            store: &state.store,
+        };
+        // A lease lost mid-open abandons the open: another replica may be opening the store now.
+        let opened = tokio::select! {
+            opened = device::open(setup) => Some(opened),
+            () = lost.cancelled() => None,
+        };
+        match opened {
+            Some(Ok(crypto)) => {
+                tracing::info!(
+                    device_id = crypto.device_id(),
+                    "this replica owns the encryption device"
+                );
+                if serve(state, crypto, &lost).await == SyncEnd::DeviceGone
+                    && state.accepting.load(Ordering::SeqCst)
+                {
+                    continue;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot open the encryption device; encrypted rooms wait")
+            }
+            None => tracing::warn!("the encryption lease was lost while the device opened"),
         }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "cannot open the encryption device; encrypted rooms wait")
-        }
-        None => tracing::warn!("the encryption lease was lost while the device opened"),
+        break;
     }
     lost.cancel();
     let _ = keeper.await;
@@ -113,29 +122,33 @@ async fn keep(state: Arc<AppState>, lost: CancellationToken) {
     lost.cancel();
 }
 
-/// Installs the machine and runs its sync loop until the lease is lost or shutdown's
-/// [`release`] takes the machine away. Shutdown alone keeps it: answers finishing in the
-/// grace period still encrypt.
-async fn serve(state: &AppState, crypto: Arc<Crypto>, lost: &CancellationToken) {
+/// Installs the machine and runs its sync loop until the lease is lost, shutdown's
+/// [`release`] takes the machine away, or the homeserver forgets the device (`DeviceGone`).
+/// Shutdown alone keeps it: answers finishing in the grace period still encrypt.
+async fn serve(state: &AppState, crypto: Arc<Crypto>, lost: &CancellationToken) -> SyncEnd {
     let every = state.config.encryption.lease / 3;
     state.matrix.set_crypto(Some(crypto.clone()));
     // Encrypted claims queued while nobody owned the machine are taken at the next sweep.
     state.queued.store(true, Ordering::SeqCst);
     let stop = CancellationToken::new();
-    let sync = tokio::spawn(super::sync::run(crypto, stop.clone()));
-    loop {
+    let mut sync = tokio::spawn(super::sync::run(crypto, stop.clone()));
+    let end = loop {
         tokio::select! {
-            () = lost.cancelled() => break,
+            () = lost.cancelled() => break SyncEnd::Stopped,
+            ended = &mut sync => break ended.unwrap_or(SyncEnd::Stopped),
             () = tokio::time::sleep(every) => {
                 if state.matrix.crypto().is_none() {
-                    break;
+                    break SyncEnd::Stopped;
                 }
             }
         }
-    }
+    };
     state.matrix.set_crypto(None);
     stop.cancel();
-    let _ = sync.await;
+    if !sync.is_finished() {
+        let _ = sync.await;
+    }
+    end
 }
 
 /// Drops the machine and gives up the lease (shutdown), so another replica takes over at its

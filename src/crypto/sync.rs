@@ -17,22 +17,40 @@ use super::{decryption_settings, Crypto, CryptoError};
 /// How long one `/sync` waits at the homeserver for something new.
 const LONG_POLL: Duration = Duration::from_secs(30);
 
-/// Runs the sync loop until `stop`: failures back off (jittered, at most 30 s) and retry.
-pub async fn run(crypto: Arc<Crypto>, stop: CancellationToken) {
+/// Why the sync loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncEnd {
+    /// `stop` was cancelled.
+    Stopped,
+    /// The homeserver no longer knows the device: the machine must be replaced.
+    DeviceGone,
+}
+
+/// Runs the sync loop until `stop` or until the homeserver no longer knows the device; other
+/// failures back off (jittered, at most 30 s) and retry.
+pub async fn run(crypto: Arc<Crypto>, stop: CancellationToken) -> SyncEnd {
     let mut backoff = Duration::from_secs(1);
     loop {
         let step = tokio::select! {
             r = crypto.sync_once(LONG_POLL) => r,
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return SyncEnd::Stopped,
         };
         match step {
             Ok(()) => backoff = Duration::from_secs(1),
+            Err(e) if e.device_gone() => {
+                tracing::warn!(
+                    device_id = crypto.device_id(),
+                    "the homeserver no longer knows the encryption device (deleted, or pruned as \
+                     stale); making a new one"
+                );
+                return SyncEnd::DeviceGone;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, ?backoff, "the encryption device's /sync failed; retrying");
                 let jitter = rand::random_range(0.75..1.25);
                 tokio::select! {
                     () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                    () = stop.cancelled() => return,
+                    () = stop.cancelled() => return SyncEnd::Stopped,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -68,5 +86,64 @@ impl Crypto {
             self.keys_arrived();
         }
         self.http.flush(&self.machine).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::http::DeviceHttp;
+    use crate::matrix::MatrixClient;
+    use matrix_sdk_crypto::OlmMachine;
+
+    /// A homeserver that answers every request with `status` and `body`.
+    async fn homeserver(status: u16, body: &'static str) -> String {
+        let app = axum::Router::new().fallback(move || async move {
+            (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                body,
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    async fn crypto(url: &str) -> Arc<Crypto> {
+        let user = ruma::user_id!("@grok:example.org");
+        let device = ruma::device_id!("BOTDEVICE");
+        let machine = OlmMachine::new(user, device).await;
+        let http = DeviceHttp::new(url, "token", user.to_owned(), device.to_owned());
+        let matrix = MatrixClient::new(url, "token", user.as_str());
+        Arc::new(Crypto::new(machine, http, matrix))
+    }
+
+    #[tokio::test]
+    async fn a_device_the_homeserver_forgot_ends_the_loop() {
+        let url = homeserver(
+            400,
+            r#"{"errcode":"M_UNKNOWN_DEVICE","error":"Application service trying to use a device that doesn't exist"}"#,
+        )
+        .await;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(crypto(&url).await, CancellationToken::new()),
+        )
+        .await
+        .expect("the loop ends by itself");
+        assert_eq!(ended, SyncEnd::DeviceGone);
+    }
+
+    #[tokio::test]
+    async fn other_failures_are_retried_until_stopped() {
+        let url = homeserver(400, r#"{"errcode":"M_UNKNOWN","error":"something else"}"#).await;
+        let stop = CancellationToken::new();
+        let looping = tokio::spawn(run(crypto(&url).await, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!looping.is_finished(), "a passing failure ended the loop");
+        stop.cancel();
+        assert_eq!(looping.await.unwrap(), SyncEnd::Stopped);
     }
 }

@@ -18,14 +18,18 @@
 - e5. no question's plaintext (random words) and not the crypto passphrase in the bot's log
   (run at RUST_LOG=grok_appservice=debug), and no question or answer text in Synapse's database;
 - e6. the bot's device is cross-signed: master and self-signing keys published, signatures valid,
-  unchanged by the restart;
+  unchanged by the restart; the device has no last_seen_ts, so Synapse's
+  `delete_stale_devices_after` never prunes it;
 - e7. an encrypted group room (alice, bob, the bot): chatter is decrypted and ignored (no reply,
   no provider call, no request_log row); `grok: ...` with m.mentions and `Grok, ...` are each
   answered once, encrypted, and alice and bob both decrypt both answers (runs before e5);
 - e8. the crypto store is lost (moved away while the bot is stopped): a WARN naming the old
   device, a new device (crypto_devices, /keys/query) and the old one deleted, a new
   cross-signing identity signing it,
-  and alice decrypts the new device's answer once her client trusts it (on first use).
+  and alice decrypts the new device's answer once her client trusts it (on first use);
+- e9. the bot's device is deleted on the homeserver while the bot runs: the bot notices through
+  its /sync (no restart), WARNs, makes a new device signed by its unchanged cross-signing
+  identity, and alice decrypts the new device's answer.
 
 The replica side of encryption (two replicas sharing one store, the lease, kill -9 failover) is
 tests/e2e/encryption_replicas.py.
@@ -716,8 +720,17 @@ def scenario_cross_signing(ctx):
             problems.append(f"device {device_id} carries no valid self-signing signature (signatures: {sigs})")
     if ctx.master_key and m_pub and m_pub != ctx.master_key:
         problems.append("the bot's master key changed across the restart")
+    # Never pruned: Synapse's delete_stale_devices_after deletes devices whose last_seen is
+    # older than its limit; a device the appservice made has none (with Synapse's default
+    # track_appservice_user_ips: false), so it is never among them (README "Stale devices").
+    as_client = L.Client(ctx.synapse.url, ctx.bot.reg["as_token"], BOT)
+    seen = {d: as_client.call("GET", f"/devices/{L.q(d)}", params={"user_id": BOT}).get("last_seen_ts")
+            for d in devices}
+    if any(ts is not None for ts in seen.values()):
+        problems.append(f"the bot's device has a last_seen_ts ({seen}): delete_stale_devices_after "
+                        "could prune it")
     report(name, problems, f"master {m_pub and m_pub[:10]}…, self-signing {s_pub and s_pub[:10]}…, "
-                           f"device {', '.join(devices)} signed by both")
+                           f"device {', '.join(devices)} signed by both, never seen (unprunable)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -984,11 +997,90 @@ def scenario_store_lost(ctx):
                            f"new master {m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
 
 
-# e7 runs before e5, so its words are in the log and database scan too; e8 last, as it replaces
-# the device and the identity e2 and e6 check.
+# ---------------------------------------------------------------------------------------------
+# e9: the device deleted while the bot runs
+
+
+def cross_signed(server, device_id):
+    """The bot's /keys/query once it lists `device_id` with a signature besides its own."""
+    keys = bot_keys(server)
+    dev = ((keys.get("device_keys") or {}).get(BOT) or {}).get(device_id) or {}
+    signatures = set((dev.get("signatures") or {}).get(BOT) or {})
+    return keys if signatures - {f"ed25519:{device_id}"} else None
+
+
+def scenario_device_deleted(ctx):
+    """e9. The bot's device is deleted while the bot runs (as an admin or Synapse's
+    `delete_stale_devices_after` would): the bot's /sync is refused, it WARNs, makes a new
+    device at once (no restart), signs it with its unchanged cross-signing identity, and alice
+    reads the new device's answer."""
+    name = "e9. device deleted while running: a new device under the same identity, answers decrypt again"
+    if not ctx.dm:
+        return report(name, ["skipped: no encrypted DM (e1 failed)"])
+    alice, bot = ctx.alice, ctx.bot
+    server = alice.plain_client()
+    old = recorded_device(bot)
+    before = bot_keys(server)
+    old_master = only_key((before.get("master_keys") or {}).get(BOT))[1]
+    old_ssk = only_key((before.get("self_signing_keys") or {}).get(BOT))[1]
+    offset = os.path.getsize(ctx.stack.logs["bot"])
+    # The appservice deletes devices of its users without interactive auth (MSC4190).
+    as_client = L.Client(ctx.synapse.url, bot.reg["as_token"], BOT)
+    as_client.call("DELETE", f"/devices/{L.q(old)}", {}, params={"user_id": BOT})
+    problems = []
+    t0 = time.monotonic()
+    new = L.wait_until(lambda: (recorded_device(bot) != old and recorded_device(bot)) or None, 90, 0.5)
+    if not new:
+        return report(name, [f"crypto_devices still names {old} 90s after its deletion: the bot did not "
+                             "notice or did not make a new device"])
+    # Published and cross-signed: the keys and the signature follow the record closely.
+    keys = L.wait_until(lambda: cross_signed(server, new), 30, 0.5) or bot_keys(server)
+    took = time.monotonic() - t0
+    text = log_since(ctx.stack.logs["bot"], offset)
+    if not any(" WARN " in ln and "no longer knows the encryption device" in ln for ln in text.splitlines()):
+        problems.append("no WARN that the homeserver forgot the device; WARN lines: "
+                        + repr([ln[:200] for ln in text.splitlines() if " WARN " in ln][:5]))
+    devices = (keys.get("device_keys") or {}).get(BOT) or {}
+    if sorted(devices) != [new]:
+        problems.append(f"/keys/query lists the bot's devices {sorted(devices)}, want only the new {new}")
+    master = (keys.get("master_keys") or {}).get(BOT)
+    ssk = (keys.get("self_signing_keys") or {}).get(BOT)
+    m_id, m_pub = only_key(master)
+    s_id, s_pub = only_key(ssk)
+    if m_pub != old_master or s_pub != old_ssk:
+        problems.append("the bot's cross-signing identity changed with its device (master "
+                        f"{old_master and old_master[:10]} -> {m_pub and m_pub[:10]}): clients that "
+                        "trusted the bot would see an identity reset")
+    elif new in devices and not signed_by(devices[new], BOT, s_id, s_pub):
+        problems.append(f"the new device {new} carries no valid signature of the bot's self-signing key")
+    if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
+        return report(name, problems + [f"alice's client never saw the bot's new device {new} within 60s"])
+    word = secret_word()
+    ctx.words.append(word)
+    q_id = alice.say(ctx.dm, f"{word}: and the capital of Uruguay?")
+    ctx.questions.append(q_id)
+    reply = alice.wait_reply(ctx.dm, q_id)
+    if not reply:
+        problems.append(f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
+                        + reply_diagnosis(alice, ctx.dm, q_id))
+    else:
+        raw = server.get_event(ctx.dm, reply["event_id"]).get("content") or {}
+        if reply["wire"] != "m.room.encrypted" or raw.get("device_id") != new:
+            problems.append(f"the reply came as {reply['wire']} from device {raw.get('device_id')!r}, "
+                            f"want m.room.encrypted from {new}")
+        alice.wait(lambda: False, QUIET_WAIT)
+        if len(alice.replies(ctx.dm, q_id)) != 1:
+            problems.append(f"{len(alice.replies(ctx.dm, q_id))} readable replies, want 1")
+    report(name, problems, f"device {old} deleted -> new device {new} in {took:.0f}s, same master "
+                           f"{m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
+
+
+# e7 runs before e5, so its words are in the log and database scan too; e8 and e9 last, as they
+# replace the device (e8 the identity too) that e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
              ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
-             ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost)]
+             ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost),
+             ("e9", scenario_device_deleted)]
 
 
 def dummy_registration(stack):
