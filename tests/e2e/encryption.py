@@ -907,6 +907,39 @@ def log_since(path, offset):
         return f.read().decode(errors="replace")
 
 
+def answered_by_new_device(ctx, new, country, curve=None):
+    """Alice asks once her client knows the bot's new device `new`: (the problems with the
+    answer, the answer). It must be readable, encrypted by `new` (with its curve25519 key
+    `curve`, when given) and come once."""
+    alice = ctx.alice
+    server = alice.plain_client()
+    # Alice's client learns the bot's new device (device_lists.changed, then a keys query).
+    if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
+        return [f"alice's client never saw the bot's new device {new} within 60s "
+                f"(she knows {sorted(alice.devices_of(BOT))})"], None
+    word = secret_word()
+    ctx.words.append(word)
+    q_id = alice.say(ctx.dm, f"{word}: and the capital of {country}?")
+    ctx.questions.append(q_id)
+    reply = alice.wait_reply(ctx.dm, q_id)
+    if not reply:
+        return [f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
+                + reply_diagnosis(alice, ctx.dm, q_id)], None
+    problems = []
+    if reply["wire"] != "m.room.encrypted":
+        problems.append(f"the reply reached alice as {reply['wire']}")
+    # Who encrypted it: the Megolm content names the sending device and its curve25519 key.
+    raw = server.get_event(ctx.dm, reply["event_id"]).get("content") or {}
+    if raw.get("device_id") != new:
+        problems.append(f"the reply was encrypted by device {raw.get('device_id')!r}, want the new {new}")
+    if curve and raw.get("sender_key") != curve:
+        problems.append("the reply's sender_key is not the new device's curve25519 key")
+    alice.wait(lambda: False, QUIET_WAIT)
+    if len(alice.replies(ctx.dm, q_id)) != 1:
+        problems.append(f"{len(alice.replies(ctx.dm, q_id))} readable replies, want 1")
+    return problems, reply
+
+
 def scenario_store_lost(ctx):
     """e8. The crypto store is lost (moved away while the bot is stopped): the bot WARNs, makes
     a new device (recorded in crypto_devices, published in /keys/query), cross-signs it under a
@@ -967,31 +1000,9 @@ def scenario_store_lost(ctx):
         problems.append("the new self-signing key is not validly signed by the new master key")
     elif new in devices and not signed_by(devices[new], BOT, s_id, s_pub):
         problems.append(f"the new device {new} carries no valid signature of the new self-signing key")
-    # Alice's client learns the bot's new device (device_lists.changed, then a keys query).
-    if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
-        return report(name, problems + [f"alice's client never saw the bot's new device {new} within 60s "
-                                        f"(she knows {sorted(alice.devices_of(BOT))})"])
-    word = secret_word()
-    ctx.words.append(word)
-    q_id = alice.say(ctx.dm, f"{word}: and the capital of Ecuador?")
-    ctx.questions.append(q_id)
-    reply = alice.wait_reply(ctx.dm, q_id)
-    if not reply:
-        problems.append(f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
-                        + reply_diagnosis(alice, ctx.dm, q_id))
-    else:
-        if reply["wire"] != "m.room.encrypted":
-            problems.append(f"the reply reached alice as {reply['wire']}")
-        # Who encrypted it: the Megolm content names the sending device and its curve25519 key.
-        raw = server.get_event(ctx.dm, reply["event_id"]).get("content") or {}
-        curve = ((devices.get(new) or {}).get("keys") or {}).get(f"curve25519:{new}")
-        if raw.get("device_id") != new:
-            problems.append(f"the reply was encrypted by device {raw.get('device_id')!r}, want the new {new}")
-        if raw.get("sender_key") != curve:
-            problems.append("the reply's sender_key is not the new device's curve25519 key")
-        alice.wait(lambda: False, QUIET_WAIT)
-        if len(alice.replies(ctx.dm, q_id)) != 1:
-            problems.append(f"{len(alice.replies(ctx.dm, q_id))} readable replies, want 1")
+    curve = ((devices.get(new) or {}).get("keys") or {}).get(f"curve25519:{new}")
+    found, reply = answered_by_new_device(ctx, new, "Ecuador", curve)
+    problems += found
     report(name, problems, f"old device {old} -> new device {new} (recorded and published, the old one "
                            f"deleted: /keys/query lists {sorted(devices)}); "
                            f"new master {m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
@@ -1053,24 +1064,9 @@ def scenario_device_deleted(ctx):
                         "trusted the bot would see an identity reset")
     elif new in devices and not signed_by(devices[new], BOT, s_id, s_pub):
         problems.append(f"the new device {new} carries no valid signature of the bot's self-signing key")
-    if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
-        return report(name, problems + [f"alice's client never saw the bot's new device {new} within 60s"])
-    word = secret_word()
-    ctx.words.append(word)
-    q_id = alice.say(ctx.dm, f"{word}: and the capital of Uruguay?")
-    ctx.questions.append(q_id)
-    reply = alice.wait_reply(ctx.dm, q_id)
-    if not reply:
-        problems.append(f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
-                        + reply_diagnosis(alice, ctx.dm, q_id))
-    else:
-        raw = server.get_event(ctx.dm, reply["event_id"]).get("content") or {}
-        if reply["wire"] != "m.room.encrypted" or raw.get("device_id") != new:
-            problems.append(f"the reply came as {reply['wire']} from device {raw.get('device_id')!r}, "
-                            f"want m.room.encrypted from {new}")
-        alice.wait(lambda: False, QUIET_WAIT)
-        if len(alice.replies(ctx.dm, q_id)) != 1:
-            problems.append(f"{len(alice.replies(ctx.dm, q_id))} readable replies, want 1")
+    curve = ((devices.get(new) or {}).get("keys") or {}).get(f"curve25519:{new}")
+    found, reply = answered_by_new_device(ctx, new, "Uruguay", curve)
+    problems += found
     report(name, problems, f"device {old} deleted -> new device {new} in {took:.0f}s, same master "
                            f"{m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
 
