@@ -401,7 +401,7 @@ fn classify_message(event: &Event, me: &Identity, facts: Facts) -> Verdict {
 }
 
 /// An addressed image: its caption (name prefix and reply fallback removed) is the question,
-/// "describe this image" when there is none. Encrypted media cannot be read: the notice.
+/// "describe this image" when there is none. A malformed media URI cannot be read: the notice.
 fn image_request(event: &Event, me: &Identity, facts: Facts) -> Verdict {
     let Some(image) = vision::image_ref(&event.content) else {
         return Verdict::Skip(SkipReason::Media);
@@ -669,6 +669,7 @@ mod tests {
                 media_id: media_id.into(),
                 mimetype: None,
                 size: None,
+                key: None,
             }),
         })
     }
@@ -1054,11 +1055,27 @@ mod tests {
                 IGNORE_NA,
             ),
             (
-                "encrypted image in a direct room",
+                "encrypted image in a direct room (decrypted event of an encrypted room)",
                 msg(
                     alice,
                     json!({"msgtype": "m.image", "body": "cat.png",
-                           "file": {"url": "mxc://x/y"}}),
+                           "file": {"url": "mxc://x/y", "v": "v2"}}),
+                ),
+                DIRECT,
+                {
+                    let mut ask = image_ask(vision::DESCRIBE, "x", "y");
+                    if let Verdict::Addressed(r) = &mut ask {
+                        r.image =
+                            vision::image_ref(&json!({"file": {"url": "mxc://x/y", "v": "v2"}}));
+                    }
+                    ask
+                },
+            ),
+            (
+                "image with a malformed media URI in a direct room",
+                msg(
+                    alice,
+                    json!({"msgtype": "m.image", "body": "cat.png", "url": "mxc://x"}),
                 ),
                 DIRECT,
                 Verdict::Skip(SkipReason::Media),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use base64::Engine;
+use matrix_sdk_crypto::{AttachmentDecryptor, MediaEncryptionInfo};
 use serde_json::Value;
 
 use crate::cascade::router::Decision;
@@ -22,7 +23,8 @@ pub const IMAGE_TOKENS: i64 = 1_792;
 /// The question asked of an image sent without a caption.
 pub const DESCRIBE: &str = "Describe this image.";
 
-/// An unencrypted image a message points at (`url`, `info`), before it is downloaded.
+/// An image a message points at (`url` or, in an encrypted room, `file`; and `info`), before
+/// it is downloaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
     /// The media's origin server (`mxc://{server}/{media_id}`).
@@ -32,6 +34,37 @@ pub struct ImageRef {
     pub mimetype: Option<String>,
     /// `info.size` in bytes, as declared.
     pub size: Option<u64>,
+    /// The key of an encrypted attachment; `None` for plain media.
+    pub key: Option<AttachmentKey>,
+}
+
+/// The key of an encrypted attachment: `content.file` (Matrix's `EncryptedFile`: AES-256-CTR
+/// key, IV and the ciphertext's SHA-256). It is key material: it lives only in memory for the
+/// request, and its `Debug` shows none of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AttachmentKey(Value);
+
+impl std::fmt::Debug for AttachmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttachmentKey(..)")
+    }
+}
+
+impl AttachmentKey {
+    /// The plaintext of a downloaded encrypted attachment, after its hash is checked.
+    pub fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, Rejection> {
+        use std::io::Read;
+        let info: MediaEncryptionInfo = serde_json::from_value(self.0.clone())
+            .map_err(|e| Rejection::Undecryptable(format!("its key is malformed: {e}")))?;
+        let mut input = std::io::Cursor::new(ciphertext);
+        let mut decryptor = AttachmentDecryptor::new(&mut input, info)
+            .map_err(|e| Rejection::Undecryptable(e.to_string()))?;
+        let mut plain = Vec::with_capacity(ciphertext.len());
+        decryptor
+            .read_to_end(&mut plain)
+            .map_err(|e| Rejection::Undecryptable(e.to_string()))?;
+        Ok(plain)
+    }
 }
 
 /// Why an image is not read (the request then gets the media notice, `image_rejected`).
@@ -43,6 +76,8 @@ pub enum Rejection {
     Type(String),
     #[error("image is larger than vision.max_bytes ({0} bytes)")]
     TooLarge(u64),
+    #[error("the encrypted image cannot be decrypted: {0}")]
+    Undecryptable(String),
 }
 
 /// The caption of a media message (Matrix 1.10): when `filename` is present and differs
@@ -53,10 +88,17 @@ pub fn caption(content: &Value) -> Option<&str> {
     (filename != body && !body.trim().is_empty()).then_some(body)
 }
 
-/// The image an `m.image` or `m.sticker` content points at; `None` for encrypted media
-/// (`file` instead of `url`) or a malformed `mxc://` URI.
+/// The image an `m.image` or `m.sticker` content points at: `url`, or in an encrypted room
+/// `file` (the attachment and its key); `None` for a malformed `mxc://` URI.
 pub fn image_ref(content: &Value) -> Option<ImageRef> {
-    let url = content.get("url").and_then(Value::as_str)?;
+    let (url, key) = match (content.get("url"), content.get("file")) {
+        (Some(url), _) => (url.as_str()?, None),
+        (None, Some(file)) => (
+            file.get("url")?.as_str()?,
+            Some(AttachmentKey(file.clone())),
+        ),
+        (None, None) => return None,
+    };
     let (server, media_id) = url.strip_prefix("mxc://")?.split_once('/')?;
     let valid = |s: &str| !s.is_empty() && !s.contains('/');
     if !valid(server) || !valid(media_id) {
@@ -71,7 +113,24 @@ pub fn image_ref(content: &Value) -> Option<ImageRef> {
             .and_then(Value::as_str)
             .map(str::to_string),
         size: info.and_then(|i| i.get("size")).and_then(Value::as_u64),
+        key,
     })
+}
+
+/// The accepted image type that `bytes` start with: the type of an encrypted attachment,
+/// which the homeserver can only serve as `application/octet-stream`.
+pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else {
+        None
+    }
 }
 
 /// The media type without parameters, lowercased (`image/PNG; x=1` -> `image/png`).
@@ -167,6 +226,7 @@ mod tests {
             media_id: "abc".into(),
             mimetype: Some("image/png".into()),
             size,
+            key: None,
         }
     }
 
@@ -187,12 +247,10 @@ mod tests {
     }
 
     #[test]
-    fn only_unencrypted_mxc_images_are_read() {
+    fn only_mxc_images_are_read() {
         let c = json!({"url": "mxc://example.org/abc",
                        "info": {"mimetype": "image/png", "size": 42}});
         assert_eq!(image_ref(&c), Some(png(Some(42))));
-        let encrypted = json!({"file": {"url": "mxc://example.org/abc"}});
-        assert_eq!(image_ref(&encrypted), None);
         for bad in [
             "https://x/y",
             "mxc://example.org",
@@ -200,6 +258,77 @@ mod tests {
             "mxc://a/b/c",
         ] {
             assert_eq!(image_ref(&json!({ "url": bad })), None, "{bad}");
+        }
+    }
+
+    /// An encrypted attachment as a client makes it: the ciphertext and the `file` content.
+    fn encrypt(plain: &[u8]) -> (Vec<u8>, Value) {
+        use std::io::Read;
+        let mut input = std::io::Cursor::new(plain.to_vec());
+        let mut encryptor = matrix_sdk_crypto::AttachmentEncryptor::new(&mut input);
+        let mut ciphertext = Vec::new();
+        encryptor.read_to_end(&mut ciphertext).unwrap();
+        let mut file = serde_json::to_value(encryptor.finish()).unwrap();
+        file["url"] = json!("mxc://example.org/enc");
+        (ciphertext, file)
+    }
+
+    #[test]
+    fn an_encrypted_image_is_read_with_its_key_and_its_hash_checked() {
+        let png_bytes = b"\x89PNG\r\n\x1a\n and the rest of the image";
+        let (ciphertext, file) = encrypt(png_bytes);
+        assert_ne!(&ciphertext[..], &png_bytes[..]);
+        let content = json!({"msgtype": "m.image", "body": "cat.png", "file": file,
+                             "info": {"mimetype": "image/png", "size": png_bytes.len()}});
+        let image = image_ref(&content).expect("an encrypted image is read");
+        assert_eq!(
+            (image.server.as_str(), image.media_id.as_str()),
+            ("example.org", "enc")
+        );
+        assert_eq!(image.size, Some(png_bytes.len() as u64));
+        let key = image.key.clone().expect("with its key");
+        let plain = key.decrypt(&ciphertext).unwrap();
+        assert_eq!(plain, png_bytes);
+        assert_eq!(sniff(&plain), Some("image/png"));
+        // A changed byte fails the hash; another image's key does not decrypt this one.
+        let mut tampered = ciphertext.clone();
+        tampered[3] ^= 1;
+        assert!(matches!(
+            key.decrypt(&tampered),
+            Err(Rejection::Undecryptable(_))
+        ));
+        let (_, other) = encrypt(png_bytes);
+        let other = image_ref(&json!({ "file": other })).unwrap().key.unwrap();
+        assert!(matches!(
+            other.decrypt(&ciphertext),
+            Err(Rejection::Undecryptable(_))
+        ));
+        let broken = image_ref(&json!({"file": {"url": "mxc://a/b", "v": "v2"}})).unwrap();
+        assert!(matches!(
+            broken.key.unwrap().decrypt(&ciphertext),
+            Err(Rejection::Undecryptable(_))
+        ));
+        // The key never shows in debug output.
+        let k = file["key"]["k"].as_str().unwrap();
+        assert!(!format!("{image:?}").contains(k), "{image:?}");
+        // A plain `url` wins: no key.
+        let plain_ref = image_ref(&json!({"url": "mxc://a/b", "file": file})).unwrap();
+        assert_eq!(plain_ref.key, None);
+    }
+
+    #[test]
+    fn image_types_are_known_by_their_first_bytes() {
+        for (bytes, mime) in [
+            (&b"\x89PNG\r\n\x1a\nrest"[..], Some("image/png")),
+            (&[0xFF, 0xD8, 0xFF, 0xE0, 0][..], Some("image/jpeg")),
+            (b"GIF89a...", Some("image/gif")),
+            (b"GIF87a...", Some("image/gif")),
+            (b"RIFF\x10\0\0\0WEBPVP8 ", Some("image/webp")),
+            (b"RIFF\x10\0\0\0WAVEfmt ", None),
+            (b"%PDF-1.7", None),
+            (b"", None),
+        ] {
+            assert_eq!(sniff(bytes), mime, "{bytes:?}");
         }
     }
 

@@ -130,6 +130,81 @@ async fn a_captioned_image_in_a_direct_chat_is_answered_with_its_bytes() {
     assert!(row.models.contains(VISION), "{}", row.models);
 }
 
+/// An attachment encrypted as a client in an encrypted room does it: (ciphertext, the `file`
+/// content without its `url`).
+fn encrypt_attachment(plain: &[u8]) -> (Vec<u8>, Value) {
+    use std::io::Read;
+    let mut input = std::io::Cursor::new(plain.to_vec());
+    let mut encryptor = matrix_sdk_crypto::AttachmentEncryptor::new(&mut input);
+    let mut ciphertext = Vec::new();
+    encryptor.read_to_end(&mut ciphertext).unwrap();
+    (
+        ciphertext,
+        serde_json::to_value(encryptor.finish()).unwrap(),
+    )
+}
+
+/// In an encrypted room an image is an encrypted attachment (`file`, not `url`): the
+/// homeserver serves ciphertext as `application/octet-stream`; the bot decrypts it with the
+/// key from the (decrypted) event, checks its hash and sends the model the plaintext image.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_image_is_decrypted_with_its_key_and_its_hash_checked() {
+    let h = harness(|_| {}).await;
+    let bytes = png_bytes(2_000);
+    let (ciphertext, file) = encrypt_attachment(&bytes);
+    let content_for = |url: String| {
+        let mut file = file.clone();
+        file["url"] = json!(url);
+        json!({"msgtype": "m.image", "body": "what is this?", "filename": "x.png",
+               "file": file, "info": {"mimetype": "image/png", "size": bytes.len()}})
+    };
+    let good = h.hs.upload("application/octet-stream", &ciphertext);
+    let mut tampered = ciphertext.clone();
+    tampered[10] ^= 0x55;
+    let bad = h.hs.upload("application/octet-stream", &tampered);
+    h.put_txn("t1", vec![image_event("$enc", DM, content_for(good))])
+        .await;
+    h.put_txn("t2", vec![image_event("$bad", DM2, content_for(bad))])
+        .await;
+    h.settle().await;
+
+    assert_eq!(h.hs.downloads().len(), 2);
+    let calls = h.xai.seen();
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the image that decrypts reaches the model"
+    );
+    assert_eq!(
+        image_parts(&calls[0].body),
+        vec![bytes],
+        "the plaintext image"
+    );
+    let input = calls[0].body["input"].to_string();
+    assert!(
+        input.contains("data:image/png;base64,"),
+        "its type read from its bytes"
+    );
+    assert!(text_part(&calls[0].body).ends_with("what is this?"));
+    let row = h.row("$enc").await;
+    assert_eq!(
+        (row.route.as_str(), row.images, row.ok),
+        ("grok_direct", 1, true)
+    );
+    let row = h.row("$bad").await;
+    assert_eq!(
+        (row.route.as_str(), row.degraded.as_str()),
+        ("none", "image_rejected")
+    );
+    assert!(row.err.contains("cannot be decrypted"), "{}", row.err);
+    let sent = h.hs.sent();
+    assert_eq!(sent.len(), 2, "the answer and the apology");
+    assert!(sent.iter().any(|s| s.body["body"]
+        .as_str()
+        .unwrap()
+        .contains("couldn't decrypt that image")));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bare_image_is_described_and_never_cached() {
     let h = harness(|_| {}).await;

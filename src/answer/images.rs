@@ -17,6 +17,8 @@ use super::Job;
 
 const DOWNLOAD_APOLOGY: &str =
     "Sorry, I couldn't fetch that image from the homeserver. Please try sending it again.";
+const DECRYPT_APOLOGY: &str =
+    "Sorry, I couldn't decrypt that image (it does not match its key). Please try sending it again.";
 
 /// Why a request's images are not sent.
 pub enum Unread {
@@ -79,7 +81,8 @@ pub async fn download(
 }
 
 /// One image: the download (stopped past `vision.max_bytes`) and the type the homeserver
-/// served it as.
+/// served it as; an encrypted attachment is decrypted and its type read from its first bytes
+/// (the homeserver only has ciphertext), or else taken as declared.
 async fn fetch(state: &AppState, image: &ImageRef) -> Result<ImageInput, Unread> {
     let max_bytes = state.config.vision.max_bytes;
     let downloaded = state
@@ -90,10 +93,19 @@ async fn fetch(state: &AppState, image: &ImageRef) -> Result<ImageInput, Unread>
             MediaError::TooLarge(_) => Unread::Rejected(Rejection::TooLarge(max_bytes)),
             other => Unread::Failed(other),
         })?;
-    if !vision::accepted_type(&downloaded.content_type) {
-        return Err(Unread::Rejected(Rejection::Type(downloaded.content_type)));
+    let (content_type, bytes) = match &image.key {
+        Some(key) => {
+            let plain = key.decrypt(&downloaded.bytes).map_err(Unread::Rejected)?;
+            let declared = image.mimetype.clone().unwrap_or_default();
+            let sniffed = vision::sniff(&plain).map_or(declared, str::to_string);
+            (sniffed, plain)
+        }
+        None => (downloaded.content_type, downloaded.bytes),
+    };
+    if !vision::accepted_type(&content_type) {
+        return Err(Unread::Rejected(Rejection::Type(content_type)));
     }
-    Ok(ImageInput::new(&downloaded.content_type, &downloaded.bytes))
+    Ok(ImageInput::new(&content_type, &bytes))
 }
 
 /// The answer when the images are not sent: the media notice or the apology, and the row.
@@ -112,6 +124,10 @@ async fn rejected(state: &AppState, job: &Job, rejection: &Rejection, row: Reque
     row.degraded = Degrade::ImageRejected.as_str().into();
     row.err = rejection.to_string();
     row.ok = false;
+    // Not a limit the user could read about in the media notice: the file itself is damaged.
+    if let Rejection::Undecryptable(_) = rejection {
+        return Response::Reply(DECRYPT_APOLOGY.to_string(), row, job.progress_event.clone());
+    }
     let slot = state
         .store
         .take_notice_slot(

@@ -12,6 +12,8 @@
   encrypted, with the earlier question read back from the room and decrypted as context;
 - e3. a second device of alice, logged in later, decrypts the bot's next answer (the bot noticed
   the new device through device-list changes);
+- e10. an image in the DM, its attachment encrypted by alice's client as Element does: the
+  model gets the decrypted image and caption, and alice decrypts the answer;
 - e4. events whose room key never arrives (real Megolm messages of a session never shared) get,
   after `encryption.key_wait`, one encrypted notice (one per room) and each a request_log row
   with degraded = encrypted_room; e4b. so does an event with random ciphertext (no wait needed);
@@ -530,6 +532,47 @@ def scenario_second_device(ctx):
     else:
         ctx.answers.append(reply["content"].get("body", ""))
     report(name, problems, f"device {alice2.device_id} decrypted reply {reply and reply['event_id']}")
+
+
+def scenario_image(ctx):
+    """e10. An image in the encrypted DM, its attachment encrypted by the client (nio, as
+    Element does): the bot decrypts the event and the attachment, the model gets the plaintext
+    image with its caption, and alice decrypts the answer."""
+    name = "e10. encrypted image: the model gets the decrypted image, alice decrypts the answer"
+    if not ctx.dm:
+        return report(name, ["skipped: no encrypted DM (e1 failed)"])
+    alice = ctx.alice
+    image = b"\x89PNG\r\n\x1a\n" + secrets.token_bytes(3000)
+    upload, keys = alice.run(alice.client.upload(lambda *_: image, content_type="image/png",
+                                                 filename="photo.png", encrypt=True,
+                                                 filesize=len(image)))
+    if not isinstance(upload, nio.UploadResponse):
+        return report(name, [f"alice's encrypted upload failed: {upload}"])
+    word = secret_word()
+    ctx.words.append(word)
+    caption = f"{word}: what is in this picture?"
+    content = {"msgtype": "m.image", "body": caption, "filename": "photo.png",
+               "info": {"mimetype": "image/png", "size": len(image)},
+               "file": {"url": upload.content_uri, **{k: keys[k] for k in ("key", "iv", "hashes", "v")}}}
+    before = len(ctx.provider_calls())
+    q_id = alice.send(ctx.dm, content)
+    ctx.questions.append(q_id)
+    reply = alice.wait_reply(ctx.dm, q_id)
+    problems = []
+    if not reply:
+        problems.append(f"no readable reply within {REPLY_TIMEOUT}s: " + reply_diagnosis(alice, ctx.dm, q_id))
+    elif reply["wire"] != "m.room.encrypted":
+        problems.append(f"the reply reached alice as {reply['wire']}")
+    inputs = [json.dumps(c["body"].get("input"), ensure_ascii=False) for c in ctx.provider_calls()[before:]]
+    encoded = base64.b64encode(image).decode()
+    with_image = [i for i in inputs if f"data:image/png;base64,{encoded}" in i]
+    if not with_image:
+        problems.append(f"no provider request carries the decrypted image ({len(inputs)} requests"
+                        + (f"; the first: {inputs[0][:200]}" if inputs else "") + ")")
+    elif caption not in with_image[0]:
+        problems.append("the provider request with the image lacks its decrypted caption")
+    report(name, problems, f"{len(image)}-byte encrypted attachment decrypted for the model; reply "
+                           f"{reply and reply['event_id']} decrypted")
 
 
 def keyless_events(dev, room, n=2):
@@ -1074,6 +1117,7 @@ def scenario_device_deleted(ctx):
 # e7 runs before e5, so its words are in the log and database scan too; e8 and e9 last, as they
 # replace the device (e8 the identity too) that e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
+             ("e10", scenario_image),
              ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
              ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost),
              ("e9", scenario_device_deleted)]
