@@ -12,7 +12,7 @@
   encrypted, with the earlier question read back from the room and decrypted as context;
 - e3. a second device of alice, logged in later, decrypts the bot's next answer (the bot noticed
   the new device through device-list changes);
-- e10. an image in the DM, its attachment encrypted by alice's client as Element does: the
+- e11. an image in the DM, its attachment encrypted by alice's client as Element does: the
   model gets the decrypted image and caption, and alice decrypts the answer;
 - e4. events whose room key never arrives (real Megolm messages of a session never shared) get,
   after `encryption.key_wait`, one encrypted notice (one per room) and each a request_log row
@@ -29,7 +29,7 @@
   device, a new device (crypto_devices, /keys/query) and the old one deleted, a new
   cross-signing identity signing it,
   and alice decrypts the new device's answer once her client trusts it (on first use);
-- e9. the bot's device is deleted on the homeserver while the bot runs: the bot notices through
+- e10. the bot's device is deleted on the homeserver while the bot runs: the bot notices through
   its /sync (no restart), WARNs, makes a new device signed by its unchanged cross-signing
   identity, and alice decrypts the new device's answer.
 
@@ -535,10 +535,10 @@ def scenario_second_device(ctx):
 
 
 def scenario_image(ctx):
-    """e10. An image in the encrypted DM, its attachment encrypted by the client (nio, as
+    """e11. An image in the encrypted DM, its attachment encrypted by the client (nio, as
     Element does): the bot decrypts the event and the attachment, the model gets the plaintext
     image with its caption, and alice decrypts the answer."""
-    name = "e10. encrypted image: the model gets the decrypted image, alice decrypts the answer"
+    name = "e11. encrypted image: the model gets the decrypted image, alice decrypts the answer"
     if not ctx.dm:
         return report(name, ["skipped: no encrypted DM (e1 failed)"])
     alice = ctx.alice
@@ -1052,7 +1052,7 @@ def scenario_store_lost(ctx):
 
 
 # ---------------------------------------------------------------------------------------------
-# e9: the device deleted while the bot runs
+# e10: the device deleted while the bot runs
 
 
 def cross_signed(server, device_id):
@@ -1064,11 +1064,11 @@ def cross_signed(server, device_id):
 
 
 def scenario_device_deleted(ctx):
-    """e9. The bot's device is deleted while the bot runs (as an admin or Synapse's
+    """e10. The bot's device is deleted while the bot runs (as an admin or Synapse's
     `delete_stale_devices_after` would): the bot's /sync is refused, it WARNs, makes a new
     device at once (no restart), signs it with its unchanged cross-signing identity, and alice
     reads the new device's answer."""
-    name = "e9. device deleted while running: a new device under the same identity, answers decrypt again"
+    name = "e10. device deleted while running: a new device under the same identity, answers decrypt again"
     if not ctx.dm:
         return report(name, ["skipped: no encrypted DM (e1 failed)"])
     alice, bot = ctx.alice, ctx.bot
@@ -1114,13 +1114,13 @@ def scenario_device_deleted(ctx):
                            f"{m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
 
 
-# e7 runs before e5, so its words are in the log and database scan too; e8 and e9 last, as they
+# e7 runs before e5, so its words are in the log and database scan too; e8 and e10 last, as they
 # replace the device (e8 the identity too) that e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
-             ("e10", scenario_image),
+             ("e11", scenario_image),
              ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
              ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost),
-             ("e9", scenario_device_deleted)]
+             ("e10", scenario_device_deleted)]
 
 
 def dummy_registration(stack):
