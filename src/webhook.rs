@@ -420,7 +420,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         }
     };
     let ceiling = crate::config::usd_to_ticks(state.config.limits.daily_ceiling_usd);
-    let gauges = [
+    let mut gauges = vec![
         (
             "claims_pending",
             "Claimed messages not yet answered (all replicas; -1: unknown).",
@@ -447,6 +447,14 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
             ceiling,
         ),
     ];
+    // Only with encryption on, so that "no replica owns the device" is an alert's condition.
+    if state.config.encryption.enabled {
+        gauges.push((
+            "encryption_device_owned",
+            "1 while this replica runs the encryption device (exactly one replica should).",
+            i64::from(state.matrix.crypto().is_some()),
+        ));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&gauges),

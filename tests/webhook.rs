@@ -157,6 +157,24 @@ async fn query_ping_health_and_unknown_paths() {
     assert!(text.contains("grok_budget_spent_today_ticks 0"), "{text}");
 }
 
+/// `grok_encryption_device_owned` is reported only with encryption on (the alert sums it over
+/// the replicas), and says 0 while this replica does not run the device.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_encryption_owner_gauge_is_reported_with_encryption_on() {
+    let metrics = |h: Harness| async move {
+        let (s, b) = h.call(get("/metrics")).await;
+        assert_eq!(s, StatusCode::OK);
+        b["raw"].as_str().unwrap().to_string()
+    };
+    let off = metrics(Harness::new().await).await;
+    assert!(!off.contains("grok_encryption_device_owned"), "{off}");
+    let on = metrics(Harness::with(db::sqlite(), |c| c.encryption.enabled = true).await).await;
+    assert!(
+        on.contains("# TYPE grok_encryption_device_owned gauge\ngrok_encryption_device_owned 0\n"),
+        "{on}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_bodies_get_matrix_errors() {
     let h = Harness::new().await;

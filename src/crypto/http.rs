@@ -34,6 +34,9 @@ pub struct DeviceHttp {
     pub user_id: OwnedUserId,
     pub device_id: OwnedDeviceId,
     versions: SupportedVersions,
+    /// One flush at a time (the sync loop's and a send's): two would each send the machine's
+    /// queued requests, twice.
+    flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DeviceHttp {
@@ -61,6 +64,7 @@ impl DeviceHttp {
                 versions: BTreeSet::from([MatrixVersion::V1_1]),
                 features: BTreeSet::new(),
             },
+            flushing: Default::default(),
         }
     }
 
@@ -109,6 +113,7 @@ impl DeviceHttp {
 
     /// Sends every request the machine has queued and hands it each response.
     pub async fn flush(&self, machine: &OlmMachine) -> Result<(), CryptoError> {
+        let _one_at_a_time = self.flushing.lock().await;
         for request in machine.outgoing_requests().await? {
             self.execute(machine, &request).await?;
         }

@@ -217,16 +217,20 @@ impl Crypto {
             .await?
             .map(serde_json::from_value::<RoomEncryptionEventContent>)
             .transpose()?;
-        let history_visibility = self
-            .matrix
-            .state_event(room, "m.room.history_visibility", "")
-            .await?
-            .and_then(|c| {
-                c["history_visibility"]
-                    .as_str()
-                    .map(HistoryVisibility::from)
-            })
-            .unwrap_or(HistoryVisibility::Shared);
+        // Only key sharing reads the visibility: a plaintext room's send costs one lookup.
+        let history_visibility = match encryption {
+            Some(_) => self
+                .matrix
+                .state_event(room, "m.room.history_visibility", "")
+                .await?
+                .and_then(|c| {
+                    c["history_visibility"]
+                        .as_str()
+                        .map(HistoryVisibility::from)
+                })
+                .unwrap_or(HistoryVisibility::Shared),
+            None => HistoryVisibility::Shared,
+        };
         let known = RoomCrypto {
             encryption,
             history_visibility,

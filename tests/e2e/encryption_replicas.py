@@ -9,14 +9,15 @@ class of tests/e2e/encryption.py).
 
 - e9a. exactly one replica logs "this replica owns the encryption device" (and keeps it: no
   second line over three lease lengths); crypto_devices, the `crypto` lease row and /keys/query
-  agree on its one, cross-signed device;
+  agree on its one, cross-signed device; /metrics says grok_encryption_device_owned 1 on it and
+  0 on the other;
 - e9b. encrypted questions (sent until one reached each replica: the proxy notes which replica
   got each transaction) are each answered exactly once (one reply event, decrypted by alice,
   one provider call), all by the owner (the claim's lease_owner): the other leaves them queued;
 - e9c. after kill -9 of the owner the other replica logs that it owns the device within
   lease + TAKEOVER_SLACK seconds, with the same device id (shared store and row, no new device,
-  no store moved aside); a question sent while nobody owned the device and one sent after the
-  takeover are each answered exactly once and decrypt;
+  no store moved aside, its /metrics saying it owns it); a question sent while nobody owned the
+  device and one sent after the takeover are each answered exactly once and decrypt;
 - e9d. the killed replica, started again, does not take the lease while the other holds it
   (three lease lengths of silence, one "owns" line per ownership change, no "another replica
   took the encryption lease"); a last question is answered once, by the holder; no question of
@@ -45,6 +46,7 @@ import sys
 import time
 import traceback
 import urllib.parse
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "scripts"))
@@ -430,6 +432,29 @@ def store_version(store):
         return f"unreadable ({e})"
 
 
+def owned_gauge(replica):
+    """The replica's grok_encryption_device_owned, from its /metrics (None if absent)."""
+    try:
+        with urllib.request.urlopen(f"{replica.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^grok_encryption_device_owned (\d+)$", text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def gauge_problems(owner, other):
+    """What /metrics says wrong about who owns the device: the owner 1, the other 0 (the
+    gauge the README's alerts sum); the owner's figure is waited for briefly, as it is set
+    when the device opens."""
+    problems = []
+    if L.wait_until(lambda: owned_gauge(owner) == 1, 10, 0.5) is None:
+        problems.append(f"{owner.name}'s /metrics says grok_encryption_device_owned {owned_gauge(owner)}, want 1")
+    if other is not None and owned_gauge(other) != 0:
+        problems.append(f"{other.name}'s /metrics says grok_encryption_device_owned {owned_gauge(other)}, want 0")
+    return problems
+
+
 def scenario_one_owner(run):
     """e9a. Both replicas started together: exactly one owns the device, and keeps owning it."""
     name = "e9a. two replicas on one store: exactly one owns the encryption device"
@@ -467,6 +492,7 @@ def scenario_one_owner(run):
                 problems.append(f"{r.name} logged {bad!r}: {hits[0][:200]}")
     kp, _ = keys_problems(run, run.device_id)
     problems += kp
+    problems += gauge_problems(run.owner, run.other(run.owner))
     report(name, problems, f"{run.owner.name} owns device {run.device_id} (lease {lease and lease['owner']}); "
                            f"{run.other(run.owner).name} logged no 'owns' line in {3 * LEASE_S}s")
 
@@ -572,6 +598,7 @@ def scenario_failover(run):
     problems += kp
     if master_before and master_after != master_before:
         problems.append("the bot's master key changed across the takeover")
+    problems += gauge_problems(heir, None)
     p, d_gap = run.answered_once(q_gap, w_gap, at_gap, heir)
     problems += [f"the question sent during the failover: {x}" for x in p]
     q2, w2, at2 = run.ask("and the capital of Ecuador")
