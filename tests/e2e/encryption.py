@@ -12,8 +12,6 @@
   encrypted, with the earlier question read back from the room and decrypted as context;
 - e3. a second device of alice, logged in later, decrypts the bot's next answer (the bot noticed
   the new device through device-list changes);
-- e11. an image in the DM, its attachment encrypted by alice's client as Element does: the
-  model gets the decrypted image and caption, and alice decrypts the answer;
 - e4. events whose room key never arrives (real Megolm messages of a session never shared) get,
   after `encryption.key_wait`, one encrypted notice (one per room) and each a request_log row
   with degraded = encrypted_room; e4b. so does an event with random ciphertext (no wait needed);
@@ -31,7 +29,11 @@
   and alice decrypts the new device's answer once her client trusts it (on first use);
 - e10. the bot's device is deleted on the homeserver while the bot runs: the bot notices through
   its /sync (no restart), WARNs, makes a new device signed by its unchanged cross-signing
-  identity, and alice decrypts the new device's answer.
+  identity, and alice decrypts the new device's answer;
+- e11. (runs after e3) an image in the DM, its attachment encrypted by alice's client as Element
+  does: the model gets the decrypted image and caption, and alice decrypts the answer;
+- e12. (last) with `reply.streaming` the answer is one encrypted message and encrypted edits
+  that alice decrypts, the last one the whole answer.
 
 The replica side of encryption (two replicas sharing one store, the lease, kill -9 failover) is
 tests/e2e/encryption_replicas.py.
@@ -1114,13 +1116,62 @@ def scenario_device_deleted(ctx):
                            f"{m_pub and m_pub[:10]}…; reply {reply and reply['event_id']} decrypted")
 
 
+# ---------------------------------------------------------------------------------------------
+# e12: a streamed answer's edits, encrypted
+
+
+def scenario_streaming(ctx):
+    """e12. With `reply.streaming`, the answer in the encrypted DM is one encrypted message and
+    encrypted edits (m.replace) of it, which alice decrypts; the last edit is the whole answer."""
+    name = "e12. streamed answer in the encrypted DM: the message and its edits are encrypted"
+    if not ctx.dm:
+        return report(name, ["skipped: no encrypted DM (e1 failed)"])
+    alice, bot = ctx.alice, ctx.bot
+    streaming = dict(ctx.bot_config, reply={"streaming": True, "edit_interval": "500ms", "max_edits": 20})
+    bot.restart(API_KEY, extra_config=streaming, timeout=START_TIMEOUT, extra_env=ctx.bot_env)
+    before = len(ctx.provider_calls())
+    word = secret_word()
+    ctx.words.append(word)
+    q_id = alice.say(ctx.dm, f"{word}: tell me a long story about otters building a dam in the river")
+    ctx.questions.append(q_id)
+    first = alice.wait_reply(ctx.dm, q_id)
+    if not first:
+        return report(name, [f"no readable reply within {REPLY_TIMEOUT}s: " + reply_diagnosis(alice, ctx.dm, q_id)])
+    # The row is written once the last edit is sent.
+    L.wait_until(lambda: bot.request_log(q_id), REPLY_TIMEOUT, 0.5)
+    alice.wait(lambda: False, QUIET_WAIT)
+    problems = []
+    calls = ctx.provider_calls()[before:]
+    full = None
+    if len(calls) != 1 or not calls[0]["body"].get("stream"):
+        problems.append(f"{len(calls)} provider calls (stream={[c['body'].get('stream') for c in calls]}), "
+                        "want one streamed call")
+    else:
+        full = calls[0]["response"]["output"][-1]["content"][0]["text"]
+    edits = [e for e in alice.decrypted(ctx.dm) if e.get("sender") == BOT
+             and L.relates_to(e).get("rel_type") == "m.replace"
+             and L.relates_to(e).get("event_id") == first["event_id"]]
+    if not edits:
+        problems.append("no readable edit of the streamed message")
+    plain = [e["event_id"] for e in [first] + edits if e["wire"] != "m.room.encrypted"]
+    if plain:
+        problems.append(f"{len(plain)} of the message and its edits reached alice unencrypted: {plain[:3]}")
+    stuck = [e for e in alice.undecrypted.values() if e.sender == BOT]
+    if stuck:
+        problems.append(f"alice cannot decrypt {len(stuck)} of the bot's events")
+    last = edits[-1]["content"].get("m.new_content", {}).get("body") if edits else None
+    if full and last != full:
+        problems.append(f"the last edit says {last!r}, the whole answer is {full!r}")
+    report(name, problems, f"one message and {len(edits)} encrypted edits, the last the whole answer")
+
+
 # e7 runs before e5, so its words are in the log and database scan too; e8 and e10 last, as they
 # replace the device (e8 the identity too) that e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
              ("e11", scenario_image),
              ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
              ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost),
-             ("e10", scenario_device_deleted)]
+             ("e10", scenario_device_deleted), ("e12", scenario_streaming)]
 
 
 def dummy_registration(stack):
