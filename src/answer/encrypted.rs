@@ -9,7 +9,6 @@ use serde_json::json;
 
 use crate::claims::{Fence, LeaseKeeper};
 use crate::classify::{Event, SkipReason, Verdict};
-use crate::crypto::Undecryptable;
 use crate::state::AppState;
 
 use super::recover::classify_now;
@@ -62,10 +61,7 @@ pub(super) async fn decrypt(
             Some((plain_event, verdict))
         }
         Err(why) => {
-            let label = match why {
-                Undecryptable::MissingKey => "missing_key",
-                Undecryptable::Broken(_) => "broken",
-            };
+            let label = why.as_str();
             tracing::warn!(
                 reason = label,
                 ?patience,

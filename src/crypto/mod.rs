@@ -87,6 +87,16 @@ pub enum Undecryptable {
     Broken(String),
 }
 
+impl Undecryptable {
+    /// The stable `result` label of `grok_decrypted_total`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_key",
+            Self::Broken(_) => "broken",
+        }
+    }
+}
+
 /// What the bot knows of a room's encryption, read once from its state.
 #[derive(Debug, Clone)]
 struct RoomCrypto {
