@@ -138,8 +138,11 @@ pub fn plan(state: &AppState, txn_id: &str, parsed: Parsed, facts: RoomFacts) ->
     };
     let crypto = state.matrix.crypto();
     for event in parsed.events {
-        // Changed encryption settings (rotation) are read again before the next send.
-        if let (Some(crypto), "m.room.encryption") = (&crypto, event.kind.as_str()) {
+        // Changed encryption settings (rotation) or history visibility (who gets the room
+        // key) are read again before the next send.
+        if let (Some(crypto), "m.room.encryption" | "m.room.history_visibility") =
+            (&crypto, event.kind.as_str())
+        {
             crypto.forget_room(&event.room_id);
         }
         // Membership changes apply in order, so a later message in the same transaction sees

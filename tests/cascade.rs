@@ -71,6 +71,7 @@ async fn ask(c: &Cascade, text: &str) -> Outcome {
         stream: None,
         context: None,
         images: &[],
+        private: false,
     })
     .await
 }
@@ -186,6 +187,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             stream: None,
             context: None,
             images: &[],
+            private: false,
         })
         .await;
     assert_eq!(
@@ -204,6 +206,7 @@ async fn forced_prefixes_and_room_overrides_win() {
             stream: None,
             context: None,
             images: &[],
+            private: false,
         })
         .await;
     assert_eq!(o.route, Route::WebThenGrok);
@@ -342,6 +345,29 @@ async fn answers_are_cached_except_web_ones() {
 
     let off = f.cascade(|cfg| cfg.cache.enabled = false).await;
     assert!(!ask(&off, DIRECT_Q).await.cache_hit);
+}
+
+/// An answer to an end-to-end encrypted message is neither stored in the shared cache (the
+/// database would hold it in plaintext) nor served from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn private_answers_stay_out_of_the_cache() {
+    let f = Fixture::new().await;
+    let c = f.cascade(|_| {}).await;
+    let private = |text| Ask {
+        text,
+        room_id: Some("!e2ee:example.org"),
+        private: true,
+        ..Ask::default()
+    };
+    let first = c.run(&private(DIRECT_Q)).await;
+    assert!(first.ok() && !first.cache_hit);
+    assert!(!ask(&c, DIRECT_Q).await.cache_hit, "nothing was stored");
+    assert!(ask(&c, DIRECT_Q).await.cache_hit, "a plain answer is");
+    assert!(
+        !c.run(&private(DIRECT_Q)).await.cache_hit,
+        "and not served privately"
+    );
+    assert_eq!(f.xai.seen().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,6 +44,20 @@ pub struct Job {
     pub origin_ts: i64,
     /// The event an earlier worker first posted the answer as (recovery edits it).
     pub progress_event: Option<String>,
+    /// The message was end-to-end encrypted: its text is never stored, whatever
+    /// `telemetry.store_text` says.
+    pub encrypted: bool,
+}
+
+impl Job {
+    /// The text `request_log.query_text` may hold (emptied later unless `store_text`).
+    pub fn query_text(&self) -> String {
+        if self.encrypted {
+            String::new()
+        } else {
+            self.request.text.clone()
+        }
+    }
 }
 
 fn message_age(origin_ts: i64) -> Duration {
@@ -218,12 +232,17 @@ pub fn dispatch(
     let span = tracing::info_span!("request", event_id = %event.event_id);
     let working = state.working.enter(&event.event_id);
     let task = async move {
+        let was_encrypted = matches!(verdict, Verdict::Decrypt);
         let decrypted = match verdict {
             Verdict::Decrypt => encrypted::decrypt(&worker, event, &fence).await,
             verdict => Some((event, verdict)),
         };
         if let Some((event, verdict)) = decrypted {
-            work(worker.clone(), event, verdict, fence, progress_event).await;
+            let how = Received {
+                progress_event,
+                encrypted: was_encrypted,
+            };
+            work(worker.clone(), event, verdict, fence, how).await;
         }
         drop(working);
         drop(slot);
@@ -233,14 +252,16 @@ pub fn dispatch(
     state.spawn_worker(task.instrument(span));
 }
 
-/// Does what a (plaintext) verdict asks.
-async fn work(
-    state: Arc<AppState>,
-    event: Event,
-    verdict: Verdict,
-    fence: Fence,
+/// How a claimed event reached the worker.
+struct Received {
+    /// The event an earlier worker first posted the answer as.
     progress_event: Option<String>,
-) {
+    /// It was end-to-end encrypted (and is decrypted now).
+    encrypted: bool,
+}
+
+/// Does what a (plaintext) verdict asks.
+async fn work(state: Arc<AppState>, event: Event, verdict: Verdict, fence: Fence, how: Received) {
     match verdict {
         Verdict::Addressed(request) => {
             let job = Job {
@@ -249,7 +270,8 @@ async fn work(
                 sender: event.sender,
                 request,
                 origin_ts: event.origin_server_ts,
-                progress_event,
+                progress_event: how.progress_event,
+                encrypted: how.encrypted,
             };
             answer(state, job, fence).await;
         }

@@ -124,7 +124,7 @@ pub fn outcome_row(job: &Job, outcome: &Outcome, cascade: &Cascade, material: &s
         .map(|e| e.to_string())
         .unwrap_or_default();
     row.ok = outcome.ok();
-    row.query_text = job.request.text.clone();
+    row.query_text = job.query_text();
     row
 }
 

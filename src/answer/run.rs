@@ -126,7 +126,7 @@ pub(super) fn context_mode(state: &AppState, job: &Job, settings: &RoomSettings)
 /// from the limiter, or the cascade's answer within a reservation.
 pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gate) -> Response {
     let mut row = base_row(&job.event_id, &job.room_id, &job.sender);
-    row.query_text = job.request.text.clone();
+    row.query_text = job.query_text();
     row.prompt_version = state.cascade.prompt_version().to_string();
     if let Some(limited) = room_limit(state, job, &row).await {
         return limited;
@@ -169,8 +169,9 @@ pub async fn respond(state: &Arc<AppState>, job: &Job, fence: &Fence, gate: &Gat
     row.router_source = decision.source.as_str().into();
     row.router_confidence = decision.confidence;
     // A cached answer costs nothing: serve it without touching the budget. An answer that
-    // reads earlier turns or an image is never shared, so there is none for it.
-    if !with_context && selected.is_empty() {
+    // reads earlier turns or an image, or answers an encrypted message, is never shared, so
+    // there is none for it.
+    if !with_context && selected.is_empty() && !job.encrypted {
         if let Some(outcome) = state.cascade.cached(&decision).await {
             let row = outcome_row(job, &outcome, &state.cascade, &decision.text);
             return Response::Reply(outcome.text, Box::new(row), job.progress_event.clone());
@@ -305,6 +306,7 @@ async fn run_admitted(
         stream: progress.as_ref().and_then(Progress::updates),
         context: conversation.as_ref(),
         images: &images,
+        private: job.encrypted,
     };
     let outcome = state.cascade.run_decided(decision, &ask).await;
     let first_event = match progress {

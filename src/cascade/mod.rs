@@ -322,6 +322,9 @@ pub struct Ask<'a> {
     /// Images sent with the message to every answering call; the final answer is then
     /// written by `models.vision`.
     pub images: &'a [ImageInput],
+    /// An end-to-end encrypted message: its answer is kept out of the response cache, which
+    /// would store it in the database in plaintext.
+    pub private: bool,
 }
 
 /// A model answer that declines or admits it cannot help: escalate off the cheap model.
@@ -450,10 +453,11 @@ impl Cascade {
             }
         }
 
-        // An answer that read earlier turns or an image belongs to them: never shared.
+        // An answer that read earlier turns or an image belongs to them, and one to an
+        // encrypted message stays out of the database: never shared.
         let cache_key = match ask.context {
             Some(c) if c.has_turns() => None,
-            _ if !ask.images.is_empty() => None,
+            _ if !ask.images.is_empty() || ask.private => None,
             _ => self.cache_key(&text, out.route, self.answer_cap(ask)),
         };
         if let Some(answer) = self.cache_lookup(cache_key.as_deref()).await {

@@ -111,13 +111,19 @@ impl DeviceHttp {
         })
     }
 
-    /// Sends every request the machine has queued and hands it each response.
+    /// Sends every request the machine has queued and hands it each response. A failed
+    /// request does not hold back the ones after it (it stays queued for the next flush):
+    /// one the homeserver keeps refusing must not block every key query and key share; the
+    /// first error is returned once all were tried.
     pub async fn flush(&self, machine: &OlmMachine) -> Result<(), CryptoError> {
         let _one_at_a_time = self.flushing.lock().await;
+        let mut first_error = None;
         for request in machine.outgoing_requests().await? {
-            self.execute(machine, &request).await?;
+            if let Err(e) = self.execute(machine, &request).await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Executes one of the machine's outgoing requests and marks it sent.
