@@ -327,6 +327,19 @@ impl MatrixClient {
             .unwrap_or_default())
     }
 
+    /// The user ids invited to a room (not yet joined).
+    pub async fn invited_members(&self, room_id: &str) -> Result<Vec<String>, MatrixError> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/members?membership=invite",
+            enc(room_id)
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        Ok(chunk(v)
+            .iter()
+            .filter_map(|m| m["state_key"].as_str().map(str::to_string))
+            .collect())
+    }
+
     /// The display names of a room's joined members (members without one are left out).
     pub async fn member_names(
         &self,

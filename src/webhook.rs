@@ -328,7 +328,7 @@ async fn act(state: &Arc<AppState>, plan: ingest::Plan, claimed: &[String]) {
                 owner: state.instance_id.clone(),
                 generation: 1,
             };
-            answer::dispatch(state, event, verdict, fence, slot, None);
+            answer::dispatch(state, event, verdict, fence, slot, Default::default());
         } else {
             tracing::debug!(event_id = %event.event_id, "event already claimed, skipping");
         }

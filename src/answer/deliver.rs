@@ -39,16 +39,38 @@ pub fn is_transient(e: &MatrixError) -> bool {
     }
 }
 
-/// Stores the outbox with the claim (fenced). While the database is unreachable it tries
+/// Stores the outbox with the claim (fenced); `sealed` (a reply to an encrypted message)
+/// stores it encrypted by the crypto machine. While the database is unreachable it tries
 /// again until the claim is lost or cannot be confirmed; false means the worker must stop.
-pub async fn store_outbox(state: &AppState, fence: &Fence, gate: &Gate, outbox: &Outbox) -> bool {
-    let json = match serde_json::to_string(outbox) {
+pub async fn store_outbox(
+    state: &AppState,
+    fence: &Fence,
+    gate: &Gate,
+    outbox: &Outbox,
+    sealed: bool,
+) -> bool {
+    let mut json = match serde_json::to_string(outbox) {
         Ok(j) => j,
         Err(e) => {
             tracing::error!(error = %e, "could not serialise the outbox");
             return false;
         }
     };
+    if sealed {
+        let Some(crypto) = state.matrix.crypto() else {
+            tracing::warn!(
+                "the crypto machine moved to another replica before the reply was stored"
+            );
+            return false;
+        };
+        json = match crypto.seal(&json) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "could not seal the outbox");
+                return false;
+            }
+        };
+    }
     let started = Instant::now();
     loop {
         match state

@@ -170,7 +170,7 @@ pub async fn answer(state: Arc<AppState>, job: Job, fence: Fence) {
     if let Some(first) = edit.as_deref() {
         outbox.edit_first(first);
     }
-    if !deliver::store_outbox(&state, &fence, &gate, &outbox).await {
+    if !deliver::store_outbox(&state, &fence, &gate, &outbox, job.encrypted).await {
         lost(&state, &fence);
         return;
     }
@@ -226,22 +226,19 @@ pub fn dispatch(
     verdict: Verdict,
     fence: Fence,
     slot: OwnedSemaphorePermit,
-    progress_event: Option<String>,
+    how: Received,
 ) {
     let worker = state.clone();
     let span = tracing::info_span!("request", event_id = %event.event_id);
     let working = state.working.enter(&event.event_id);
     let task = async move {
-        let was_encrypted = matches!(verdict, Verdict::Decrypt);
+        let mut how = how;
+        how.encrypted |= matches!(verdict, Verdict::Decrypt);
         let decrypted = match verdict {
             Verdict::Decrypt => encrypted::decrypt(&worker, event, &fence).await,
             verdict => Some((event, verdict)),
         };
         if let Some((event, verdict)) = decrypted {
-            let how = Received {
-                progress_event,
-                encrypted: was_encrypted,
-            };
             work(worker.clone(), event, verdict, fence, how).await;
         }
         drop(working);
@@ -253,11 +250,13 @@ pub fn dispatch(
 }
 
 /// How a claimed event reached the worker.
-struct Received {
+#[derive(Debug, Default)]
+pub struct Received {
     /// The event an earlier worker first posted the answer as.
-    progress_event: Option<String>,
-    /// It was end-to-end encrypted (and is decrypted now).
-    encrypted: bool,
+    pub progress_event: Option<String>,
+    /// It was end-to-end encrypted: an encrypted claim, fetched again already decrypted
+    /// (recovery) or still to decrypt.
+    pub encrypted: bool,
 }
 
 /// Does what a (plaintext) verdict asks.

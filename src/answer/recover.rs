@@ -79,32 +79,70 @@ async fn take_over(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphorePe
     if claim.attempts > MAX_ATTEMPTS {
         tracing::warn!(attempts = claim.attempts, "giving up on a claim");
         if close(&state, &fence, ClaimState::Failed, None).await {
-            let mut row = stored_outbox(&claim)
-                .map(|o| o.row)
-                .unwrap_or_else(|| base_row(&claim.event_id, &claim.room_id, &claim.sender));
+            let mut row = match stored_outbox(&state, &claim) {
+                Stored::Outbox(o) => o.row,
+                Stored::Nothing | Stored::Sealed => {
+                    base_row(&claim.event_id, &claim.room_id, &claim.sender)
+                }
+            };
             row.ok = false;
             row.err = format!("gave up after {} attempts", claim.attempts - 1);
             state.telemetry.record(row);
         }
         return;
     }
-    if let Some(outbox) = stored_outbox(&claim) {
-        let _working = state.working.enter(&claim.event_id);
-        resend(&state, &claim, outbox).await;
-        drop(slot);
-        state.slot_freed.notify_one();
-        return;
+    match stored_outbox(&state, &claim) {
+        Stored::Outbox(outbox) => {
+            let _working = state.working.enter(&claim.event_id);
+            resend(&state, &claim, outbox).await;
+        }
+        Stored::Sealed => {
+            // Its lease runs out again and the replica that owns the machine takes it.
+            tracing::info!(
+                "a sealed stored reply without the crypto machine; leaving it to its owner"
+            );
+        }
+        Stored::Nothing => return answer_again(state, claim, slot).await,
     }
-    answer_again(state, claim, slot).await;
+    drop(slot);
+    state.slot_freed.notify_one();
 }
 
-fn stored_outbox(claim: &ClaimRow) -> Option<Outbox> {
-    let json = claim.outbox.as_deref()?;
+/// What a claim taken over holds of its reply.
+enum Stored {
+    /// A reply to send (unsealed if it was sealed).
+    Outbox(Outbox),
+    /// A sealed reply this replica cannot open: the crypto machine is elsewhere.
+    Sealed,
+    /// No reply, or one that cannot be read: answer again.
+    Nothing,
+}
+
+fn stored_outbox(state: &AppState, claim: &ClaimRow) -> Stored {
+    let Some(stored) = claim.outbox.as_deref() else {
+        return Stored::Nothing;
+    };
+    let opened;
+    let json = if crate::crypto::is_sealed(stored) {
+        let Some(crypto) = state.matrix.crypto() else {
+            return Stored::Sealed;
+        };
+        opened = match crypto.unseal(stored) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(error = %e, "a sealed stored reply cannot be opened; answering again");
+                return Stored::Nothing;
+            }
+        };
+        opened.as_str()
+    } else {
+        stored
+    };
     match serde_json::from_str(json) {
-        Ok(o) => Some(o),
+        Ok(o) => Stored::Outbox(o),
         Err(e) => {
             tracing::error!(error = %e, "a stored reply cannot be read; answering again");
-            None
+            Stored::Nothing
         }
     }
 }
@@ -183,14 +221,12 @@ async fn answer_again(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphor
     if matches!(verdict, Verdict::Ignore(_)) {
         close(&state, &fence, ClaimState::Done, None).await;
     } else {
-        dispatch(
-            &state,
-            event,
-            verdict,
-            fence,
-            slot,
-            claim.progress_event_id.clone(),
-        );
+        // An encrypted claim's event comes back from the homeserver already decrypted.
+        let how = super::Received {
+            progress_event: claim.progress_event_id.clone(),
+            encrypted: claim.kind == crate::store::ClaimKind::Encrypted.as_str(),
+        };
+        dispatch(&state, event, verdict, fence, slot, how);
     }
 }
 

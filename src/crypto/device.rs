@@ -9,6 +9,7 @@ use std::sync::Arc;
 use matrix_sdk_crypto::store::CryptoStore;
 use matrix_sdk_crypto::{CrossSigningKeyExport, OlmMachine};
 use matrix_sdk_sqlite::{OpenStoreError, SqliteCryptoStore};
+use matrix_sdk_store_encryption::StoreCipher;
 use ruma::api::client::keys::get_keys;
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 
@@ -46,6 +47,7 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
     match (known, account_device.clone()) {
         (Some(known), Some(device)) if known == device.as_str() => {
             let machine = OlmMachine::with_store(&user, &device, sqlite, None).await?;
+            let sealer = load_sealer(setup.store_path, setup.passphrase).await?;
             let http = DeviceHttp::new(
                 setup.homeserver_url,
                 setup.as_token,
@@ -57,7 +59,7 @@ pub async fn open(setup: DeviceSetup<'_>) -> Result<Arc<Crypto>, CryptoError> {
                 tracing::info!(device_id = %device, "encryption device reused");
                 // An earlier start may have stopped between making the device and signing it.
                 let sign = on_server == OnServer::Unsigned;
-                return finish(Crypto::new(machine, http, matrix), sign).await;
+                return finish(Crypto::new(machine, sealer, http, matrix), sign).await;
             }
             tracing::warn!(device_id = %device, "the homeserver no longer has this device's keys (deleted, pruned as stale, or the store is from elsewhere); creating a new device");
             // The bot's identity survives its device: the new device is signed by the same
@@ -127,8 +129,9 @@ async fn create(
         .await?;
     let machine = OlmMachine::with_store(user, &device, sqlite, None).await?;
     tracing::info!(device_id = %device, "encryption device created");
+    let sealer = load_sealer(setup.store_path, setup.passphrase).await?;
     let http = DeviceHttp::new(setup.homeserver_url, setup.as_token, user.clone(), device);
-    let crypto = Crypto::new(machine, http, matrix.clone());
+    let crypto = Crypto::new(machine, sealer, http, matrix.clone());
     if let Some(keys) = identity {
         keep_identity(&crypto, keys).await?;
     }
@@ -156,28 +159,61 @@ async fn finish(crypto: Crypto, sign_device: bool) -> Result<Arc<Crypto>, Crypto
     crypto.http.flush(&crypto.machine).await?;
     let status = crypto.machine.cross_signing_status().await;
     let complete = status.has_master && status.has_self_signing && status.has_user_signing;
-    if !complete || sign_device {
-        // Bootstrap makes the identity if there is none, and signs this device either way.
-        let requests = crypto.machine.bootstrap_cross_signing(false).await?;
-        if let Some(upload) = &requests.upload_keys_req {
-            crypto.http.execute(&crypto.machine, upload).await?;
-        }
-        // An existing identity is on the homeserver already, unchanged; Synapse refuses its
-        // re-upload (M_INVALID_SIGNATURE), so only a new one is published.
-        if !complete {
-            crypto
-                .http
-                .upload_signing_keys(requests.upload_signing_keys_req)
-                .await?;
-        }
-        crypto.http.send(requests.upload_signatures_req).await?;
-        if complete {
-            tracing::info!("encryption device cross-signed by the bot's existing identity");
-        } else {
-            tracing::info!("encryption device cross-signed");
-        }
+    if complete && !sign_device {
+        return Ok(Arc::new(crypto));
     }
+    // Bootstrap makes the identity if there is none, and signs this device either way.
+    let requests = crypto.machine.bootstrap_cross_signing(false).await?;
+    if let Some(upload) = &requests.upload_keys_req {
+        crypto.http.execute(&crypto.machine, upload).await?;
+    }
+    // Bootstrap keeps a new identity in the store before it is uploaded, so "complete" does
+    // not mean "published": what the homeserver has decides. An identity it has already is
+    // not sent again (Synapse refuses the re-upload of one it holds: M_INVALID_SIGNATURE).
+    let ours = first_key(serde_json::to_value(
+        &requests.upload_signing_keys_req.master_key,
+    )?);
+    if ours.is_some() && ours != published_master_key(&crypto.http).await? {
+        crypto
+            .http
+            .upload_signing_keys(requests.upload_signing_keys_req)
+            .await?;
+        tracing::info!("the bot's cross-signing identity was published");
+    }
+    let signed = crypto.http.send(requests.upload_signatures_req).await?;
+    if !signed.failures.is_empty() {
+        return Err(CryptoError::Homeserver {
+            status: 200,
+            errcode: None,
+            message: format!(
+                "the device's cross-signing signature was refused: {:?}",
+                signed.failures
+            ),
+        });
+    }
+    tracing::info!("encryption device cross-signed");
     Ok(Arc::new(crypto))
+}
+
+/// The bot's master key as the homeserver publishes it, if any.
+async fn published_master_key(http: &DeviceHttp) -> Result<Option<String>, CryptoError> {
+    let mut query = get_keys::v3::Request::new();
+    query.device_keys.insert(http.user_id.clone(), Vec::new());
+    let response = http.send(query).await?;
+    Ok(match response.master_keys.get(&http.user_id) {
+        Some(key) => first_key(serde_json::from_str(key.json().get())?),
+        None => None,
+    })
+}
+
+/// The (only) public key of a cross-signing key object: `keys` holds one `ed25519:` entry.
+fn first_key(cross_signing_key: serde_json::Value) -> Option<String> {
+    cross_signing_key["keys"]
+        .as_object()?
+        .values()
+        .next()?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// What the homeserver holds of the bot's device.
@@ -248,6 +284,48 @@ async fn open_store(path: &Path, passphrase: &str) -> Result<SqliteCryptoStore, 
             )),
             other => CryptoError::Open(other.to_string()),
         })
+}
+
+/// The key that seals stored replies of encrypted rooms: `<store>.outbox-key` beside the
+/// store (beside, so that a replaced store leaves it in place), made on first use and kept
+/// encrypted with the passphrase. Only the lease holder calls this, so one process makes it.
+async fn load_sealer(path: &Path, passphrase: &str) -> Result<StoreCipher, CryptoError> {
+    let file = sibling(path, ".outbox-key");
+    let passphrase = passphrase.to_string();
+    let open = |e: &dyn std::fmt::Display| CryptoError::Open(format!("{}: {e}", file.display()));
+    // The passphrase's key derivation is a moment of CPU: off the async workers.
+    let loaded = tokio::task::spawn_blocking({
+        let file = file.clone();
+        move || match std::fs::read(&file) {
+            Ok(bytes) => StoreCipher::import(&passphrase, &bytes)
+                .map_err(|e| format!("{e} (is GROK_CRYPTO_PASSPHRASE the one it was made with?)")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let cipher = StoreCipher::new().map_err(|e| e.to_string())?;
+                let exported = cipher.export(&passphrase).map_err(|e| e.to_string())?;
+                write_private(&file, &exported).map_err(|e| e.to_string())?;
+                Ok(cipher)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .map_err(|e| open(&e))?;
+    loaded.map_err(|e| open(&e))
+}
+
+/// Writes a new file readable by its owner only, whole or not at all (a temporary beside it,
+/// then renamed).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = sibling(path, ".new");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Takes the exclusive lock on `<store>.lock` beside the store (beside, so a store moved
@@ -325,6 +403,15 @@ mod tests {
     }
 
     #[test]
+    fn a_cross_signing_key_is_read_by_its_one_public_key() {
+        let master = serde_json::json!({"user_id": "@grok:example.org", "usage": ["master"],
+            "keys": {"ed25519:AbC": "AbC"}, "signatures": {}});
+        assert_eq!(first_key(master).as_deref(), Some("AbC"));
+        assert_eq!(first_key(serde_json::Value::Null), None);
+        assert_eq!(first_key(serde_json::json!({"keys": {}})), None);
+    }
+
+    #[test]
     fn a_replaced_store_is_kept_beside_the_new_one() {
         let aside = aside_path(Path::new("/var/lib/grok/crypto-store"));
         assert_eq!(aside.parent(), Some(Path::new("/var/lib/grok")));
@@ -333,6 +420,32 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .starts_with("crypto-store.replaced-"));
+    }
+
+    /// The sealing key is made once beside the store, readable by its owner only, and read
+    /// back on the next open with the same passphrase; another passphrase is refused by name.
+    #[tokio::test]
+    async fn the_outbox_key_outlives_the_process_and_needs_the_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("crypto-store");
+        let first = load_sealer(&store, "correct horse").await.unwrap();
+        let key = dir.path().join("crypto-store.outbox-key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let sealed = first
+            .encrypt_value_base64_data(b"a reply".to_vec())
+            .unwrap();
+        let again = load_sealer(&store, "correct horse").await.unwrap();
+        assert_eq!(again.decrypt_value_base64_data(sealed).unwrap(), b"a reply");
+        let wrong = load_sealer(&store, "battery staple").await.err().unwrap();
+        assert!(
+            wrong.to_string().contains("GROK_CRYPTO_PASSPHRASE"),
+            "{wrong}"
+        );
     }
 
     /// Replicas starting together on an empty shared store: each open waits for the lock, so

@@ -24,6 +24,7 @@ use matrix_sdk_crypto::{
     CollectStrategy, DecryptionSettings, EncryptionSettings, MegolmError, OlmMachine,
     TrustRequirement,
 };
+use matrix_sdk_store_encryption::StoreCipher;
 use ruma::events::room::encryption::RoomEncryptionEventContent;
 use ruma::events::room::history_visibility::HistoryVisibility;
 use ruma::serde::Raw;
@@ -65,6 +66,8 @@ pub enum CryptoError {
     Database(#[from] crate::store::StoreError),
     #[error("invalid id: {0}")]
     Id(String),
+    #[error("sealing a stored reply: {0}")]
+    Seal(String),
 }
 
 impl CryptoError {
@@ -104,9 +107,20 @@ struct RoomCrypto {
     history_visibility: HistoryVisibility,
 }
 
+/// The prefix of a sealed stored reply (see [`Crypto::seal`]).
+const SEALED: &str = "sealed:v1:";
+
+/// Whether a stored reply is sealed: only the replica that owns the crypto machine reads it.
+pub fn is_sealed(stored: &str) -> bool {
+    stored.starts_with(SEALED)
+}
+
 /// The bot's device and its crypto machine; owned by one replica at a time.
 pub struct Crypto {
     machine: OlmMachine,
+    /// Seals what the database keeps of encrypted rooms' replies (the outbox), with a key
+    /// kept beside the crypto store under the passphrase.
+    sealer: StoreCipher,
     http: DeviceHttp,
     /// The client-server API as the bot (members, state), without encryption of its own.
     matrix: MatrixClient,
@@ -130,9 +144,15 @@ fn room_id(room: &str) -> Result<OwnedRoomId, CryptoError> {
 }
 
 impl Crypto {
-    fn new(machine: OlmMachine, http: DeviceHttp, matrix: MatrixClient) -> Self {
+    fn new(
+        machine: OlmMachine,
+        sealer: StoreCipher,
+        http: DeviceHttp,
+        matrix: MatrixClient,
+    ) -> Self {
         Self {
             machine,
+            sealer,
             http,
             matrix,
             keys_arrived: watch::channel(0).0,
@@ -144,6 +164,28 @@ impl Crypto {
     /// The device id the bot sends with.
     pub fn device_id(&self) -> &str {
         self.http.device_id.as_str()
+    }
+
+    /// Encrypts a reply to an encrypted message for the database (the stored outbox), so
+    /// that it holds no plaintext of encrypted rooms.
+    pub fn seal(&self, plain: &str) -> Result<String, CryptoError> {
+        let sealed = self
+            .sealer
+            .encrypt_value_base64_data(plain.as_bytes().to_vec())
+            .map_err(|e| CryptoError::Seal(e.to_string()))?;
+        Ok(format!("{SEALED}{}", serde_json::to_string(&sealed)?))
+    }
+
+    /// The plaintext of a [`Crypto::seal`]ed reply.
+    pub fn unseal(&self, stored: &str) -> Result<String, CryptoError> {
+        let sealed = stored
+            .strip_prefix(SEALED)
+            .ok_or_else(|| CryptoError::Seal("not a sealed value".into()))?;
+        let plain = self
+            .sealer
+            .decrypt_value_base64_data(serde_json::from_str(sealed)?)
+            .map_err(|e| CryptoError::Seal(e.to_string()))?;
+        String::from_utf8(plain).map_err(|e| CryptoError::Seal(e.to_string()))
     }
 
     /// Decrypts an `m.room.encrypted` event once: the event as the room would show it in
@@ -267,9 +309,10 @@ impl Crypto {
         rooms.remove(room);
     }
 
-    /// Encrypts a message for the room: tracks its members' devices, opens Olm sessions to
-    /// the new ones, shares the room key with every device (trust on first use) and returns
-    /// the `m.room.encrypted` content.
+    /// Encrypts a message for the room: tracks its members' devices (the invited ones too,
+    /// unless the history is for joined members only), opens Olm sessions to the new ones,
+    /// shares the room key with every device (trust on first use) and returns the
+    /// `m.room.encrypted` content.
     pub async fn encrypt(
         &self,
         room: &str,
@@ -278,10 +321,13 @@ impl Crypto {
     ) -> Result<Value, CryptoError> {
         let room_id = room_id(room)?;
         let settings = self.room(room).await?;
-        let members: Vec<OwnedUserId> = self
-            .matrix
-            .joined_members(room)
-            .await?
+        let mut members = self.matrix.joined_members(room).await?;
+        // Unless only joined members may read the history, the invited get the key too (as
+        // clients do): they read the bot's messages once they join.
+        if settings.history_visibility != HistoryVisibility::Joined {
+            members.extend(self.matrix.invited_members(room).await?);
+        }
+        let members: Vec<OwnedUserId> = members
             .iter()
             .filter_map(|m| ruma::UserId::parse(m).ok())
             .collect();
@@ -387,6 +433,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sealed_reply_holds_no_plaintext_and_opens_with_its_key_only() {
+        let user = ruma::user_id!("@grok:example.org");
+        let device = ruma::device_id!("BOTDEVICE");
+        let crypto = |sealer| {
+            let http = DeviceHttp::new(
+                "http://127.0.0.1:9",
+                "t",
+                user.to_owned(),
+                device.to_owned(),
+            );
+            let matrix = MatrixClient::new("http://127.0.0.1:9", "t", user.as_str());
+            async move { Crypto::new(OlmMachine::new(user, device).await, sealer, http, matrix) }
+        };
+        let ours = crypto(StoreCipher::new().unwrap()).await;
+        let reply = r#"{"parts":[{"body":"the capital of Peru is Lima"}]}"#;
+        let sealed = ours.seal(reply).unwrap();
+        assert!(is_sealed(&sealed) && !is_sealed(reply));
+        assert!(
+            !sealed.contains("Peru") && !sealed.contains("Lima"),
+            "{sealed}"
+        );
+        assert_eq!(ours.unseal(&sealed).unwrap(), reply);
+        let other = crypto(StoreCipher::new().unwrap()).await;
+        assert!(other.unseal(&sealed).is_err(), "another key cannot open it");
+        assert!(ours.unseal(reply).is_err(), "plain text is not sealed");
+    }
+
+    #[tokio::test]
     async fn a_missing_key_is_waited_for_then_given_up() {
         let user = ruma::user_id!("@grok:example.org");
         let machine = OlmMachine::new(user, ruma::device_id!("BOTDEVICE")).await;
@@ -397,7 +471,8 @@ mod tests {
             ruma::device_id!("BOTDEVICE").to_owned(),
         );
         let matrix = MatrixClient::new("http://127.0.0.1:9", "token", user.as_str());
-        let crypto = std::sync::Arc::new(Crypto::new(machine, http, matrix));
+        let sealer = StoreCipher::new().unwrap();
+        let crypto = std::sync::Arc::new(Crypto::new(machine, sealer, http, matrix));
         // A real Megolm message of a session nobody shared with the bot.
         let mut session =
             matrix_sdk_crypto::vodozemac::megolm::GroupSession::new(Default::default());

@@ -117,7 +117,8 @@ mod tests {
         let machine = OlmMachine::new(user, device).await;
         let http = DeviceHttp::new(url, "token", user.to_owned(), device.to_owned());
         let matrix = MatrixClient::new(url, "token", user.as_str());
-        Arc::new(Crypto::new(machine, http, matrix))
+        let sealer = matrix_sdk_store_encryption::StoreCipher::new().unwrap();
+        Arc::new(Crypto::new(machine, sealer, http, matrix))
     }
 
     #[tokio::test]

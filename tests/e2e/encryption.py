@@ -16,7 +16,8 @@
   after `encryption.key_wait`, one encrypted notice (one per room) and each a request_log row
   with degraded = encrypted_room; e4b. so does an event with random ciphertext (no wait needed);
 - e5. no question's plaintext (random words) and not the crypto passphrase in the bot's log
-  (run at RUST_LOG=grok_appservice=debug), and no question or answer text in Synapse's database;
+  (run at RUST_LOG=grok_appservice=debug), and no question or answer text in Synapse's database
+  or the bot's own (run with telemetry.store_text, which a plaintext control question shows);
 - e6. the bot's device is cross-signed: master and self-signing keys published, signatures valid,
   unchanged by the restart; the device has no last_seen_ts, so Synapse's
   `delete_stale_devices_after` never prunes it;
@@ -345,8 +346,10 @@ class Ctx:
         self.passphrase = "e2e-crypto-" + secrets.token_hex(12)
         self.bot_env = {"GROK_CRYPTO_PASSPHRASE": self.passphrase,
                         "RUST_LOG": "grok_appservice=debug,info"}
+        # store_text: the bot keeps plaintext rooms' questions, never encrypted ones' (e5).
         self.bot_config = {"encryption": {"enabled": True, "store_path": stack.path("crypto"),
-                                          "key_wait": f"{KEY_WAIT_S}s"}}
+                                          "key_wait": f"{KEY_WAIT_S}s"},
+                           "telemetry": {"enabled": True, "store_text": True}}
         self.bot_device = None  # (device id, ed25519) before the restart
         self.megolm_session = None  # the session of the bot's first encrypted answer
         self.master_key = None  # the bot's master key before the restart
@@ -734,8 +737,36 @@ def scenario_logs(ctx):
         problems.append(f"Synapse's database holds the plaintext of {leaked} (a message sent unencrypted)")
     if b"[offline fake xAI]" in stored:
         problems.append("Synapse's database holds an answer's plaintext")
+    problems += bot_database_problems(ctx, server)
     report(name, problems, f"{len(ctx.words)} question words, {n_debug} debug lines, "
-                           f"{len(bot_log)} bytes of log, {len(stored)} bytes of homeserver database checked")
+                           f"{len(bot_log)} bytes of log, {len(stored)} bytes of homeserver database, "
+                           "and the bot's database checked")
+
+
+def bot_database_problems(ctx, server):
+    """The bot's own database (file and WAL) holds no question or answer of an encrypted room,
+    though the run sets telemetry.store_text (which keeps plaintext rooms' questions): a
+    plaintext question to the bot, which must show up there, proves the scan sees its writes."""
+    room = server.create_room(invite=[BOT], is_direct=True, name="e2e plaintext control for the bot")
+    if not server.wait_joined(room, BOT, 30):
+        return ["the bot did not join the plaintext control DM within 30s"]
+    control = secret_word()
+    server.say(room, f"control {control}: what is the capital of France?")
+
+    def stored_bytes():
+        out = b""
+        for suffix in ("", "-wal"):
+            if os.path.exists(ctx.bot.db + suffix):
+                with open(ctx.bot.db + suffix, "rb") as f:
+                    out += f.read()
+        return out
+
+    stored = L.wait_until(lambda: (lambda b: b if control.encode() in b else None)(stored_bytes()), 30, 0.5)
+    if stored is None:
+        return ["a plaintext question to the bot never showed up in its database (telemetry.store_text): "
+                "the scan proves nothing"]
+    leaked = [w for w in ctx.words if w.encode() in stored]
+    return [f"the bot's database holds the plaintext of encrypted questions or answers: {leaked}"] if leaked else []
 
 
 def scenario_cross_signing(ctx):
