@@ -94,7 +94,7 @@ async fn take_over(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphorePe
     match stored_outbox(&state, &claim) {
         Stored::Outbox(outbox) => {
             let _working = state.working.enter(&claim.event_id);
-            resend(&state, &claim, outbox).await;
+            resend(&state, &claim, *outbox).await;
         }
         Stored::Sealed => {
             // Its lease runs out again and the replica that owns the machine takes it.
@@ -111,7 +111,7 @@ async fn take_over(state: Arc<AppState>, claim: ClaimRow, slot: OwnedSemaphorePe
 /// What a claim taken over holds of its reply.
 enum Stored {
     /// A reply to send (unsealed if it was sealed).
-    Outbox(Outbox),
+    Outbox(Box<Outbox>),
     /// A sealed reply this replica cannot open: the crypto machine is elsewhere.
     Sealed,
     /// No reply, or one that cannot be read: answer again.
@@ -139,7 +139,7 @@ fn stored_outbox(state: &AppState, claim: &ClaimRow) -> Stored {
         stored
     };
     match serde_json::from_str(json) {
-        Ok(o) => Stored::Outbox(o),
+        Ok(o) => Stored::Outbox(Box::new(o)),
         Err(e) => {
             tracing::error!(error = %e, "a stored reply cannot be read; answering again");
             Stored::Nothing
