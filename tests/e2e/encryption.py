@@ -31,6 +31,8 @@
 - e10. the bot's device is deleted on the homeserver while the bot runs: the bot notices through
   its /sync (no restart), WARNs, makes a new device signed by its unchanged cross-signing
   identity, and alice decrypts the new device's answer;
+- e13. (runs after e11) frank, invited to an encrypted room but not yet joined when the bot
+  answers there, joins and decrypts that answer (the bot shares room keys with invitees);
 - e11. (runs after e3) an image in the DM, its attachment encrypted by alice's client as Element
   does: the model gets the decrypted image and caption, and alice decrypts the answer;
 - e12. (last) with `reply.streaming` the answer is one encrypted message and encrypted edits
@@ -968,6 +970,37 @@ def scenario_group(ctx):
                            f"(both questions, by alice and bob)")
 
 
+def scenario_invited(ctx):
+    """e13. The bot shares its room key with invited members too (the room's history is not
+    for joined members only): frank, invited but not joined when the bot answers, joins later
+    and decrypts that answer."""
+    name = "e13. an invited member joins later and decrypts the bot's earlier answer"
+    alice = ctx.alice
+    ctx.synapse.register("frank", PASSWORD)
+    frank = ctx.device("frank", "frank-1")
+    room = alice.create_encrypted_room(name="e2e encrypted room with an invitee")
+    server = alice.plain_client()
+    server.invite(room, BOT)
+    if not server.wait_joined(room, BOT, 30):
+        return report(name, ["the bot did not join within 30s"])
+    server.invite(room, frank.user_id)
+    word = secret_word()
+    ctx.words.append(word)
+    q_id = alice.send(room, {"msgtype": "m.text", "body": f"grok: {word}, what is the capital of Chile?",
+                             "m.mentions": {"user_ids": [BOT]}})
+    ctx.questions.append(q_id)
+    reply = alice.wait_reply(room, q_id)
+    if not reply:
+        return report(name, [f"no readable reply within {REPLY_TIMEOUT}s: " + reply_diagnosis(alice, room, q_id)])
+    frank.join(room)
+    got = frank.wait(lambda: frank.replies(room, q_id), 30)
+    problems = []
+    if not got:
+        problems.append("frank, invited when the bot answered, cannot read the answer after joining: "
+                        + reply_diagnosis(frank, room, q_id))
+    report(name, problems, f"frank decrypted reply {reply['event_id']} after joining")
+
+
 # ---------------------------------------------------------------------------------------------
 # e8: the crypto store lost
 
@@ -1199,7 +1232,7 @@ def scenario_streaming(ctx):
 # e7 runs before e5, so its words are in the log and database scan too; e8 and e10 last, as they
 # replace the device (e8 the identity too) that e2 and e6 check.
 SCENARIOS = [("e1", scenario_dm), ("e2", scenario_restart), ("e3", scenario_second_device),
-             ("e11", scenario_image),
+             ("e11", scenario_image), ("e13", scenario_invited),
              ("e4", scenario_no_key), ("e4b", scenario_malformed), ("e7", scenario_group),
              ("e5", scenario_logs), ("e6", scenario_cross_signing), ("e8", scenario_store_lost),
              ("e10", scenario_device_deleted), ("e12", scenario_streaming)]
