@@ -327,15 +327,20 @@ impl MatrixClient {
             .unwrap_or_default())
     }
 
-    /// The user ids invited to a room (not yet joined).
-    pub async fn invited_members(&self, room_id: &str) -> Result<Vec<String>, MatrixError> {
+    /// The user ids joined to a room and, with `invited`, those invited too: one request
+    /// either way (the members that have not left, when the invited are wanted).
+    pub async fn members(&self, room_id: &str, invited: bool) -> Result<Vec<String>, MatrixError> {
+        if !invited {
+            return self.joined_members(room_id).await;
+        }
         let path = format!(
-            "/_matrix/client/v3/rooms/{}/members?membership=invite",
+            "/_matrix/client/v3/rooms/{}/members?not_membership=leave",
             enc(room_id)
         );
         let v = self.call(reqwest::Method::GET, &path, None).await?;
         Ok(chunk(v)
             .iter()
+            .filter(|m| matches!(m["content"]["membership"].as_str(), Some("join" | "invite")))
             .filter_map(|m| m["state_key"].as_str().map(str::to_string))
             .collect())
     }

@@ -1,6 +1,11 @@
 //! `grok-appservice estimate` with the real binary: typical token counts without a database,
 //! `request_log` averages for a route with enough answered rows.
 
+// Only the config writer is used here.
+#[allow(dead_code)]
+#[path = "common/db.rs"]
+mod db;
+
 use std::process::Command;
 
 use grok_appservice::store::{RequestLogRow, Store};
@@ -48,15 +53,7 @@ fn direct_row(i: usize) -> RequestLogRow {
 fn estimate_uses_request_log_averages_once_a_route_has_enough_rows() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("est.db").display());
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "homeserver: {{url: 'http://127.0.0.1:8008', server_name: example.org}}\n\
-             database: {{url: '{url}'}}\n"
-        ),
-    )
-    .unwrap();
+    let config = db::config_file(dir.path(), &url);
 
     let (ok, typical, err) = estimate(&config, &["--mix", "direct=1"]);
     assert!(ok, "{err}");

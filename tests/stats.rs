@@ -1184,15 +1184,7 @@ fn the_stats_command_reads_the_configured_database() {
             store.upsert_request_log(r).await.unwrap();
         }
     });
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "homeserver: {{url: 'http://127.0.0.1:8008', server_name: example.org}}\n\
-             database: {{url: '{url}'}}\n"
-        ),
-    )
-    .unwrap();
+    let config = db::config_file(dir.path(), &url);
     let html = dir.path().join("report.html");
     let run = |args: &[&str]| -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_grok-appservice"))

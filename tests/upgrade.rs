@@ -36,20 +36,6 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A config in `dir` naming only the homeserver and the database `url`; returns its path.
-fn write_config(dir: &Path, url: &str) -> std::path::PathBuf {
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "homeserver: {{url: 'http://127.0.0.1:8008', server_name: example.org}}\n\
-             database: {{url: '{url}'}}\n"
-        ),
-    )
-    .unwrap();
-    config
-}
-
 /// Applies all but the last `behind` migrations, as an older version of the bot left it.
 fn migrate_all_but(url: &str, behind: usize) -> usize {
     let total = diesel::migration::MigrationSource::<diesel::sqlite::Sqlite>::migrations(&SQLITE)
@@ -74,7 +60,7 @@ fn read_only_commands_refuse_a_schema_that_is_behind_and_migrate_fixes_it() {
     for test_db in db::all() {
         let label = test_db.label;
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &test_db.url);
+        let config = db::config_file(dir.path(), &test_db.url);
         let total = migrate_all_but(&test_db.url, 1);
 
         let status = run(&config, &["migrate", "--status"]);
@@ -140,7 +126,7 @@ fn read_only_commands_refuse_a_schema_that_is_behind_and_migrate_fixes_it() {
 fn a_missing_sqlite_database_is_not_created_by_stats() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("absent.db");
-    let config = write_config(dir.path(), &format!("sqlite://{}", file.display()));
+    let config = db::config_file(dir.path(), &format!("sqlite://{}", file.display()));
     let out = run(&config, &["stats"]);
     assert!(!out.status.success());
     assert!(
@@ -160,7 +146,7 @@ fn one_shot_commands_on_postgres_exit_cleanly() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &test_db.url);
+    let config = db::config_file(dir.path(), &test_db.url);
     for run_no in 0..40 {
         let out = run(&config, &["migrate"]);
         assert!(

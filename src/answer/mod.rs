@@ -226,14 +226,13 @@ pub fn dispatch(
     verdict: Verdict,
     fence: Fence,
     slot: OwnedSemaphorePermit,
-    how: Received,
+    mut how: Received,
 ) {
     let worker = state.clone();
     let span = tracing::info_span!("request", event_id = %event.event_id);
     let working = state.working.enter(&event.event_id);
+    how.encrypted |= matches!(verdict, Verdict::Decrypt);
     let task = async move {
-        let mut how = how;
-        how.encrypted |= matches!(verdict, Verdict::Decrypt);
         let decrypted = match verdict {
             Verdict::Decrypt => encrypted::decrypt(&worker, event, &fence).await,
             verdict => Some((event, verdict)),

@@ -122,23 +122,21 @@ fn stored_outbox(state: &AppState, claim: &ClaimRow) -> Stored {
     let Some(stored) = claim.outbox.as_deref() else {
         return Stored::Nothing;
     };
-    let opened;
     let json = if crate::crypto::is_sealed(stored) {
         let Some(crypto) = state.matrix.crypto() else {
             return Stored::Sealed;
         };
-        opened = match crypto.unseal(stored) {
-            Ok(json) => json,
+        match crypto.unseal(stored) {
+            Ok(json) => std::borrow::Cow::Owned(json),
             Err(e) => {
                 tracing::error!(error = %e, "a sealed stored reply cannot be opened; answering again");
                 return Stored::Nothing;
             }
-        };
-        opened.as_str()
+        }
     } else {
-        stored
+        std::borrow::Cow::Borrowed(stored)
     };
-    match serde_json::from_str(json) {
+    match serde_json::from_str(&json) {
         Ok(o) => Stored::Outbox(Box::new(o)),
         Err(e) => {
             tracing::error!(error = %e, "a stored reply cannot be read; answering again");

@@ -321,13 +321,13 @@ impl Crypto {
     ) -> Result<Value, CryptoError> {
         let room_id = room_id(room)?;
         let settings = self.room(room).await?;
-        let mut members = self.matrix.joined_members(room).await?;
         // Unless only joined members may read the history, the invited get the key too (as
         // clients do): they read the bot's messages once they join.
-        if settings.history_visibility != HistoryVisibility::Joined {
-            members.extend(self.matrix.invited_members(room).await?);
-        }
-        let members: Vec<OwnedUserId> = members
+        let invited = settings.history_visibility != HistoryVisibility::Joined;
+        let members: Vec<OwnedUserId> = self
+            .matrix
+            .members(room, invited)
+            .await?
             .iter()
             .filter_map(|m| ruma::UserId::parse(m).ok())
             .collect();

@@ -85,3 +85,20 @@ pub fn all() -> Vec<TestDb> {
     dbs.extend(postgres());
     dbs
 }
+
+/// A config file in `dir` naming only the homeserver and the database `url`, for the commands
+/// that read the database; returns its path.
+// Used by the tests that run the binary; tests/store.rs includes this file too.
+#[allow(dead_code)]
+pub fn config_file(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "homeserver: {{url: 'http://127.0.0.1:8008', server_name: example.org}}\n\
+             database: {{url: '{url}'}}\n"
+        ),
+    )
+    .unwrap();
+    config
+}

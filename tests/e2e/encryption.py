@@ -362,6 +362,15 @@ class Ctx:
         self.devices.append(dev)
         return dev
 
+    def ask(self, dev, question, room=None):
+        """`dev` asks `question` in `room` (the DM by default) behind a fresh secret word, which
+        e5 looks for where no plaintext may be; returns (event id, word)."""
+        word = secret_word()
+        self.words.append(word)
+        q_id = dev.say(room or self.dm, f"{word}: {question}")
+        self.questions.append(q_id)
+        return q_id, word
+
     def provider_calls(self):
         return [r for r in self.fake.snapshot() if r["path"].rstrip("/") == "/v1/responses"]
 
@@ -467,10 +476,7 @@ def scenario_restart(ctx):
     problems = []
     earlier = list(ctx.words)
     before = len(ctx.provider_calls())
-    word = secret_word()
-    ctx.words.append(word)
-    q_id = alice.say(ctx.dm, f"{word}: and the capital of Chile?")
-    ctx.questions.append(q_id)
+    q_id, word = ctx.ask(alice, "and the capital of Chile?")
     reply = alice.wait_reply(ctx.dm, q_id)
     # The conversation so far is read back from the room (after the restart: nothing cached)
     # and decrypted, so the provider sees the first question as context.
@@ -523,11 +529,8 @@ def scenario_second_device(ctx):
     if not alice.wait(lambda: alice2.device_id in alice.devices_of(alice.user_id), 30):
         problems.append("alice's first device never learnt of the second (device_lists.changed)")
     alice.wait(lambda: False, QUIET_WAIT)
-    word = secret_word()
-    ctx.words.append(word)
     # Sent from the first device: the bot hears nothing from the new one but the device list.
-    q_id = alice.say(ctx.dm, f"{word}: and the capital of Bolivia?")
-    ctx.questions.append(q_id)
+    q_id, _ = ctx.ask(alice, "and the capital of Bolivia?")
     first = alice.wait_reply(ctx.dm, q_id)
     if not first:
         problems.append(f"the first device got no readable reply within {REPLY_TIMEOUT}s: "
@@ -692,6 +695,16 @@ def scenario_malformed(ctx):
     report(name, problems, f"notice {delay:.1f}s after the event; row degraded=encrypted_room" if found else "")
 
 
+def sqlite_bytes(db):
+    """The raw bytes of a SQLite database and its WAL, where recent writes still sit."""
+    out = b""
+    for suffix in ("", "-wal"):
+        if os.path.exists(db + suffix):
+            with open(db + suffix, "rb") as f:
+                out += f.read()
+    return out
+
+
 def scenario_logs(ctx):
     """e5. What must never be written in clear: the questions, the answers, the passphrase."""
     name = "e5. no plaintext in the bot's log or on the homeserver, no passphrase in the log"
@@ -720,18 +733,9 @@ def scenario_logs(ctx):
     control = secret_word()
     server.say(server.create_room(name="e2e plaintext control"), f"control {control}")
     db = ctx.synapse.config.replace("homeserver.yaml", "homeserver.db")
-
-    def stored_bytes():
-        out = b""
-        for suffix in ("", "-wal"):
-            if os.path.exists(db + suffix):
-                with open(db + suffix, "rb") as f:
-                    out += f.read()
-        return out
-
-    stored = L.wait_until(lambda: (lambda b: b if control.encode() in b else None)(stored_bytes()), 10, 0.5)
+    stored = L.wait_until(lambda: (lambda b: b if control.encode() in b else None)(sqlite_bytes(db)), 10, 0.5)
     if stored is None:
-        stored = stored_bytes()
+        stored = sqlite_bytes(db)
         problems.append("a plaintext control message is not visible in Synapse's database files: "
                         "the scan proves nothing")
     leaked = [w for w in ctx.words if w.encode() in stored]
@@ -755,15 +759,8 @@ def bot_database_problems(ctx, server):
     control = secret_word()
     server.say(room, f"control {control}: what is the capital of France?")
 
-    def stored_bytes():
-        out = b""
-        for suffix in ("", "-wal"):
-            if os.path.exists(ctx.bot.db + suffix):
-                with open(ctx.bot.db + suffix, "rb") as f:
-                    out += f.read()
-        return out
-
-    stored = L.wait_until(lambda: (lambda b: b if control.encode() in b else None)(stored_bytes()), 30, 0.5)
+    stored = L.wait_until(lambda: (lambda b: b if control.encode() in b else None)(sqlite_bytes(ctx.bot.db)),
+                          30, 0.5)
     if stored is None:
         return ["a plaintext question to the bot never showed up in its database (telemetry.store_text): "
                 "the scan proves nothing"]
@@ -1026,10 +1023,7 @@ def answered_by_new_device(ctx, new, country, curve=None):
     if not alice.wait(lambda: new in alice.devices_of(BOT), 60):
         return [f"alice's client never saw the bot's new device {new} within 60s "
                 f"(she knows {sorted(alice.devices_of(BOT))})"], None
-    word = secret_word()
-    ctx.words.append(word)
-    q_id = alice.say(ctx.dm, f"{word}: and the capital of {country}?")
-    ctx.questions.append(q_id)
+    q_id, _ = ctx.ask(alice, f"and the capital of {country}?")
     reply = alice.wait_reply(ctx.dm, q_id)
     if not reply:
         return [f"no readable reply from the new device within {REPLY_TIMEOUT}s: "
@@ -1194,10 +1188,7 @@ def scenario_streaming(ctx):
     streaming = dict(ctx.bot_config, reply={"streaming": True, "edit_interval": "500ms", "max_edits": 20})
     bot.restart(API_KEY, extra_config=streaming, timeout=START_TIMEOUT, extra_env=ctx.bot_env)
     before = len(ctx.provider_calls())
-    word = secret_word()
-    ctx.words.append(word)
-    q_id = alice.say(ctx.dm, f"{word}: tell me a long story about otters building a dam in the river")
-    ctx.questions.append(q_id)
+    q_id, _ = ctx.ask(alice, "tell me a long story about otters building a dam in the river")
     first = alice.wait_reply(ctx.dm, q_id)
     if not first:
         return report(name, [f"no readable reply within {REPLY_TIMEOUT}s: " + reply_diagnosis(alice, ctx.dm, q_id)])
